@@ -1,0 +1,99 @@
+"""Small shared helpers: atomic file writes, progress bars, seeding.
+
+Everything that writes a user-visible file goes through :func:`atomic_path`, so an interrupted
+or failing write never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same folder (same filesystem), so the final ``os.replace``
+    is atomic. On any exception the temporary file is removed and ``path`` is left untouched.
+    ``suffix`` defaults to the final file's suffix, so libraries that infer a format from the
+    name (``.mrcs``, ``.npy``) still do.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=(path.suffix if suffix is None else suffix) + ".tmp",
+        dir=path.parent,
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **kw):
+    """A tqdm progress bar on a terminal, silent otherwise (CI logs, pipes)."""
+    from tqdm.auto import tqdm
+
+    disable = kw.pop("disable", None)
+    if disable is None:
+        disable = not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
+                dynamic_ncols=True, **kw)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def command_line() -> str:
+    """The command line as typed (for config.json / run.log)."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def setup_logging(folder: str | os.PathLike | None = None, name: str = "run.log"):
+    """Log the ``cryolatent`` logger to stderr (INFO) and, with ``folder``, to ``folder/name``.
+
+    Returns the logger. Calling it again replaces the handlers it installed before, so a
+    notebook user can call library entry points repeatedly.
+    """
+    import logging
+
+    logger = logging.getLogger("cryolatent")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        if getattr(h, "_cryolatent", False):
+            logger.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    stream._cryolatent = True  # type: ignore[attr-defined]
+    logger.addHandler(stream)
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(folder) / name)
+        fh.setFormatter(fmt)
+        fh._cryolatent = True  # type: ignore[attr-defined]
+        logger.addHandler(fh)
+    logger.propagate = False
+    return logger
