@@ -1,0 +1,66 @@
+"""Shared fixtures: the read-only data folder beside the repo and RELION's binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path | None:
+    for cand in (os.environ.get("CRYOLATENT_SHARED_DATA"), REPO.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (read-only): MNIST, atomic models, real particles, interop corpus."""
+    p = _shared_data()
+    if p is None:
+        pytest.skip("../shared/data not present")
+    return p
+
+
+def _relion_bin() -> Path | None:
+    """Folder holding relion_star_handler: $RELION_BIN, PATH, or .ci's unpacked copy."""
+    cands = [os.environ.get("RELION_BIN"), REPO / ".relion" / "usr" / "bin"]
+    w = shutil.which("relion_star_handler")
+    if w:
+        cands.insert(0, str(Path(w).parent))
+    for c in cands:
+        if c and (Path(c) / "relion_star_handler").exists():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def relion():
+    """A callable running a RELION 3.1 program: ``relion("relion_star_handler", "--i", ...)``.
+
+    Skips when the binaries are absent (``.ci/run`` installs them).
+    """
+    import subprocess
+
+    b = _relion_bin()
+    if b is None:
+        pytest.skip("RELION binaries not installed")
+    env = dict(os.environ)
+    lib = b.parent / "lib" / "x86_64-linux-gnu"
+    if lib.is_dir():
+        env["LD_LIBRARY_PATH"] = f"{lib}:{b.parent / 'lib'}:" + env.get("LD_LIBRARY_PATH", "")
+    env.setdefault("OMPI_MCA_plm", "isolated")
+
+    def run(prog: str, *args: str, cwd=None, check: bool = True):
+        res = subprocess.run([str(b / prog), *map(str, args)], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{prog} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    return run
