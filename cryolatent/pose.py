@@ -1,0 +1,241 @@
+"""RELION's in-plane pose convention, as pure (batched) torch image transforms.
+
+Convention (SPEC.md, RELION's ``relion_stack_create --apply_transformation``):
+
+* An image is an array ``img[row, col]``; pixel (0, 0) is the top-left (first pixel in the MRC
+  file), ``x`` is the column, ``y`` the row. Coordinates are taken relative to the rotation
+  centre ``(N//2, N//2)`` (for even N the pixel right/below the geometric middle, for odd N
+  the middle pixel): ``x = col - N//2``, ``y = row - N//2``.
+* ``R(psi) = [[cos psi, -sin psi], [sin psi, cos psi]]`` acts on column vectors ``(x, y)``.
+  (With y pointing down, a positive psi turns an image content clockwise on screen.)
+* ``t = (rlnOriginX, rlnOriginY)`` in pixels (``rlnOriginXAngst / pixel size``).
+* RELION aligns a particle by shifting it by ``+t`` and then rotating it by ``R(psi)``::
+
+      aligned(R(psi) (x + t)) = particle(x)
+
+  so a particle is made from the aligned (canonical) image by
+  ``particle(x) = canonical(R(psi)(x + t))`` and the particle's centre sits at ``-t``.
+
+Interpolation
+-------------
+``method="bilinear"`` (default): every output pixel centre is mapped to a point of the input
+and the input is bilinearly interpolated there (``torch.nn.functional.grid_sample`` with
+``align_corners=True``: normalised coordinate -1 is the centre of pixel 0 and +1 the centre of
+pixel N-1, so pixel centres map exactly onto pixel centres). Points outside the input read 0
+(``padding_mode="zeros"``; within one pixel of the border the zero pixels outside take part in
+the interpolation, where RELION writes 0 as soon as a point leaves the last pixel centre —
+the two differ only in the outermost pixel ring). Source coordinates are computed in float64;
+when every one of them is an integer (multiples of 90° with integer shifts, the identity) the
+images are gathered instead of interpolated, so those transforms are exact.
+
+``method="fourier"``: the shift is applied as a Fourier phase ramp (exact for band-limited
+images, periodic: what leaves one side enters at the other) and the rotation bilinearly, in
+RELION's order (align: shift then rotate; transform_to_particle: rotate then shift).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Method = Literal["bilinear", "fourier"]
+
+__all__ = [
+    "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
+    "pixel_coordinates", "transform_to_particle", "align_particles", "fourier_shift",
+    "rotate_images",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _as_tensor(a, like: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+    device = like.device if like is not None else None
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
+
+
+def _cos_sin_deg(psi_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of angles in degrees (float64), exact (0, ±1) at multiples of 90°."""
+    psi = psi_deg.to(torch.float64)
+    rad = torch.deg2rad(psi)
+    c, s = torch.cos(rad), torch.sin(rad)
+    q = psi / 90.0
+    exact = torch.isclose(q, torch.round(q), rtol=0.0, atol=1e-12)
+    k = torch.remainder(torch.round(q), 4)
+    c_ex = torch.where(k == 0, 1.0, torch.where(k == 2, -1.0, 0.0)).to(torch.float64)
+    s_ex = torch.where(k == 1, 1.0, torch.where(k == 3, -1.0, 0.0)).to(torch.float64)
+    return torch.where(exact, c_ex, c), torch.where(exact, s_ex, s)
+
+
+def rotation_matrix(psi_deg) -> torch.Tensor:
+    """R(psi) = [[cos, -sin], [sin, cos]] acting on (x, y) column vectors.
+
+    psi_deg: (...,) degrees (tensor, array or float) -> (..., 2, 2) float64 (exact at
+    multiples of 90°).
+    """
+    psi = _as_tensor(psi_deg) if not isinstance(psi_deg, torch.Tensor) else psi_deg
+    c, s = _cos_sin_deg(psi)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def wrap_deg(a):
+    """Angles (degrees) wrapped to [0, 360). Works on floats, numpy arrays and tensors."""
+    if isinstance(a, torch.Tensor):
+        r = torch.remainder(a, 360.0)
+        return torch.where(r >= 360.0, r - 360.0, r)
+    r = np.mod(np.asarray(a, dtype=np.float64), 360.0)
+    r = np.where(r >= 360.0, r - 360.0, r)
+    return float(r) if np.ndim(r) == 0 else r
+
+
+def wrap_deg_180(a):
+    """Angles (degrees) wrapped to (-180, 180] (how RELION writes rlnAnglePsi)."""
+    w = wrap_deg(a)
+    if isinstance(w, torch.Tensor):
+        return torch.where(w > 180.0, w - 360.0, w)
+    r = np.where(np.asarray(w) > 180.0, np.asarray(w) - 360.0, w)
+    return float(r) if np.ndim(r) == 0 else r
+
+
+def px_to_angstrom(px, apix: float):
+    """Pixels -> Å (``rlnOriginX`` -> ``rlnOriginXAngst``)."""
+    return px * apix
+
+
+def angstrom_to_px(angst, apix: float):
+    """Å -> pixels (``rlnOriginXAngst`` -> ``rlnOriginX``)."""
+    return angst / apix
+
+
+def pixel_coordinates(n: int, device=None, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of every pixel relative to the rotation centre (n//2, n//2).
+
+    Returns two (n, n) tensors: ``x[row, col] = col - n//2``, ``y[row, col] = row - n//2``.
+    """
+    r = torch.arange(n, device=device, dtype=dtype) - (n // 2)
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    return x, y
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _sample(images: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling, zero outside.
+
+    images: (B, H, W); sx, sy: (B, H', W') float64 source coordinates in pixel *index* units
+    (column, row). Returns (B, H', W') in images' dtype.
+    """
+    B, H, W = images.shape
+    rx, ry = torch.round(sx), torch.round(sy)
+    if bool(((sx - rx).abs() < 1e-9).all() and ((sy - ry).abs() < 1e-9).all()):
+        ix, iy = rx.long(), ry.long()
+        inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+        flat = (iy.clamp(0, H - 1) * W + ix.clamp(0, W - 1)).reshape(B, -1)
+        out = torch.gather(images.reshape(B, -1), 1, flat).reshape(sx.shape)
+        return torch.where(inside, out, torch.zeros((), dtype=images.dtype, device=images.device))
+    gx = sx * (2.0 / max(W - 1, 1)) - 1.0
+    gy = sy * (2.0 / max(H - 1, 1)) - 1.0
+    work = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+    grid = torch.stack([gx, gy], -1).to(work)
+    out = F.grid_sample(images.unsqueeze(1).to(work), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out.squeeze(1).to(images.dtype)
+
+
+def _prep(images, psi_deg, shift_px):
+    if images.ndim != 3 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be (B, D, D), got {tuple(images.shape)}")
+    B, D, _ = images.shape
+    psi = _as_tensor(psi_deg, images).reshape(-1)
+    if psi.numel() == 1 and B != 1:
+        psi = psi.expand(B)
+    t = _as_tensor(shift_px, images).reshape(-1, 2)
+    if t.shape[0] == 1 and B != 1:
+        t = t.expand(B, 2)
+    if psi.shape[0] != B or t.shape[0] != B:
+        raise ValueError(f"need {B} angles and shifts, got {psi.shape[0]} and {t.shape[0]}")
+    return B, D, psi, t
+
+
+def fourier_shift(images: torch.Tensor, shift_px) -> torch.Tensor:
+    """out(x) = images(x - s): moves the content by +s (periodic), via a Fourier phase ramp.
+
+    images: (B, D, D) real; shift_px: (B, 2) or (2,) as (sx, sy) pixels. Returns (B, D, D).
+    Exact (to rounding) for integer shifts; for even D the Nyquist terms keep their real part.
+    """
+    B, D, _ = images.shape
+    s = _as_tensor(shift_px, images).reshape(-1, 2)
+    if s.shape[0] == 1 and B != 1:
+        s = s.expand(B, 2)
+    ky = torch.fft.fftfreq(D, device=images.device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(D, device=images.device, dtype=torch.float64)
+    phase = -2.0 * math.pi * (kx[None, None, :] * s[:, 0, None, None]
+                              + ky[None, :, None] * s[:, 1, None, None])
+    work = torch.float64 if images.dtype == torch.float64 else torch.float32
+    ramp = torch.polar(torch.ones_like(phase), phase).to(
+        torch.complex128 if work == torch.float64 else torch.complex64)
+    f = torch.fft.rfft2(images.to(work))
+    return torch.fft.irfft2(f * ramp, s=(D, D)).to(images.dtype)
+
+
+def rotate_images(images: torch.Tensor, psi_deg) -> torch.Tensor:
+    """out(x) = images(R(psi) x) about (D//2, D//2), bilinear (exact at multiples of 90°).
+
+    images: (B, D, D); psi_deg: (B,) or scalar. Returns (B, D, D).
+    """
+    return transform_to_particle(images, psi_deg, torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def transform_to_particle(canonical: torch.Tensor, psi_deg, shift_px,
+                          method: Method = "bilinear") -> torch.Tensor:
+    """Make particles from canonical (aligned) images: particle(x) = canonical(R(psi)(x + t)).
+
+    canonical: (B, D, D) float tensor (CPU or GPU).
+    psi_deg: (B,) degrees (rlnAnglePsi); shift_px: (B, 2) pixels (rlnOriginX, rlnOriginY),
+    i.e. rlnOriginX/YAngst divided by the pixel size. A scalar / single row is broadcast.
+    Returns (B, D, D), same dtype and device. The canonical centre ends at -t in the particle.
+    """
+    B, D, psi, t = _prep(canonical, psi_deg, shift_px)
+    x, y = pixel_coordinates(D, device=canonical.device)
+    c, s = _cos_sin_deg(psi)
+    c, s = c[:, None, None], s[:, None, None]
+    if method == "bilinear":
+        u = x[None] + t[:, 0, None, None]
+        v = y[None] + t[:, 1, None, None]
+        sx, sy = c * u - s * v, s * u + c * v
+        return _sample(canonical, sx + D // 2, sy + D // 2)
+    if method == "fourier":
+        rot = _sample(canonical, c * x - s * y + D // 2, s * x + c * y + D // 2)
+        return fourier_shift(rot, -t)  # particle(x) = rot(x + t)
+    raise ValueError(f"unknown interpolation method {method!r}")
+
+
+def align_particles(particles: torch.Tensor, psi_deg, shift_px,
+                    method: Method = "bilinear") -> torch.Tensor:
+    """Align particles with their poses (RELION ``relion_stack_create --apply_transformation``).
+
+    aligned(y) = particle(R(-psi) y - t), the inverse of :func:`transform_to_particle`.
+    particles: (B, D, D); psi_deg: (B,) degrees; shift_px: (B, 2) pixels (rlnOriginX/Y).
+    Returns (B, D, D), same dtype and device.
+    """
+    B, D, psi, t = _prep(particles, psi_deg, shift_px)
+    x, y = pixel_coordinates(D, device=particles.device)
+    c, s = _cos_sin_deg(psi)
+    c, s = c[:, None, None], s[:, None, None]
+    # R(-psi) y = (c x + s y, -s x + c y)
+    rx, ry = c * x + s * y, -s * x + c * y
+    if method == "bilinear":
+        return _sample(particles, rx - t[:, 0, None, None] + D // 2,
+                       ry - t[:, 1, None, None] + D // 2)
+    if method == "fourier":
+        shifted = fourier_shift(particles, t)  # shifted(u) = particle(u - t)
+        return _sample(shifted, rx + D // 2, ry + D // 2)
+    raise ValueError(f"unknown interpolation method {method!r}")
