@@ -37,7 +37,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     fi
   fi
 fi
-"$VPY" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 
 if [ $want_test = 1 ]; then
   pipi -e ".[test]"
@@ -56,4 +55,5 @@ if [ $want_test = 1 ]; then
 else
   pipi -e .
 fi
+"$VPY" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 echo "cryolatent ready: .venv/bin/cryolatent"
