@@ -1,0 +1,448 @@
+"""ParticleSet: one view over a RELION STAR, a cryoSPARC .cs or a bare .mrcs stack.
+
+``load_particles(path, datadir=None, apix=None)`` checks everything it can up front (stacks
+exist, indices in range, one box size, a known pixel size, numeric columns are numbers,
+unique particle names) and raises :class:`InputError` with one line naming the file, particle
+or column. Images are then read lazily from memory-mapped stacks in batches.
+
+Stack paths: ``N@path`` (1-based N, any zero padding; a name without ``@`` is image 1 of a
+single-image file). A relative path is looked up in ``datadir`` (also by its bare file name
+there) when given, else beside the STAR/.cs file, else in the current directory.
+Pixel size: ``apix`` when given (overrides the files); else ``rlnImagePixelSize`` of the
+particle's optics group (RELION 3.0: 1e4 × rlnDetectorPixelSize / rlnMagnification), or
+``blob/psize_A`` for .cs; else the stack header's voxel size; 0 or missing everywhere is an
+error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from .cs import cs_to_relion, read_cs
+from .mrc import MRCHeader, read_header, read_images
+from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
+
+__all__ = ["ParticleSet", "load_particles"]
+
+log = logging.getLogger("cryolatent")
+
+
+class ParticleSet:
+    """Particles with their metadata; images are read on demand.
+
+    Attributes: ``table`` (particle rows, RELION 3.1 columns, input order), ``optics`` (one
+    row per optics group), ``names`` (N,) str, ``box`` int, ``apix`` float (common value),
+    ``apix_per_particle`` (N,) float, ``source`` Path, ``kind`` "star" | "cs" | "mrcs",
+    ``cs_array`` (structured array for .cs input, else None), ``stack_paths`` (resolved
+    stack files), ``stack_index`` (N,) which stack, ``image_index`` (N,) 0-based section.
+    """
+
+    def __init__(self, table: pd.DataFrame, optics: pd.DataFrame, names: np.ndarray,
+                 stack_paths: list[Path], headers: list[MRCHeader], stack_index: np.ndarray,
+                 image_index: np.ndarray, apix_per_particle: np.ndarray, source: Path,
+                 kind: str, cs_array: np.ndarray | None = None):
+        self.table = table
+        self.optics = optics
+        self.names = names
+        self.stack_paths = stack_paths
+        self._headers = headers
+        self.stack_index = stack_index
+        self.image_index = image_index
+        self.apix_per_particle = apix_per_particle
+        self.source = Path(source)
+        self.kind = kind
+        self.cs_array = cs_array
+        self.box = int(headers[0].nx) if headers else 0
+
+    # ------------------------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return (f"ParticleSet({self.kind} {self.source}, n={len(self)}, box={self.box}, "
+                f"apix={self.apix_per_particle[0] if len(self) else None:g}, "
+                f"stacks={len(self.stack_paths)})")
+
+    @property
+    def apix(self) -> float:
+        """The pixel size (Å) common to all particles; InputError if they differ."""
+        a = self.apix_per_particle
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if hi - lo > 1e-6 * hi:
+            raise InputError(f"{self.source}: particles have different pixel sizes "
+                             f"({lo:g} to {hi:g} Å); use apix_per_particle")
+        return float(a[0])
+
+    def optics_value(self, col: str) -> np.ndarray:
+        """``(N,)`` values of an optics column looked up through rlnOpticsGroup.
+
+        A column that is in the particle table itself is returned from there.
+        """
+        if col in self.table.columns:
+            return self.table[col].to_numpy()
+        if self.optics is None or col not in self.optics.columns:
+            raise KeyError(col)
+        return _lookup_optics(self.table, self.optics, col, self.source)
+
+    def shifts_angst(self) -> np.ndarray:
+        """``(N, 2)`` float64 origin (rlnOriginXAngst, rlnOriginYAngst) in Å.
+
+        Falls back to rlnOriginX/Y (px) × pixel size (some 3.1 writers, e.g. relion_project,
+        keep pixel columns), and to zeros when there is no origin.
+        """
+        out = np.zeros((len(self), 2))
+        for j, ax in enumerate("XY"):
+            if f"rlnOrigin{ax}Angst" in self.table:
+                out[:, j] = self.table[f"rlnOrigin{ax}Angst"].to_numpy(np.float64)
+            elif f"rlnOrigin{ax}" in self.table:
+                out[:, j] = self.table[f"rlnOrigin{ax}"].to_numpy(np.float64) * \
+                    self.apix_per_particle
+        return out
+
+    def ctf(self):
+        """:class:`cryolatent.ctf.CTFParams` of (N,) arrays, or None without rlnDefocusU."""
+        if "rlnDefocusU" not in self.table.columns:
+            return None
+        from ..ctf import CTFParams  # lazy: ctf pulls in torch
+
+        n = len(self)
+        t = self.table
+
+        def col(name, default=None, required=False):
+            try:
+                return np.asarray(self.optics_value(name), dtype=np.float64)
+            except KeyError:
+                if required:
+                    raise InputError(f"{self.source}: column {name} is missing (needed for "
+                                     "the CTF)") from None
+                return np.full(n, default, dtype=np.float64)
+
+        du = t["rlnDefocusU"].to_numpy(np.float64)
+        dv = t["rlnDefocusV"].to_numpy(np.float64) if "rlnDefocusV" in t else du.copy()
+        if "rlnAmplitudeContrast" not in t.columns and (
+                self.optics is None or "rlnAmplitudeContrast" not in self.optics.columns):
+            log.warning("%s: no rlnAmplitudeContrast; using 0.1", self.source)
+        return CTFParams(defocus_u=du, defocus_v=dv,
+                         astigmatism=col("rlnDefocusAngle", 0.0),
+                         voltage=col("rlnVoltage", required=True),
+                         cs=col("rlnSphericalAberration", required=True),
+                         amplitude_contrast=col("rlnAmplitudeContrast", 0.1),
+                         phase_shift=col("rlnPhaseShift", 0.0))
+
+    # ------------------------------------------------------------------------------- images
+    def _as_indices(self, idx) -> tuple[np.ndarray, bool]:
+        n = len(self)
+        if isinstance(idx, slice):
+            return np.arange(n)[idx], False
+        if np.isscalar(idx) and not isinstance(idx, (str, bytes)):
+            i = int(idx)
+            if i < -n or i >= n:
+                raise IndexError(f"particle index {i} out of range for {n} particles")
+            return np.array([i % n]), True
+        a = np.asarray(idx)
+        if a.dtype == bool:
+            if a.shape != (n,):
+                raise IndexError(f"boolean mask of shape {a.shape} for {n} particles")
+            return np.nonzero(a)[0], False
+        a = a.astype(np.int64).reshape(-1)
+        if len(a) and (a.min() < -n or a.max() >= n):
+            raise IndexError(f"particle indices out of range for {n} particles")
+        return a % n if len(a) else a, False
+
+    def images(self, idx) -> np.ndarray:
+        """float32 ``(n, box, box)`` images of particles ``idx`` (int, slice, array, mask).
+
+        An int gives ``(1, box, box)``. Reads are batched per stack, sorted by section.
+        """
+        ii, _ = self._as_indices(idx)
+        return self._read(ii)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        """Like :meth:`images`, but an int gives one ``(box, box)`` image (NumPy style)."""
+        ii, scalar = self._as_indices(idx)
+        out = self._read(ii)
+        return out[0] if scalar else out
+
+    def _read(self, ii: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ii), self.box, self.box), dtype=np.float32)
+        if len(ii) == 0:
+            return out
+        st = self.stack_index[ii]
+        order = np.argsort(st, kind="stable")
+        sst = st[order]
+        bounds = np.flatnonzero(np.diff(sst)) + 1
+        for pos in np.split(order, bounds):
+            s = int(st[pos[0]])
+            sel = ii[pos]
+            out[pos] = read_images(self.stack_paths[s], self.image_index[sel],
+                                   self._headers[s], names=self.names[sel])
+        return out
+
+    def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(indices (n,), images (n, box, box) float32)`` in order, n <= batch_size."""
+        ii = np.arange(len(self)) if indices is None else self._as_indices(indices)[0]
+        bs = max(1, int(batch_size))
+        for s in range(0, len(ii), bs):
+            sel = ii[s:s + bs]
+            yield sel, self._read(sel)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _lookup_optics(table: pd.DataFrame, optics: pd.DataFrame, col: str, source) -> np.ndarray:
+    vals = optics[col].to_numpy()
+    if "rlnOpticsGroup" not in table.columns or "rlnOpticsGroup" not in optics.columns:
+        if len(optics) == 1:
+            return np.repeat(vals, len(table))
+        raise InputError(f"{source}: particles have no rlnOpticsGroup but data_optics has "
+                         f"{len(optics)} groups")
+    groups = optics["rlnOpticsGroup"].to_numpy()
+    pg = table["rlnOpticsGroup"].to_numpy()
+    pos = pd.Index(groups).get_indexer(pg)
+    if (pos < 0).any():
+        j = int(np.nonzero(pos < 0)[0][0])
+        raise InputError(f"{source}: particle {_name_of(table, j)} refers to optics group "
+                         f"{pg[j]}, which data_optics does not define")
+    return vals[pos]
+
+
+def _name_of(table: pd.DataFrame, j: int) -> str:
+    if "rlnImageName" in table.columns:
+        return f"{table['rlnImageName'].iloc[j]} (row {j + 1})"
+    return f"#{j + 1}"
+
+
+def _check_numeric(df: pd.DataFrame, source, what: str) -> None:
+    for c in df.columns:
+        if c in NUMERIC_COLUMNS and not pd.api.types.is_numeric_dtype(df[c].dtype):
+            vals = pd.to_numeric(df[c], errors="coerce")
+            j = int(np.nonzero(vals.isna().to_numpy() & df[c].notna().to_numpy())[0][0]) \
+                if (vals.isna() & df[c].notna()).any() else 0
+            raise InputError(f"{source}: column {c} in {what} must be numeric, but "
+                             f"{_name_of(df, j) if what == 'particles' else f'row {j + 1}'} "
+                             f"has {df[c].iloc[j]!r}")
+
+
+def _resolve(rel: str, source: Path, datadir) -> Path | None:
+    p = Path(rel)
+    if p.is_absolute():
+        return p if p.exists() else None
+    if datadir is not None:
+        cands = [Path(datadir) / p, Path(datadir) / p.name]
+    else:
+        cands = [source.parent / p, Path.cwd() / p]
+    for c in cands:
+        if c.is_file():
+            return c
+    return None
+
+
+def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_errors):
+    """Parse ``N@path``; resolve paths; read headers. Returns (paths, headers, code, idx0)."""
+    s = image_names.astype(str)
+    parts = s.str.partition("@")
+    has_at = (parts[1] == "@").to_numpy()
+    idx_txt = np.where(has_at, parts[0].to_numpy(dtype=object), "1")
+    path_txt = np.where(has_at, parts[2].to_numpy(dtype=object), parts[0].to_numpy(dtype=object))
+    idx = pd.to_numeric(pd.Series(idx_txt, dtype=object).str.strip(), errors="coerce").to_numpy()
+    bad = ~np.isfinite(idx) | (idx < 1) | (idx != np.round(idx)) | (pd.Series(path_txt) == "").to_numpy()
+    if bad.any():
+        j = int(np.nonzero(bad)[0][0])
+        raise InputError(f"{source}: particle {names_for_errors(j)}: rlnImageName must be "
+                         f"N@stack.mrcs with N >= 1")
+    idx0 = idx.astype(np.int64) - 1
+    code, uniq = pd.factorize(pd.Series(path_txt, dtype=object))
+    code = code.astype(np.int64)
+    paths, headers = [], []
+    first_row = pd.Series(np.arange(len(code))).groupby(code).first().to_numpy()
+    for k, rel in enumerate(uniq):
+        p = _resolve(str(rel), source, datadir)
+        if p is None:
+            where = f"--datadir {datadir}" if datadir is not None else \
+                f"{source.parent} or the current directory"
+            raise InputError(f"{source}: stack {rel} not found (looked in {where}); first "
+                             f"referenced by particle {names_for_errors(int(first_row[k]))}")
+        try:
+            h = read_header(p)
+        except InputError as e:
+            raise InputError(f"{e} (stack of particle {names_for_errors(int(first_row[k]))})") \
+                from None
+        if h.nx != h.ny:
+            raise InputError(f"{p}: images are {h.nx} x {h.ny} px; only square images are "
+                             "supported")
+        paths.append(p)
+        headers.append(h)
+    boxes = np.array([h.nx for h in headers])
+    if len(set(boxes.tolist())) > 1:
+        a = int(np.nonzero(boxes != boxes[0])[0][0])
+        raise InputError(f"{source}: two box sizes in one set: {paths[0]} has {boxes[0]} px, "
+                         f"{paths[a]} has {boxes[a]} px (particle "
+                         f"{names_for_errors(int(first_row[a]))})")
+    ncomp = np.array([h.n_complete for h in headers], dtype=np.int64)
+    nz = np.array([h.nz for h in headers], dtype=np.int64)
+    over = idx0 >= ncomp[code]
+    if over.any():
+        j = int(np.nonzero(over)[0][0])
+        h = headers[code[j]]
+        if idx0[j] < h.nz:
+            raise InputError(f"{source}: particle {names_for_errors(j)}: stack {h.path} is "
+                             f"shorter than its header says ({h.nz} images in the header, "
+                             f"{h.n_complete} complete in the file)")
+        raise InputError(f"{source}: particle {names_for_errors(j)}: index {idx0[j] + 1} is "
+                         f"beyond the end of stack {h.path} ({h.nz} images)")
+    short = ncomp < nz
+    for k in np.nonzero(short)[0]:
+        log.warning("%s is shorter than its header says (%d of %d images); the particles "
+                    "used are all present", paths[k], ncomp[k], nz[k])
+    return paths, headers, code, idx0
+
+
+def _check_unique(names: np.ndarray, source) -> None:
+    s = pd.Series(names)
+    dup = s.duplicated(keep=False).to_numpy()
+    if dup.any():
+        rows = np.nonzero(dup & (s == s[np.nonzero(dup)[0][0]]).to_numpy())[0][:2]
+        raise InputError(f"{source}: duplicate particle {names[rows[0]]} (rows {rows[0] + 1} "
+                         f"and {rows[1] + 1})")
+
+
+def _final_apix(apix_arg, table_apix: np.ndarray | None, headers, code, source) -> np.ndarray:
+    n = len(code)
+    hdr = np.array([h.apix for h in headers], dtype=np.float64)[code]
+    if apix_arg is not None:
+        a = float(apix_arg)
+        if not np.isfinite(a) or a <= 0:
+            raise InputError(f"apix={apix_arg}: the pixel size must be a positive number")
+        if table_apix is not None and np.all(np.isfinite(table_apix)) and \
+                np.any(np.abs(table_apix - a) > 1e-3 * a):
+            log.warning("%s: apix=%g given; the file says %g Å", source, a, table_apix[0])
+        return np.full(n, a)
+    if table_apix is not None:
+        ap = np.asarray(table_apix, dtype=np.float64)
+        ap = np.where(np.isfinite(ap) & (ap > 0), ap, hdr)
+    else:
+        ap = hdr
+    bad = ~np.isfinite(ap) | (ap <= 0)
+    if bad.any():
+        j = int(np.nonzero(bad)[0][0])
+        raise InputError(f"{source}: unknown or zero pixel size for particle #{j + 1} (no "
+                         f"rlnImagePixelSize, and the header of {headers[code[j]].path} says "
+                         f"{headers[code[j]].apix:g}); give apix")
+    if table_apix is not None:
+        d = np.abs(hdr - ap) > 1e-2 * ap
+        d &= hdr > 0
+        if d.any():
+            j = int(np.nonzero(d)[0][0])
+            log.warning("%s: pixel size %g Å from the metadata, %g Å in the header of %s; "
+                        "using the metadata", source, ap[j], hdr[j], headers[code[j]].path)
+    return ap
+
+
+# ---------------------------------------------------------------------------------- loaders
+def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
+                   apix: float | None = None) -> ParticleSet:
+    """Open a particle set from a ``.star``, ``.cs``, ``.mrcs`` or ``.mrc`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    suf = path.suffix.lower()
+    if suf == ".cs":
+        return _load_cs(path, datadir, apix)
+    if suf in (".mrcs", ".mrc", ".st", ".map"):
+        return _load_stack(path, apix)
+    if suf == ".star":
+        return _load_star(path, datadir, apix)
+    raise InputError(f"{path}: unknown particle file type {suf!r} (use .star, .cs or .mrcs)")
+
+
+def _load_star(path: Path, datadir, apix) -> ParticleSet:
+    blocks = read_star(path)
+    optics = blocks.get("optics")
+    if "particles" in blocks:
+        key = "particles"
+    else:
+        cand = [k for k, v in blocks.items() if k != "optics" and "rlnImageName" in v.columns]
+        if not cand:
+            raise InputError(f"{path}: no particle table (no data block with rlnImageName)")
+        key = cand[0]
+    table = blocks[key]
+    if "rlnImageName" not in table.columns:
+        raise InputError(f"{path}: data_{key} has no rlnImageName column")
+    if len(table) == 0:
+        raise InputError(f"{path}: data_{key} has no particles (empty loop)")
+    table = table.reset_index(drop=True)
+    names = table["rlnImageName"].astype(str).to_numpy(dtype=object)
+    nm = lambda j: f"{names[j]} (row {j + 1})"  # noqa: E731
+    _check_numeric(table, path, "particles")
+    if optics is not None:
+        _check_numeric(optics, path, "data_optics")
+    _check_unique(names, path)
+    paths, headers, code, idx0 = _stacks_from_names(table["rlnImageName"], path, datadir, nm)
+    if optics is None:
+        # RELION 3.0: upgrade as relion_convert_star does, image sizes from the stacks
+        fb = apix if apix is not None else (headers[0].apix or None)
+        table, optics = upgrade_relion30(table, None, fallback_apix=fb)
+        g = table["rlnOpticsGroup"].to_numpy()
+        first = [int(np.argmax(g == k)) for k in optics["rlnOpticsGroup"]]
+        optics["rlnImageSize"] = np.array([headers[code[j]].nx for j in first], dtype=np.int64)
+        optics["rlnImageDimensionality"] = np.full(len(optics), 2, dtype=np.int64)
+    table_apix = None
+    if "rlnImagePixelSize" in optics.columns:
+        table_apix = _lookup_optics(table, optics, "rlnImagePixelSize", path).astype(np.float64)
+    elif "rlnOpticsGroup" in table.columns or len(optics) == 1:
+        _lookup_optics(table, optics, optics.columns[0], path)  # group check
+    ap = _final_apix(apix, table_apix, headers, code, path)
+    if "rlnImageSize" in optics.columns:
+        sz = _lookup_optics(table, optics, "rlnImageSize", path)
+        if np.any(sz != headers[0].nx):
+            log.warning("%s: rlnImageSize %s differs from the stacks' box %d; using %d", path,
+                        sz[np.argmax(sz != headers[0].nx)], headers[0].nx, headers[0].nx)
+    return ParticleSet(table, optics, names, paths, headers, code, idx0, ap, path, "star")
+
+
+def _load_cs(path: Path, datadir, apix) -> ParticleSet:
+    arr = read_cs(path)
+    table, optics = cs_to_relion(arr, path)
+    names = pd.Series(arr["uid"]).astype(str).to_numpy(dtype=object) if "uid" in \
+        arr.dtype.names else table["rlnImageName"].to_numpy(dtype=object)
+    _check_unique(names, path)
+    img = table["rlnImageName"].to_numpy(dtype=object)
+    nm = lambda j: f"{img[j]} (uid {names[j]}, row {j + 1})"  # noqa: E731
+    paths, headers, code, idx0 = _stacks_from_names(table["rlnImageName"], path, datadir, nm)
+    table_apix = _lookup_optics(table, optics, "rlnImagePixelSize", path).astype(np.float64) \
+        if "rlnImagePixelSize" in optics.columns else None
+    ap = _final_apix(apix, table_apix, headers, code, path)
+    return ParticleSet(table, optics, names, paths, headers, code, idx0, ap, path, "cs",
+                       cs_array=arr)
+
+
+def _load_stack(path: Path, apix) -> ParticleSet:
+    h = read_header(path)
+    if h.nx != h.ny:
+        raise InputError(f"{path}: images are {h.nx} x {h.ny} px; only square images are "
+                         "supported")
+    if h.nz == 0:
+        raise InputError(f"{path}: the stack holds no images")
+    if h.n_complete < h.nz:
+        raise InputError(f"{path}: particle {h.n_complete + 1:06d}@{path.name}: the stack is "
+                         f"shorter than its header says ({h.nz} images in the header, "
+                         f"{h.n_complete} complete in the file)")
+    n = h.nz
+    names = pd.Series(np.arange(1, n + 1)).map("{:06d}".format).astype(str) + "@" + path.name
+    names = names.to_numpy(dtype=object)
+    table = pd.DataFrame({"rlnImageName": pd.Series(names, dtype=str),
+                          "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
+    code = np.zeros(n, dtype=np.int64)
+    ap = _final_apix(apix, None, [h], code, path)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1],
+                           "rlnOpticsGroupName": pd.Series(["opticsGroup1"], dtype=str),
+                           "rlnImagePixelSize": [float(ap[0])], "rlnImageSize": [h.nx],
+                           "rlnImageDimensionality": [2]})
+    return ParticleSet(table, optics, names, [path], [h], code, np.arange(n, dtype=np.int64),
+                       ap, path, "mrcs")
