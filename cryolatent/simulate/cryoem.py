@@ -1,0 +1,312 @@
+"""Cryo-EM-like particles: projections of atomic models with known pose, CTF and noise.
+
+Model (see ``docs/conventions.md``):
+
+* Atoms: the first model of a PDB / mmCIF file (gemmi), waters and hydrogens removed, centred
+  on the centre of mass (atomic masses). Each atom is a 3D Gaussian of weight Z (atomic
+  number, a simple stand-in for its low-resolution scattering amplitude) and standard
+  deviation ``blur`` Å (default max(1 Å, 1 px)); its projection is the 2D Gaussian of the same
+  weight and width, integral = Z, evaluated analytically at pixel centres.
+* Pose (RELION): the projected position of atom r is ``(A(rot, tilt, psi) r)[:2] / apix - t``
+  pixels from the centre (N//2, N//2), with A RELION's ZYZ Euler matrix (``euler.cpp``,
+  ``Euler_angles2matrix``) and t = (rlnOriginX, rlnOriginY) px. Since
+  ``A(rot, tilt, psi) = Rz(psi) A(rot, tilt, 0)`` and the in-plane part ``Rz(psi)`` is
+  ``R(psi)^T`` on (x, y), this is exactly
+  ``particle(x) = canonical(R(psi)(x + t))`` with canonical = projection at (rot, tilt, 0)
+  centred on the box centre: :func:`cryolatent.pose.align_particles` with the truth recovers
+  it (rendering is analytic, not interpolated).
+* Views: uniform on the sphere (rot ~ U(0, 360), cos(tilt) ~ U(-1, 1)), or with ``views=K`` K
+  fixed directions on a Fibonacci sphere (deterministic), one drawn at random per particle;
+  psi ~ U(0, 360), shifts ~ N(0, shift_sd²) px per axis.
+* CTF: RELION's (:func:`cryolatent.ctf.compute_ctf`), 300 kV, Cs 2.7 mm, Q 0.1, mean defocus
+  ~ U(defocus_min, defocus_max) Å, astigmatism ΔU-V ~ U(0, astigmatism) Å
+  (U = mean + Δ/2, V = mean - Δ/2), angle ~ U(0, 180)°; applied by multiplication in Fourier
+  space on a 2× zero-padded canvas (no wrap-around), then cropped. Protein is white, as in
+  particles RELION extracts with contrast inverted.
+* Scale and noise: the clean (CTF-modulated) images are scaled so that their pixel variance
+  inside the particle mask is 1 on average, then white Gaussian noise of variance 1/snr is
+  added. The mask is the disc of radius min(r_max / apix, box/2) about the box centre, r_max
+  the largest atom distance from the centre of mass over all structures; the scale is fixed
+  from the first chunk (256 particles) and used for the whole set, so the noise level is the
+  same for every particle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import CryolatentError, InputError
+
+log = logging.getLogger("cryolatent")
+
+CHUNK = 256
+RENDER_BATCH = 8
+DEFAULT_STRUCTURES = ("3O21_GluA3_NTD_tetramer_xray.cif", "3P3W_GluA3_NTD_dimeric_xray.pdb")
+
+
+@dataclass
+class Structure:
+    """Atoms of one model: coords (A, 3) Å centred on the centre of mass, weights (A,) = Z."""
+
+    name: str
+    coords: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def radius(self) -> float:
+        """Largest atom distance from the centre of mass, Å."""
+        return float(np.sqrt((self.coords ** 2).sum(1)).max())
+
+
+def load_structure(path: str | os.PathLike) -> Structure:
+    """Read a PDB / mmCIF file with gemmi: first model, no waters, no hydrogens, centred on
+    the mass-weighted centre; weights = atomic numbers."""
+    import gemmi
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: structure file not found")
+    try:
+        st = gemmi.read_structure(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise InputError(f"{path}: not a readable PDB/mmCIF file ({e})") from None
+    if len(st) == 0:
+        raise InputError(f"{path}: no model in the file")
+    st.setup_entities()
+    st.remove_waters()
+    st.remove_hydrogens()
+    xyz, z, mass = [], [], []
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                xyz.append(at.pos.tolist())
+                z.append(at.element.atomic_number)
+                mass.append(at.element.weight)
+    if not xyz:
+        raise InputError(f"{path}: no atoms in the first model")
+    xyz = np.asarray(xyz, dtype=np.float64)
+    mass = np.asarray(mass, dtype=np.float64)
+    com = (xyz * mass[:, None]).sum(0) / mass.sum()
+    return Structure(path.stem, xyz - com, np.asarray(z, dtype=np.float64))
+
+
+def euler_matrix(rot, tilt, psi) -> np.ndarray:
+    """RELION's Euler_angles2matrix (ZYZ; degrees): (N,) × 3 -> (N, 3, 3) float64.
+
+    A = Rz(psi) Ry(tilt) Rz(rot) with Rz(a) = [[c, s, 0], [-s, c, 0], [0, 0, 1]] and
+    Ry(b) = [[c, 0, -s], [0, 1, 0], [s, 0, c]]; a point r of the model projects to
+    (A r)[:2] in the image, the projection direction (A's third row) is
+    (sin tilt cos rot, sin tilt sin rot, cos tilt).
+    """
+    a, b, g = (np.radians(np.asarray(v, dtype=np.float64).reshape(-1)) for v in (rot, tilt, psi))
+    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    A = np.empty((a.size, 3, 3))
+    A[:, 0, 0] = cg * cc - sg * sa
+    A[:, 0, 1] = cg * cs + sg * ca
+    A[:, 0, 2] = -cg * sb
+    A[:, 1, 0] = -sg * cc - cg * sa
+    A[:, 1, 1] = -sg * cs + cg * ca
+    A[:, 1, 2] = sg * sb
+    A[:, 2, 0] = sc
+    A[:, 2, 1] = ss
+    A[:, 2, 2] = cb
+    return A
+
+
+def fibonacci_views(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """K near-uniform projection directions (Fibonacci sphere): rot (K,), tilt (K,) degrees."""
+    if k < 1:
+        raise CryolatentError(f"--views must be at least 1, got {k}")
+    i = np.arange(k, dtype=np.float64)
+    z = 1.0 - (2.0 * i + 1.0) / k
+    rot = np.mod(np.degrees(i * math.pi * (3.0 - math.sqrt(5.0))), 360.0)
+    return rot, np.degrees(np.arccos(z))
+
+
+def render_projections(coords: np.ndarray, weights: np.ndarray, rot, tilt, psi, shift_px,
+                       box: int, apix: float, blur: float, device=None):
+    """Analytic projections of Gaussian atoms in RELION's pose convention.
+
+    coords: (A, 3) Å about the rotation centre; weights: (A,); rot, tilt, psi: (B,) degrees;
+    shift_px: (B, 2) (rlnOriginX, rlnOriginY) px; blur: Gaussian sd in Å.
+    Returns a float32 torch tensor (B, box, box): pixel [row, col] =
+    sum_a w_a / (2 pi s^2) exp(-((col - c - x_a)^2 + (row - c - y_a)^2) / (2 s^2)),
+    c = box//2, (x_a, y_a) = (A r_a)[:2] / apix - t, s = blur / apix.
+    """
+    import torch
+
+    A = euler_matrix(rot, tilt, psi)                        # (B, 3, 3)
+    t = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
+    B = A.shape[0]
+    xy = np.einsum("bij,aj->bai", A[:, :2, :], coords) / apix - t[:, None, :]   # (B, A, 2)
+    s = blur / apix
+    grid = torch.arange(box, dtype=torch.float32, device=device) - (box // 2)
+    w = torch.as_tensor(weights / (2.0 * math.pi * s * s), dtype=torch.float32, device=device)
+    out = torch.empty((B, box, box), dtype=torch.float32, device=device)
+    pos = torch.as_tensor(xy, dtype=torch.float32, device=device)
+    inv = -0.5 / (s * s)
+    for a in range(0, B, RENDER_BATCH):
+        p = pos[a:a + RENDER_BATCH]                          # (b, A, 2)
+        gx = torch.exp(inv * (grid[None, None, :] - p[:, :, 0:1]) ** 2)   # (b, A, box) cols
+        gy = torch.exp(inv * (grid[None, None, :] - p[:, :, 1:2]) ** 2)   # (b, A, box) rows
+        out[a:a + RENDER_BATCH] = torch.bmm((gy * w[None, :, None]).transpose(1, 2), gx)
+    return out
+
+
+def apply_ctf(images, ctf_params, apix: float, pad: int = 2):
+    """Multiply each image's Fourier transform by its CTF on a ``pad``× zero-padded canvas.
+
+    images: (B, D, D) torch; ctf_params: CTFParams of B particles. Returns (B, D, D).
+    The rotation centre (D//2) stays at the padded canvas's centre (P//2).
+    """
+    import torch
+
+    from ..ctf import compute_ctf
+
+    B, D, _ = images.shape
+    P = pad * D
+    off = P // 2 - D // 2
+    canvas = torch.zeros((B, P, P), dtype=images.dtype, device=images.device)
+    canvas[:, off:off + D, off:off + D] = images
+    ctf = compute_ctf(ctf_params, P, apix, device=images.device, dtype=images.dtype)
+    out = torch.fft.ifft2(torch.fft.fft2(canvas) * ctf).real
+    return out[:, off:off + D, off:off + D].contiguous()
+
+
+def default_structures() -> list[Path]:
+    repo = Path(__file__).resolve().parents[2]
+    for base in (os.environ.get("CRYOLATENT_SHARED_DATA"), repo.parent / "shared" / "data"):
+        if base:
+            ps = [Path(base) / "structures" / f for f in DEFAULT_STRUCTURES]
+            if all(p.is_file() for p in ps):
+                return ps
+    raise CryolatentError("no default structures found (../shared/data/structures): "
+                          "give --structure FILE (PDB or mmCIF), repeatable")
+
+
+def mask_disc(box: int, radius_px: float) -> np.ndarray:
+    """(box, box) bool: pixels within radius_px of (box//2, box//2)."""
+    r = np.arange(box) - box // 2
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2
+
+
+def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.PathLike] | None = None,
+                    n: int = 1000, box: int = 128, apix: float | None = None,
+                    snr: float | None = 0.1, seed: int = 0, views: int | None = None,
+                    shift_sd: float = 3.0, defocus_min: float = 10000.0,
+                    defocus_max: float = 25000.0, astigmatism: float = 500.0,
+                    ctf: bool = True, centered: bool = False, blur: float | None = None,
+                    device: str | None = "cpu") -> Path:
+    """Write projections of atomic models with their ground truth; returns particles.star.
+
+    structures: PDB/mmCIF paths, one class each (rlnClassNumber = 1 + index); default the
+    GluA3 NTD pair 3O21 / 3P3W. apix: default so that the largest structure's diameter spans
+    70 % of the box. snr: None or inf = no noise. views: K fixed directions
+    (column cryolatentViewNumber = 1..K) instead of uniform random ones.
+    Columns: rlnAngleRot, rlnAngleTilt, rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst,
+    rlnClassNumber, [cryolatentViewNumber], [rlnDefocusU, rlnDefocusV, rlnDefocusAngle,
+    rlnPhaseShift].
+    """
+    import torch
+
+    from ..ctf import CTFParams
+    from ..pose import wrap_deg_180
+    from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
+                   write_particle_set)
+
+    if n < 1:
+        raise CryolatentError(f"--n must be positive, got {n}")
+    if box < 8:
+        raise CryolatentError(f"--box must be at least 8, got {box}")
+    if snr is not None and not snr > 0:
+        raise CryolatentError(f"--snr must be positive, got {snr}")
+    if ctf and not (0 < defocus_min <= defocus_max):
+        raise CryolatentError(f"need 0 < --defocus-min <= --defocus-max, got {defocus_min}, "
+                              f"{defocus_max}")
+    if astigmatism < 0:
+        raise CryolatentError(f"--astigmatism must be >= 0, got {astigmatism}")
+    paths = [Path(p) for p in structures] if structures else default_structures()
+    models = [load_structure(p) for p in paths]
+    r_max = max(m.radius for m in models)
+    if apix is None:
+        apix = math.ceil(2.0 * r_max / (0.7 * box) * 1000.0) / 1000.0
+        log.info("pixel size %.3f Å (largest structure radius %.1f Å, box %d)", apix, r_max, box)
+    if apix <= 0:
+        raise CryolatentError(f"--apix must be positive, got {apix}")
+    if blur is None:
+        blur = max(1.0, apix)
+    for m in models:
+        if m.radius / apix > box / 2:
+            log.warning("%s: radius %.1f Å is more than half the box (%.1f Å): it will be cut",
+                        m.name, m.radius, box * apix / 2)
+    dev = resolve_device(device)
+
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, len(models), n)
+    if views:
+        vrot, vtilt = fibonacci_views(views)
+        view = rng.integers(0, views, n)
+        rot, tilt = vrot[view], vtilt[view]
+    else:
+        view = None
+        rot = rng.uniform(0.0, 360.0, n)
+        tilt = np.degrees(np.arccos(rng.uniform(-1.0, 1.0, n)))
+    psi = rng.uniform(0.0, 360.0, n)
+    t = rng.normal(0.0, shift_sd, (n, 2))
+    if centered:
+        t = np.zeros((n, 2))
+    dmean = rng.uniform(defocus_min, defocus_max, n) if ctf else None
+    dastig = rng.uniform(0.0, astigmatism, n) if ctf else None
+    dangle = rng.uniform(0.0, 180.0, n) if ctf else None
+    noise_rng = np.random.default_rng([seed, 1])
+
+    cols = {
+        "rlnAngleRot": wrap_deg_180(rot), "rlnAngleTilt": tilt, "rlnAnglePsi": wrap_deg_180(psi),
+        "rlnOriginXAngst": t[:, 0] * apix, "rlnOriginYAngst": t[:, 1] * apix,
+        "rlnClassNumber": cls + 1,
+    }
+    if view is not None:
+        cols["cryolatentViewNumber"] = view + 1
+    ctfp = None
+    if ctf:
+        ctfp = CTFParams(defocus_u=dmean + dastig / 2, defocus_v=dmean - dastig / 2,
+                         astigmatism=dangle, voltage=VOLTAGE_KV, cs=CS_MM,
+                         amplitude_contrast=AMPLITUDE_CONTRAST, phase_shift=0.0)
+        cols.update({"rlnDefocusU": ctfp.defocus_u, "rlnDefocusV": ctfp.defocus_v,
+                     "rlnDefocusAngle": ctfp.astigmatism, "rlnPhaseShift": ctfp.phase_shift})
+    table = pd.DataFrame(cols)
+    mask = torch.as_tensor(mask_disc(box, min(r_max / apix, box / 2)), device=dev)
+    scale: list[float] = []
+
+    def chunks():
+        for sl in chunk_slices(n, CHUNK):
+            idx = np.arange(sl.start, sl.stop)
+            img = torch.empty((len(idx), box, box), dtype=torch.float32, device=dev)
+            for k, m in enumerate(models):
+                sel = np.nonzero(cls[idx] == k)[0]
+                if len(sel):
+                    g = idx[sel]
+                    img[torch.as_tensor(sel, device=dev)] = render_projections(
+                        m.coords, m.weights, rot[g], tilt[g], psi[g],
+                        t[g], box, apix, blur, device=dev)
+            if ctfp is not None:
+                img = apply_ctf(img, ctfp.subset(idx), apix)
+            if not scale:
+                v = img[:, mask]
+                var = float(v.var(dim=1).mean())
+                scale.append(1.0 / math.sqrt(var) if var > 0 else 1.0)
+            img = (img * scale[0]).cpu().numpy()
+            if snr is not None and np.isfinite(snr):
+                img += noise_rng.normal(0.0, 1.0 / math.sqrt(snr), img.shape).astype(np.float32)
+            yield img
+
+    return write_particle_set(outdir, chunks(), table, box, apix, desc="cryoem")
