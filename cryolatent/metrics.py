@@ -1,0 +1,201 @@
+"""Agreement between predicted and true poses / classes (``cryolatent evaluate``).
+
+* ``rotation_corr``: Jammalamadaka–SenGupta circular correlation between predicted and true
+  ``rlnAnglePsi`` over all particles (the papers' tables)::
+
+      rho = sum sin(a - abar) sin(b - bbar) / sqrt(sum sin²(a - abar) · sum sin²(b - bbar))
+
+  with abar, bbar the circular means. It is 1 when pred = truth + const (a learned canonical
+  orientation is arbitrary) and -1 when pred = const - truth (a mirrored/negated angle).
+* ``rotation_corr_per_class``: the mean over true classes of the within-class correlation (a
+  model may pick a different canonical angle per class).
+* ``translation_corr_x`` / ``_y``: Pearson correlation of ``rlnOriginXAngst`` / ``YAngst``.
+* ``cluster_accuracy``: best one-to-one matching of predicted to true classes (Hungarian,
+  :func:`scipy.optimize.linear_sum_assignment`), fraction of particles matched; ``nmi`` and
+  ``ari`` from scikit-learn.
+
+Particles are matched by name, never by row order (:func:`match_particles`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+__all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class", "pearson",
+           "cluster_accuracy", "match_particles", "evaluate_tables"]
+
+
+def circular_mean(a_rad: np.ndarray) -> float:
+    """Circular mean (radians) of angles a_rad (n,)."""
+    a = np.asarray(a_rad, dtype=np.float64)
+    return float(math.atan2(np.sin(a).sum(), np.cos(a).sum()))
+
+
+def circular_corr(a_deg, b_deg) -> float | None:
+    """Jammalamadaka–SenGupta circular correlation of two (n,) angle arrays in degrees.
+
+    None when undefined (fewer than 2 angles, or one set constant)."""
+    a = np.radians(np.asarray(a_deg, dtype=np.float64))
+    b = np.radians(np.asarray(b_deg, dtype=np.float64))
+    if a.size < 2 or a.shape != b.shape:
+        return None
+    sa = np.sin(a - circular_mean(a))
+    sb = np.sin(b - circular_mean(b))
+    den = math.sqrt(float((sa * sa).sum()) * float((sb * sb).sum()))
+    if not den > 1e-12 * a.size:
+        return None
+    return float((sa * sb).sum() / den)
+
+
+def rotation_corr_per_class(pred_deg, true_deg, true_class) -> float | None:
+    """Mean over true classes (with >= 2 particles and a defined value) of circular_corr."""
+    pred_deg, true_deg, true_class = map(np.asarray, (pred_deg, true_deg, true_class))
+    vals = []
+    for c in np.unique(true_class):
+        m = true_class == c
+        r = circular_corr(pred_deg[m], true_deg[m])
+        if r is not None:
+            vals.append(r)
+    return float(np.mean(vals)) if vals else None
+
+
+def pearson(a, b) -> float | None:
+    """Pearson correlation of two (n,) arrays; None when undefined (constant input, n < 2)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.size < 2:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    if not den > 0:
+        return None
+    return float((a * b).sum() / den)
+
+
+def cluster_accuracy(pred_labels, true_labels) -> float:
+    """Fraction of particles correctly classified under the best one-to-one mapping of
+    predicted to true labels (Hungarian algorithm on the contingency table; any numbers of
+    clusters; unmatched clusters count as wrong)."""
+    from scipy.optimize import linear_sum_assignment
+
+    p = np.unique(np.asarray(pred_labels), return_inverse=True)[1]
+    t = np.unique(np.asarray(true_labels), return_inverse=True)[1]
+    cont = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)
+    np.add.at(cont, (p, t), 1)
+    r, c = linear_sum_assignment(cont, maximize=True)
+    return float(cont[r, c].sum() / len(p))
+
+
+_NAME = re.compile(r"^\s*0*(\d+)@(.+?)\s*$")
+
+
+def _normalise_name(name: str) -> str:
+    """'000012@Path/to/stack.mrcs' -> '12@stack.mrcs' (index as int, stack basename)."""
+    m = _NAME.match(str(name))
+    if not m:
+        return str(name).strip()
+    return f"{int(m.group(1))}@{PurePosixPath(m.group(2).replace(chr(92), '/')).name}"
+
+
+def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
+                    pred_label: str = "PRED", truth_label: str = "TRUTH") -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (pi, ti) pairing every particle of ``pred`` with its truth, by name.
+
+    A particle's identity is its first original name: ``rlnImageOriginalName`` where a
+    table has it (the stack was rewritten, e.g. by ``preprocess``), else ``rlnImageName``
+    (``embed`` and ``select`` keep their input's names). Column pairs are tried in the order
+    (original, original), (pred original, truth name), (pred name, truth original),
+    (name, name), names first as written, then as (index, stack file name) in case the
+    folders differ; the first pairing that matches every prediction row is used. Every
+    prediction row must match exactly one truth row (the truth may hold more particles).
+    Raises InputError with one line otherwise.
+    """
+    O, N = "rlnImageOriginalName", "rlnImageName"
+    if N not in pred.columns and O not in pred.columns:
+        raise InputError(f"{pred_label}: no rlnImageName column to match particles by")
+    if N not in truth.columns and O not in truth.columns:
+        raise InputError(f"{truth_label}: no rlnImageName column to match particles by")
+    # the first original name is the most reliable identity: prefer it on either side
+    pairs = [(cp, ct) for cp, ct in ((O, O), (O, N), (N, O), (N, N))
+             if cp in pred.columns and ct in truth.columns]
+    best = None
+    for norm in (False, True):
+        f = _normalise_name if norm else str.strip
+        for cp, ct in pairs:
+            pn = pred[cp].astype(str).map(f)
+            tn = truth[ct].astype(str).map(f)
+            if tn.duplicated().any():
+                continue
+            ti = pn.map(pd.Series(np.arange(len(tn)), index=tn.values))
+            hits = int(ti.notna().sum())
+            if best is None or hits > best[0]:
+                best = (hits, cp, ct, ti, pn)
+            if hits == len(pred):
+                break
+        if best is not None and best[0] == len(pred):
+            break
+    if best is None:
+        raise InputError(f"{truth_label}: particle names are not unique")
+    hits, cp, ct, ti, pn = best
+    if hits < len(pred):
+        first = int(np.nonzero(ti.isna().to_numpy())[0][0])
+        raise InputError(
+            f"{pred_label}: {len(pred) - hits} of {len(pred)} particles have no match in "
+            f"{truth_label} by name (first: {pred[cp].iloc[first]!r} in {cp}, looked up in "
+            f"{truth_label}'s {ct})")
+    if pn.duplicated().any():
+        dup = pn[pn.duplicated()].iloc[0]
+        raise InputError(f"{pred_label}: particle {dup!r} appears more than once in {cp}")
+    return np.arange(len(pred)), ti.to_numpy().astype(np.int64)
+
+
+def _col(df: pd.DataFrame, col: str) -> np.ndarray | None:
+    if col not in df.columns:
+        return None
+    return pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+
+
+def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str = "rlnClassNumber",
+                    pred_label: str = "PRED", truth_label: str = "TRUTH") -> dict:
+    """All metrics for two particle tables; keys missing from either table give None.
+
+    Returns {rotation_corr, rotation_corr_per_class, translation_corr_x, translation_corr_y,
+    cluster_accuracy, nmi, ari, n}. ``class_column`` names the truth's class column (the
+    prediction's classes are always ``rlnClassNumber``).
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    pi, ti = match_particles(pred, truth, pred_label, truth_label)
+    P = pred.iloc[pi].reset_index(drop=True)
+    T = truth.iloc[ti].reset_index(drop=True)
+    out: dict = {k: None for k in ("rotation_corr", "rotation_corr_per_class",
+                                   "translation_corr_x", "translation_corr_y",
+                                   "cluster_accuracy", "nmi", "ari")}
+    out["n"] = int(len(P))
+
+    def ok(*arrs):
+        return all(a is not None and np.isfinite(a).all() for a in arrs)
+
+    ppsi, tpsi = _col(P, "rlnAnglePsi"), _col(T, "rlnAnglePsi")
+    tcls = _col(T, class_column)
+    if ok(ppsi, tpsi):
+        out["rotation_corr"] = circular_corr(ppsi, tpsi)
+        if ok(tcls):
+            out["rotation_corr_per_class"] = rotation_corr_per_class(ppsi, tpsi, tcls)
+    for ax in ("X", "Y"):
+        a, b = _col(P, f"rlnOrigin{ax}Angst"), _col(T, f"rlnOrigin{ax}Angst")
+        if ok(a, b):
+            out[f"translation_corr_{ax.lower()}"] = pearson(a, b)
+    pcls = _col(P, "rlnClassNumber")
+    if ok(pcls, tcls) and len(P):
+        out["cluster_accuracy"] = cluster_accuracy(pcls, tcls)
+        out["nmi"] = float(normalized_mutual_info_score(tcls, pcls))
+        out["ari"] = float(adjusted_rand_score(tcls, pcls))
+    return out
