@@ -124,7 +124,7 @@ def _fix_types(df: pd.DataFrame) -> pd.DataFrame:
     for c in df.columns:
         s = df[c]
         if c in STRING_COLUMNS:
-            if not (pd.api.types.is_string_dtype(s.dtype) or s.dtype == object):
+            if s.dtype == object or not pd.api.types.is_string_dtype(s.dtype):
                 df[c] = s.astype(str)
             continue
         if s.dtype == bool:
@@ -144,7 +144,8 @@ def _fix_types(df: pd.DataFrame) -> pd.DataFrame:
             try:
                 df[c] = arr.astype(np.float64)
             except (ValueError, TypeError):
-                pass
+                if s.dtype == object:
+                    df[c] = s.astype(str)
     return df
 
 
