@@ -1,0 +1,281 @@
+"""cryolatent.preprocess: Fourier crop against sampling and a numpy reference, RELION-style
+normalisation, phase flip against an analytic CTF, and the `preprocess` command end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from cryolatent.ctf import CTFParams, compute_ctf
+from cryolatent.preprocess import background_mask, fourier_crop, invert, normalize, phase_flip
+
+
+# ------------------------------------------------------------------------------ fourier crop
+def _bandlimited(n: int, terms) -> np.ndarray:
+    """sum_k a cos(2 pi (kx x + ky y) + phi) sampled on an n x n grid over the unit square."""
+    y, x = np.mgrid[0:n, 0:n] / n
+    out = np.zeros((n, n))
+    for a, kx, ky, phi in terms:
+        out += a * np.cos(2 * np.pi * (kx * x + ky * y) + phi)
+    return out
+
+
+def test_crop_constant_stays_constant():
+    for D, d in [(64, 32), (64, 48), (50, 20), (32, 32)]:
+        img = np.full((3, D, D), 2.75, dtype=np.float32)
+        out = fourier_crop(img, d)
+        assert out.shape == (3, d, d) and out.dtype == np.float32
+        np.testing.assert_allclose(out, 2.75, rtol=1e-6)
+
+
+@pytest.mark.parametrize("D,d", [(64, 32), (64, 48), (96, 40), (64, 33)])
+def test_crop_of_bandlimited_function_equals_sampling_on_the_coarse_grid(D, d):
+    h = d // 2
+    terms = [(1.3, 0, 0, 0.0), (1.0, 3, 5, 0.0), (0.5, 7, -2, 0.3), (0.8, -h + 1, 4, 1.1),
+             (0.6, 2, h - 1, -0.4)]
+    if d % 2 == 0:  # exactly at the coarse Nyquist frequency, on each axis and the corner
+        terms += [(0.7, h, 0, 0.0), (0.4, 4, h, 0.2), (0.3, h, h, 0.1), (0.25, h, -3, 0.9)]
+    a = _bandlimited(D, terms)[None]
+    b = _bandlimited(d, terms)
+    out = fourier_crop(a, d)[0]
+    np.testing.assert_allclose(out, b, atol=1e-10)
+    # float32 / torch input gives the same to single precision
+    out32 = fourier_crop(torch.from_numpy(a.astype(np.float32)), d)
+    assert isinstance(out32, torch.Tensor) and out32.dtype == torch.float32
+    np.testing.assert_allclose(out32[0].numpy(), b, atol=2e-5)
+
+
+def test_crop_matches_numpy_reference_on_noise():
+    """Reference with numpy's full complex FFT, centred spectrum: take the central d x d
+    window (indices D/2-d/2 .. D/2+d/2-1), give the Nyquist row/column (index 0 of the window)
+    the sum of -d/2 and +d/2 (the +d/2 row/column lies just past the window), inverse."""
+    rng = np.random.default_rng(0)
+    D, d = 40, 16
+    x = rng.normal(size=(4, D, D))
+    F = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))
+    c, h = D // 2, d // 2
+    lo, hi = c - h, c + h
+    G = F[:, lo:hi + 1, lo:hi + 1].copy()  # (d+1, d+1): -h .. +h
+    G[:, 0, :] += G[:, -1, :]               # fold +h row onto -h
+    G[:, :, 0] += G[:, :, -1]               # fold +h column onto -h
+    G = G[:, :d, :d]
+    ref = np.fft.ifft2(np.fft.ifftshift(G, axes=(-2, -1))).real * (d / D) ** 2
+    np.testing.assert_allclose(fourier_crop(x, d), ref, atol=1e-12)
+    # and with scipy's FFT as a second reference for the plain window (no Nyquist rows)
+    import scipy.fft
+    d2 = 15  # odd: no Nyquist, the window is symmetric
+    F2 = scipy.fft.fftshift(scipy.fft.fft2(x), axes=(-2, -1))
+    w = F2[:, c - 7:c + 8, c - 7:c + 8]
+    ref2 = scipy.fft.ifft2(scipy.fft.ifftshift(w, axes=(-2, -1))).real * (d2 / D) ** 2
+    np.testing.assert_allclose(fourier_crop(x, d2), ref2, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ normalise
+def test_normalize_background_statistics():
+    rng = np.random.default_rng(1)
+    D = 48
+    imgs = rng.normal(3.0, 2.5, size=(5, D, D)).astype(np.float32)
+    imgs[:, 14:34, 14:34] += 40.0  # a bright "particle" inside the circle
+    out = normalize(imgs)
+    # independent background: distance from (D//2, D//2) greater than 0.75*D/2
+    yy, xx = np.mgrid[0:D, 0:D]
+    bg = np.hypot(yy - D // 2, xx - D // 2) > 0.375 * D
+    np.testing.assert_array_equal(background_mask(D), bg)
+    for k in range(5):
+        v = out[k][bg].astype(np.float64)
+        assert abs(v.mean()) < 1e-5 and abs(v.std() - 1.0) < 1e-5
+        # the transform is affine with the background's statistics
+        m, s = imgs[k][bg].astype(np.float64).mean(), imgs[k][bg].astype(np.float64).std()
+        np.testing.assert_allclose(out[k], (imgs[k] - m) / s, rtol=1e-4, atol=1e-4)
+    # other diameter
+    out2 = normalize(torch.from_numpy(imgs), diameter_fraction=0.5)
+    bg2 = np.hypot(yy - D // 2, xx - D // 2) > 0.25 * D
+    assert abs(out2[0].numpy()[bg2].mean()) < 1e-5
+    np.testing.assert_array_equal(invert(out), -out)
+
+
+# ------------------------------------------------------------------------------ phase flip
+def _ctf(n, D, apix, astig=True):
+    rng = np.random.default_rng(2)
+    u = rng.uniform(8000, 20000, n)
+    v = u - (rng.uniform(0, 1500, n) if astig else 0)
+    return CTFParams(u, v, rng.uniform(-180, 180, n), 300.0, 2.7, 0.1, 0.0)
+
+
+def test_phase_flip_against_analytic_ctf():
+    D, apix, n = 64, 1.5, 3
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, D, D))
+    ctf = compute_ctf(_ctf(n, D, apix), D, apix, dtype=torch.float64).numpy()
+    y = phase_flip(x, ctf)
+    assert y.shape == x.shape and np.isrealobj(y)
+    # spectrum of the flipped image = spectrum of the image times sign(CTF) (RELION: 0 -> +1),
+    # away from the Nyquist row/column, where an astigmatic CTF is not Hermitian on the grid
+    Fx, Fy = np.fft.fft2(x), np.fft.fft2(y)
+    sgn = np.where(ctf < 0, -1.0, 1.0)
+    k = np.fft.fftfreq(D) * D
+    ok = (np.abs(k)[:, None] < D // 2) & (np.abs(k)[None, :] < D // 2)
+    np.testing.assert_allclose(Fy[:, ok], (Fx * sgn)[:, ok], atol=1e-9)
+    np.testing.assert_allclose(np.abs(Fy)[:, ok], np.abs(Fx)[:, ok], atol=1e-9)
+    # flipping twice gives the image back (up to the Nyquist terms)
+    z = phase_flip(y, ctf)
+    Fz = np.fft.fft2(z)
+    np.testing.assert_allclose(Fz[:, ok], Fx[:, ok], atol=1e-9)
+    # non-astigmatic CTF: point-symmetric on the grid, so exact everywhere
+    ctf0 = compute_ctf(_ctf(n, D, apix, astig=False), D, apix, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(phase_flip(phase_flip(x, ctf0), ctf0), x, atol=1e-12)
+    # a CTF that is positive everywhere leaves the image unchanged
+    np.testing.assert_allclose(phase_flip(x, np.ones((D, D))), x, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ end to end
+def _make_dataset(folder: Path, n=10, D=32, apix=1.5, nan_at=None, original=False):
+    rng = np.random.default_rng(4)
+    imgs = rng.normal(size=(n, D, D)).astype(np.float32)
+    imgs += _bandlimited(D, [(3.0, 1, 2, 0.0), (1.0, 0, 0, 0.0)]).astype(np.float32)
+    if nan_at is not None:
+        imgs[nan_at, 3, 5] = np.nan
+    folder.mkdir(parents=True, exist_ok=True)
+    with mrcfile.new(folder / "stack.mrcs", overwrite=True) as m:
+        m.set_data(imgs)
+        m.set_image_stack()
+        m.voxel_size = apix
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+                           "rlnImagePixelSize": [apix], "rlnImageSize": [D],
+                           "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    parts = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
+        "rlnDefocusU": rng.uniform(9000, 15000, n), "rlnDefocusV": rng.uniform(9000, 15000, n),
+        "rlnDefocusAngle": rng.uniform(0, 180, n), "rlnOpticsGroup": np.ones(n, int),
+        "rlnAnglePsi": rng.uniform(-180, 180, n), "rlnOriginXAngst": rng.normal(size=n),
+        "rlnOriginYAngst": rng.normal(size=n), "rlnMicrographName": ["mic.mrc"] * n,
+    })
+    if original:
+        parts["rlnImageOriginalName"] = [f"{i + 1}@first.mrcs" for i in range(n)]
+    starfile.write({"optics": optics, "particles": parts}, folder / "in.star", overwrite=True)
+    return imgs, parts
+
+
+def _run(args):
+    from cryolatent.cli import main
+    return main(args)
+
+
+def test_command_end_to_end(tmp_path, capsys):
+    from cryolatent.io import load_particles
+
+    imgs, parts = _make_dataset(tmp_path / "in", n=10, D=32, apix=1.5)
+    out = tmp_path / "out"
+    rc = _run(["preprocess", str(tmp_path / "in" / "in.star"), "-o", str(out), "--box", "16",
+               "--chunk-size", "3"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "particles.star").exists() and (out / "particles.mrcs").exists()
+    assert (out / "preprocess.log").read_text().count("preprocess") >= 1
+    ps = load_particles(out / "particles.star")
+    assert len(ps) == 10 and ps.box == 16
+    assert ps.apix == pytest.approx(3.0)
+    with mrcfile.open(out / "particles.mrcs", permissive=True) as m:
+        assert m.voxel_size.x == pytest.approx(3.0)
+        assert m.data.shape == (10, 16, 16)
+    # images: crop then normalise, compared with the library functions and statistics
+    expect = normalize(fourier_crop(imgs.astype(np.float64), 16))
+    np.testing.assert_allclose(ps.images(np.arange(10)), expect, atol=1e-4)
+    bg = background_mask(16)
+    got = ps.images(np.arange(10))
+    np.testing.assert_allclose(got[:, bg].mean(axis=1), 0, atol=1e-5)
+    np.testing.assert_allclose(got[:, bg].std(axis=1), 1, atol=1e-4)
+    # every column and row kept, in order; names moved
+    t = ps.table
+    for col in parts.columns:
+        assert col in t.columns
+        if col != "rlnImageName":
+            if parts[col].dtype.kind == "f":
+                np.testing.assert_allclose(t[col].to_numpy(float), parts[col], rtol=1e-5)
+            else:
+                assert list(t[col]) == list(parts[col])
+    assert list(t["rlnImageOriginalName"]) == list(parts["rlnImageName"])
+    assert list(t["rlnImageName"]) == [f"{i + 1:06d}@particles.mrcs" for i in range(10)]
+    assert int(ps.optics["rlnImageSize"].iloc[0]) == 16
+    # the input was not touched
+    with mrcfile.open(tmp_path / "in" / "stack.mrcs") as m:
+        np.testing.assert_array_equal(m.data, imgs)
+
+
+def test_command_invert_phase_flip_and_original_name(tmp_path, capsys):
+    from cryolatent.io import load_particles
+
+    imgs, parts = _make_dataset(tmp_path / "in", n=6, D=32, apix=1.2, original=True)
+    out = tmp_path / "out"
+    rc = _run(["preprocess", str(tmp_path / "in" / "in.star"), "-o", str(out),
+               "--no-normalize", "--invert", "--phase-flip"])
+    assert rc == 0, capsys.readouterr().err
+    ps = load_particles(out / "particles.star")
+    assert ps.box == 32 and ps.apix == pytest.approx(1.2)
+    params = CTFParams.from_relion(parts, pd.DataFrame({
+        "rlnOpticsGroup": [1], "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
+        "rlnAmplitudeContrast": [0.1]}))
+    ctf = compute_ctf(params, 32, 1.2, dtype=torch.float64).numpy()
+    expect = -phase_flip(imgs.astype(np.float64), ctf)
+    np.testing.assert_allclose(ps.images(np.arange(6)), expect, atol=1e-4)
+    # an existing rlnImageOriginalName is kept as it is
+    assert list(ps.table["rlnImageOriginalName"]) == list(parts["rlnImageOriginalName"])
+    assert int(ps.optics["rlnCtfDataArePhaseFlipped"].iloc[0]) == 1
+
+
+def test_command_nan_particle_fails_cleanly(tmp_path, capsys):
+    _make_dataset(tmp_path / "in", n=9, D=32, nan_at=6)
+    out = tmp_path / "out"
+    rc = _run(["preprocess", str(tmp_path / "in" / "in.star"), "-o", str(out), "--box", "16",
+               "--chunk-size", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    last = err[-1]
+    assert last.startswith("error:") and "000007@stack.mrcs" in last, err
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "particles.star").exists()
+    assert not (out / "particles.mrcs").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".particles")]
+
+
+def test_command_refuses_to_overwrite_input(tmp_path, capsys):
+    folder = tmp_path / "in"
+    _make_dataset(folder, n=3, D=16)
+    # an input stack named like the output
+    (folder / "stack.mrcs").rename(folder / "particles.mrcs")
+    s = (folder / "in.star").read_text().replace("@stack.mrcs", "@particles.mrcs")
+    (folder / "in.star").write_text(s)
+    before = (folder / "particles.mrcs").read_bytes()
+    rc = _run(["preprocess", str(folder / "in.star"), "-o", str(folder)])
+    assert rc != 0
+    assert "overwrite" in capsys.readouterr().err
+    assert (folder / "particles.mrcs").read_bytes() == before
+    assert not (folder / "particles.star").exists()
+    # the STAR itself as the output name
+    (folder / "in.star").rename(folder / "particles.star")
+    (folder / "particles.mrcs").rename(folder / "stack2.mrcs")
+    (folder / "particles.star").write_text(s.replace("@particles.mrcs", "@stack2.mrcs"))
+    rc = _run(["preprocess", str(folder / "particles.star"), "-o", str(folder)])
+    assert rc != 0 and "overwrite" in capsys.readouterr().err
+    assert "@stack2.mrcs" in (folder / "particles.star").read_text()
+
+
+def test_command_mrcs_input(tmp_path, capsys):
+    from cryolatent.io import load_particles
+
+    imgs, _ = _make_dataset(tmp_path / "in", n=4, D=32, apix=2.0)
+    out = tmp_path / "out"
+    rc = _run(["preprocess", str(tmp_path / "in" / "stack.mrcs"), "-o", str(out),
+               "--box", "24"])
+    assert rc == 0, capsys.readouterr().err
+    ps = load_particles(out / "particles.star")
+    assert ps.box == 24 and ps.apix == pytest.approx(2.0 * 32 / 24)
+    np.testing.assert_allclose(ps.images(np.arange(4)),
+                               normalize(fourier_crop(imgs.astype(np.float64), 24)), atol=1e-4)
