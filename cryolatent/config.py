@@ -55,6 +55,11 @@ class TrainConfig:
     likelihood: str = "auto"          # "auto" | "bernoulli" | "gaussian"
     learn_sigma: bool = False         # Gaussian likelihood: learned per-pixel scale
     mask: bool = False                # circular mask on the likelihood
+    translation_range: int | None = None  # |t| px covered by the translation grid
+                                      #   (None: min(box//2, ceil(4 * translation_prior)))
+    gen_fourier_sigma: float = 0.05   # TARGET-VAE generator Fourier features, cycles/pixel
+                                      #   (count: fourier_features)
+    gumbel_tau: float = 1.0           # Gumbel-softmax temperature over (t, r)
 
     # --- IRL-INR ------------------------------------------------------------------------
     enc_width: int = 64               # ResNet-18 base width

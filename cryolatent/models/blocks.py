@@ -1,0 +1,180 @@
+"""Building blocks shared by the models: pixel coordinates, random Fourier features, MLPs and
+the P_r group convolution of TARGET-VAE.
+
+Coordinate frame (used by every model of cryolatent)
+----------------------------------------------------
+Pixel (row i, column j) of an N x N image has the coordinate
+
+    x = (j - N//2, i - N//2) / (N / 2)        (x = column, y = row)
+
+i.e. the origin is RELION's rotation centre (N//2, N//2) and one unit is half a box. For even
+N the coordinates run over [-1, 1 - 2/N]; for odd N over [-(N-1)/N, (N-1)/N]. A rotation
+R(a) = [[cos a, -sin a], [sin a, cos a]] acts on (x, y) exactly as RELION's R(psi) does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pixel_coordinates(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n*n, 2) coordinates (x = column, y = row) of an n x n grid, row-major, in half-box units
+    around the pixel (n//2, n//2). See the module docstring."""
+    c = n // 2
+    r = (torch.arange(n, device=device, dtype=torch.float64) - c) / (n / 2)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1).to(dtype)
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features [cos 2 pi x B, sin 2 pi x B] of 2-D coordinates.
+
+    ``B`` (2, F) ~ N(0, sigma^2) is a fixed buffer (saved in the state dict). Input (..., 2)
+    in any float dtype; the phase is computed in float32 even under autocast (a bf16 phase
+    of tens of radians would be off by tenths of a radian). Output (..., 2F) float32.
+    """
+
+    def __init__(self, n_features: int, sigma: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(2, n_features, generator=generator) * sigma)
+        self.out_dim = 2 * n_features
+
+    def phase(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Phase 2 pi (x B_0 + y B_1) for coordinates given as two (...,) tensors -> (..., F)."""
+        dt = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64
+        b = self.freqs.to(dt) * (2 * math.pi)
+        return x.to(dt).unsqueeze(-1) * b[0] + y.to(dt).unsqueeze(-1) * b[1]
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:
+        p = self.phase(xy[..., 0], xy[..., 1])
+        return torch.cat([torch.cos(p), torch.sin(p)], -1)
+
+
+class MLP(nn.Module):
+    """``layers`` hidden Linear(width, width) + LeakyReLU blocks then Linear(width, out)."""
+
+    def __init__(self, width: int, layers: int, out: int, slope: float = 0.01):
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.out = nn.Linear(width, out)
+        self.slope = slope
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for lin in self.hidden:
+            h = F.leaky_relu(lin(h), self.slope)
+        return self.out(h)
+
+
+def _rotation_gather(k: int, rotations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear-sampling tables that rotate a k x k filter by each of ``rotations`` angles.
+
+    Filter r is W_r(x) = W_0(R(r 2 pi / rotations) x), x in pixels around the centre pixel
+    (k//2, k//2), x = column, y = row. Returns ``idx`` (R, k*k, 4) long and ``w`` (R, k*k, 4)
+    float64: W_r.flat[p] = sum_q W_0.flat[idx[r, p, q]] * w[r, p, q]. For angles that are
+    multiples of 90 degrees the sampling points are snapped to the grid, so those filters are
+    exact pixel permutations (exact P4 equivariance); other angles are interpolated, with
+    samples falling outside the k x k support reading zero.
+    """
+    c = k // 2
+    ar = torch.arange(k, dtype=torch.float64) - c
+    yy, xx = torch.meshgrid(ar, ar, indexing="ij")
+    xx, yy = xx.reshape(-1), yy.reshape(-1)
+    idx = torch.zeros(rotations, k * k, 4, dtype=torch.long)
+    w = torch.zeros(rotations, k * k, 4, dtype=torch.float64)
+    for r in range(rotations):
+        if (4 * r) % rotations == 0:  # exact quarter turns
+            q = (4 * r) // rotations
+            cs, sn = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)][q % 4]
+        else:
+            a = 2 * math.pi * r / rotations
+            cs, sn = math.cos(a), math.sin(a)
+        sx = cs * xx - sn * yy + c
+        sy = sn * xx + cs * yy + c
+        x0, y0 = torch.floor(sx), torch.floor(sy)
+        fx, fy = sx - x0, sy - y0
+        corners = [(x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)),
+                   (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)]
+        for q, (cx, cy, cw) in enumerate(corners):
+            inside = (cx >= 0) & (cx < k) & (cy >= 0) & (cy < k)
+            idx[r, :, q] = (cy.clamp(0, k - 1) * k + cx.clamp(0, k - 1)).long()
+            w[r, :, q] = torch.where(inside, cw, torch.zeros_like(cw))
+    return idx, w
+
+
+class GroupConvP(nn.Module):
+    """Lifting P_r group convolution: C learned k x k filters applied at r rotations.
+
+    Input (B, 1, H, W). Output channels-last (B, H', W', R, C) — rotation r uses the filter
+    bank rotated by r * 2 pi / R (see :func:`_rotation_gather`), so rotating the input by a
+    multiple of 2 pi / R permutes the R axis (exactly for quarter turns). The bias is shared
+    across rotations (needed for equivariance). Filters are masked to the inscribed disc so
+    that rotated supports agree.
+
+    The rotated bank (R*C, 1, k, k) is built with one gather per call (training) or taken from
+    a cache keyed on the weight's version (``cache=True``; inference).
+    """
+
+    def __init__(self, channels: int, kernel: int, rotations: int):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError("group-conv kernel must be odd (a centre pixel)")
+        self.channels, self.kernel, self.rotations = channels, kernel, rotations
+        self.weight = nn.Parameter(torch.empty(channels, kernel * kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        c = kernel // 2
+        ar = torch.arange(kernel, dtype=torch.float64) - c
+        disc = (ar[None, :] ** 2 + ar[:, None] ** 2) <= (c + 0.5) ** 2
+        fan_in = int(disc.sum())
+        nn.init.uniform_(self.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        idx, w = _rotation_gather(kernel, rotations)
+        w = w * disc.reshape(-1)[idx]  # mask the source taps: rotate a disc-masked filter
+        self.register_buffer("_idx", idx, persistent=False)
+        self.register_buffer("_w", w.float(), persistent=False)
+        self._cache: tuple | None = None
+
+    def filter_bank(self) -> torch.Tensor:
+        """(R*C, 1, k, k) rotated filters, rotation-major (channel r*C + c)."""
+        g = self.weight[:, self._idx]                      # (C, R, k*k, 4)
+        bank = (g * self._w.to(g.dtype)).sum(-1)           # (C, R, k*k)
+        k = self.kernel
+        return bank.transpose(0, 1).reshape(self.rotations * self.channels, 1, k, k)
+
+    def cached_bank(self) -> torch.Tensor:
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device,
+               self.weight.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.filter_bank())
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor, pad: tuple[int, int, int, int], cache: bool = False
+                ) -> torch.Tensor:
+        """x (B, 1, H, W); pad (left, right, top, bottom) as F.pad (negative crops).
+        Returns (B, H', W', R, C)."""
+        bank = self.cached_bank() if (cache and not torch.is_grad_enabled()) else self.filter_bank()
+        x = F.pad(x, pad)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            bank = bank.contiguous(memory_format=torch.channels_last)
+        if not torch.is_autocast_enabled(x.device.type):
+            bank = bank.to(x.dtype)
+        y = F.conv2d(x, bank)
+        b, _, h, w = y.shape
+        y = y.permute(0, 2, 3, 1).reshape(b, h, w, self.rotations, self.channels)
+        return y + self.bias.to(y.dtype)
+
+
+class GroupLinear(nn.Module):
+    """1x1 group convolution: the same Linear(C_in, C_out) at every position and rotation
+    (channels-last (..., C) input), which commutes with permutations of the rotation axis."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.lin = nn.Linear(c_in, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)

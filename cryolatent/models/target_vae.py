@@ -1,0 +1,343 @@
+"""TARGET-VAE (Nasiri & Bepler, NeurIPS 2022), implemented from the paper.
+
+Pose frame
+----------
+Pixel coordinates follow :mod:`cryolatent.models.blocks` (origin at RELION's centre
+(N//2, N//2), x = column, y = row, one unit = N/2 pixels). The model's latent pose is an angle
+``theta`` (radians) and an object location ``u`` (pixels, (x, y)) on the translation grid;
+the generator renders
+
+    image(x) = g_z( R(theta) (x - u) )                                         (eq. 2)
+
+which is the paper's x' = R(theta) x + t with t = -R(theta) u (``u`` is what the attention map
+locates, so the encoder is translation-equivariant in ``u``). In RELION's convention
+particle(x) = canonical(R(psi)(x + t_relion)), hence (:func:`pose_to_relion`)
+
+    psi = theta,   (rlnOriginX, rlnOriginY) = -u.
+
+Encoder
+-------
+One lifting P_r group convolution (C = ``enc_channels`` filters of ``kernel`` x ``kernel``
+px, each applied at R rotations; rotation r uses the filters turned so that rotating the
+image by +2 pi/R moves the response from r to r - 1, i.e. theta -> theta - 2 pi/R), then
+``enc_layers`` 1x1 group convolutions (a Linear over channels shared by all positions and
+rotations), LeakyReLU between. The last one outputs, per grid position t and rotation r,
+the attention logit a, mu_z, log sigma_z (D each), mu_theta, log sigma_theta.
+
+Defaults derived from the box (documented choices):
+
+* translation grid: offsets -T..T px around the centre in x and y, T = ``translation_range``
+  or min(box//2, ceil(4 sigma_t)) (the prior N(0, sigma_t^2) puts < 1e-4 of its mass outside);
+* kernel: the smallest odd size >= 0.6 box (31 for 50-px MNIST, larger than the 28-px digit:
+  the paper's "kernel larger than the object"; particles are usually <= 0.6 box across). The
+  input is zero-padded so that the kernel centred on every grid offset is evaluated.
+
+Posterior and KL (eqs. 3-5), all exact:
+q(t, r | y) = softmax over the (2T+1)^2 x R logits; q(z | t, r, y) = N(mu_z, sigma_z^2);
+q(theta | t, r, y) = N(mu_theta + r 2 pi / R, sigma_theta^2);
+p(t) = N(0, sigma_t^2) discretised on the grid, p(r) uniform or a discretised normal
+(sd ``rotation_prior_sd`` degrees) over the offsets, p(theta | r) = N(r 2 pi / R, (pi/R)^2),
+p(z) = N(0, I). KL = KL_tr + sum_{t,r} q(t,r) (KL_theta + KL_z), closed forms.
+
+Training draws a Gumbel-softmax soft one-hot over (t, r) (temperature ``gumbel_tau``); the
+soft weights average mu_z, sigma_z, the location u, sigma_theta and — as a circular mean of
+unit vectors, so that r = 0 and r = R-1 average to ~0 rather than ~pi — the angle means; then
+z and theta are reparameterised samples. Inference takes the most probable (t, r) and means.
+
+Generator
+---------
+Random Fourier features (``fourier_features`` frequencies ~ N(0, sigma^2) with
+sigma = ``gen_fourier_sigma`` cycles per pixel, i.e. sigma * box/2 cycles per unit) of x',
+through Linear(2F, W); z through Linear(D, W); summed, LeakyReLU, then ``gen_layers`` hidden
+Linear(W, W) + LeakyReLU, then Linear(W, 1) (Bernoulli logit or Gaussian mean) or
+Linear(W, 2) (Gaussian mean and log sigma, ``learn_sigma``). All pixels of all images go
+through the same matrices as one (B*P, W) product.
+
+Likelihood: Bernoulli (images in [0, 1]) or Gaussian (sigma 1, or learned per pixel); with
+``ctf`` the generated image is multiplied by the particle's CTF in Fourier space before the
+Gaussian comparison; ``mask`` restricts the likelihood to the disc of radius box/2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Inference, LatentModel
+from .blocks import FourierFeatures, GroupConvP, GroupLinear, MLP, pixel_coordinates
+
+LOGSTD_MIN, LOGSTD_MAX = -9.0, 4.0
+_SLOPE = 0.01
+_LOG2PI = math.log(2 * math.pi)
+
+
+def default_kernel(box: int) -> int:
+    """Smallest odd integer >= 0.6 * box (at least 3)."""
+    k = max(3, math.ceil(0.6 * box))
+    return k if k % 2 else k + 1
+
+
+def default_translation_range(box: int, sigma_t: float) -> int:
+    """min(box//2, ceil(4 sigma_t)) pixels (at least 1 unless box//2 is 0)."""
+    return int(min(box // 2, max(1, math.ceil(4 * sigma_t))))
+
+
+def pose_to_relion(theta: torch.Tensor, u_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's pose -> RELION's.
+
+    theta: (B,) radians, u_px: (B, 2) object location (x, y) in pixels from (N//2, N//2), as
+    used by the generator image(x) = g(R(theta)(x - u)). RELION: particle(x) =
+    canonical(R(psi)(x + t)). Returns psi_deg (B,) in [0, 360) and t = shift_px (B, 2) =
+    (rlnOriginX, rlnOriginY) = -u.
+    """
+    psi = torch.remainder(torch.rad2deg(theta), 360.0)
+    psi = torch.where(psi >= 360.0, psi - 360.0, psi)
+    return psi, -u_px
+
+
+def kl_divergence(log_q: torch.Tensor, log_p_tr: torch.Tensor, z_mu: torch.Tensor,
+                  z_logstd: torch.Tensor, th_mu: torch.Tensor, th_logstd: torch.Tensor,
+                  th_prior_sd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact KL of eq. 5 per image.
+
+    log_q: (B, N) log q(t, r | y) over the N = (2T+1)^2 R cells; log_p_tr: (N,) log p(t) p(r);
+    z_mu, z_logstd: (B, N, D); th_mu: (B, N) mean of q(theta|t,r) minus the offset r 2pi/R
+    (the prior p(theta | r) has mean the offset, so only the difference matters);
+    th_logstd: (B, N); th_prior_sd: sd of p(theta | r).
+    Returns (kl_tr, E_q[KL_theta], E_q[KL_z]), each (B,).
+    """
+    q = log_q.exp()
+    kl_tr = (q * (log_q - log_p_tr)).sum(-1)
+    s2 = th_prior_sd ** 2
+    kl_th = (math.log(th_prior_sd) - th_logstd
+             + ((2 * th_logstd).exp() + th_mu ** 2) / (2 * s2) - 0.5)
+    kl_z = (-z_logstd + 0.5 * ((2 * z_logstd).exp() + z_mu ** 2) - 0.5).sum(-1)
+    return kl_tr, (q * kl_th).sum(-1), (q * kl_z).sum(-1)
+
+
+class TargetVAE(LatentModel):
+    name = "target-vae"
+
+    def __init__(self, box: int, z_dim: int = 2, rotations: int = 8, enc_channels: int = 128,
+                 kernel: int | None = None, enc_layers: int = 3, gen_width: int = 512,
+                 gen_layers: int = 2, fourier_features: int = 256,
+                 fourier_sigma: float = 0.05, translation_prior: float = 5.0,
+                 translation_range: int | None = None, rotation_prior: str = "uniform",
+                 rotation_prior_sd: float = 45.0, likelihood: str = "bernoulli",
+                 learn_sigma: bool = False, mask: bool = False, ctf: bool = False,
+                 gumbel_tau: float = 1.0, seed: int = 0):
+        super().__init__()
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"likelihood {likelihood!r}")
+        if ctf and likelihood != "gaussian":
+            raise ValueError("the CTF likelihood needs --likelihood gaussian")
+        if enc_layers < 1:
+            raise ValueError("enc_layers must be >= 1")
+        self.box, self.z_dim, self.rotations = box, z_dim, rotations
+        self.kernel = kernel or default_kernel(box)
+        if self.kernel % 2 == 0:
+            self.kernel += 1
+        self.trange = (translation_range if translation_range is not None
+                       else default_translation_range(box, translation_prior))
+        self.likelihood, self.learn_sigma, self.use_mask = likelihood, learn_sigma, mask
+        self.use_ctf, self.gumbel_tau = ctf, gumbel_tau
+        self.th_prior_sd = math.pi / rotations
+        self.scale = box / 2.0  # pixels per coordinate unit
+
+        # --- encoder
+        self.gconv = GroupConvP(enc_channels, self.kernel, rotations)
+        self.n_out = 1 + 2 * z_dim + 2
+        layers = [GroupLinear(enc_channels, enc_channels) for _ in range(enc_layers - 1)]
+        layers.append(GroupLinear(enc_channels, self.n_out))
+        self.enc = nn.ModuleList(layers)
+
+        # --- generator
+        g = torch.Generator().manual_seed(seed + 7919)
+        self.ff = FourierFeatures(fourier_features, fourier_sigma * self.scale, generator=g)
+        self.coord_in = nn.Linear(self.ff.out_dim, gen_width)
+        self.z_in = nn.Linear(z_dim, gen_width, bias=False)
+        self.gen = MLP(gen_width, gen_layers, 2 if (learn_sigma and likelihood == "gaussian")
+                       else 1, slope=_SLOPE)
+
+        # --- fixed tables
+        T, R = self.trange, rotations
+        off = torch.arange(-T, T + 1, dtype=torch.float64)
+        uy, ux = torch.meshgrid(off, off, indexing="ij")
+        grid = torch.stack([ux, uy], -1).reshape(-1, 2)               # (G*G, 2) px, (x, y)
+        self.register_buffer("grid_px", grid.float(), persistent=False)
+        log_pt = torch.log_softmax(-(grid ** 2).sum(-1) / (2 * translation_prior ** 2), 0)
+        offsets = torch.arange(R, dtype=torch.float64) * (2 * math.pi / R)
+        if rotation_prior == "uniform":
+            log_pr = torch.full((R,), -math.log(R), dtype=torch.float64)
+        else:
+            sd = math.radians(rotation_prior_sd)
+            wrapped = torch.remainder(offsets + math.pi, 2 * math.pi) - math.pi
+            log_pr = torch.log_softmax(-wrapped ** 2 / (2 * sd ** 2), 0)
+        # cells are ordered (row, col, r): index = (i * G + j) * R + r
+        self.register_buffer("log_p_tr", (log_pt[:, None] + log_pr[None, :]).reshape(-1).float(),
+                             persistent=False)
+        self.register_buffer("offsets", offsets.float(), persistent=False)
+        self.register_buffer("coords", pixel_coordinates(box), persistent=False)
+        yy, xx = torch.meshgrid(torch.arange(box) - box // 2, torch.arange(box) - box // 2,
+                                indexing="ij")
+        self.register_buffer("mask2d", ((xx ** 2 + yy ** 2) <= (box / 2) ** 2).float(),
+                             persistent=False)
+
+    # ------------------------------------------------------------------ encoder
+    def _padding(self, n: int) -> tuple[int, int, int, int]:
+        """F.pad amounts so that output cell o is the kernel centred at n//2 + (o - T)."""
+        T, k = self.trange, self.kernel // 2
+        lo = T + k - n // 2
+        hi = 2 * T + self.kernel - n - lo
+        return (lo, hi, lo, hi)
+
+    def encode(self, images: torch.Tensor, cache: bool = False) -> dict[str, torch.Tensor]:
+        """images (B, N, N) -> posterior parameters over the N_c = (2T+1)^2 R cells (float32):
+        log_q (B, N_c), z_mu / z_logstd (B, N_c, D), th_mu (B, N_c) (offset-relative),
+        th_logstd (B, N_c)."""
+        b, n = images.shape[0], images.shape[-1]
+        h = self.gconv(images.unsqueeze(1), self._padding(n), cache=cache)   # (B,G,G,R,C)
+        for lin in self.enc:
+            h = lin(F.leaky_relu(h, _SLOPE))
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()
+        h = h.reshape(b, -1, self.n_out)                                       # (B, N_c, n_out)
+        d = self.z_dim
+        return {
+            "log_q": torch.log_softmax(h[..., 0], -1),
+            "z_mu": h[..., 1:1 + d],
+            "z_logstd": h[..., 1 + d:1 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
+            "th_mu": h[..., 1 + 2 * d],
+            "th_logstd": h[..., 2 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
+        }
+
+    def _cell_pose(self):
+        """(N_c, 2) location px and (N_c,) angle offset of every cell."""
+        R = self.rotations
+        loc = self.grid_px.repeat_interleave(R, 0)
+        off = self.offsets.repeat(self.grid_px.shape[0])
+        return loc, off
+
+    # ------------------------------------------------------------------ generator
+    def render(self, z: torch.Tensor, theta: torch.Tensor, u_px: torch.Tensor,
+               coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Generator output at x' = R(theta)(x - u) for every pixel coordinate x.
+
+        z (B, D), theta (B,) rad, u_px (B, 2) px; coords (P, 2) units (default: the box's).
+        Returns (B, P, 1 or 2) (logit / mean [, log sigma]) in the autocast dtype.
+        """
+        coords = self.coords if coords is None else coords
+        dt = torch.promote_types(coords.dtype, torch.float32)   # never bf16 for coordinates
+        u = u_px.to(dt) / self.scale
+        dx = coords[None, :, 0].to(dt) - u[:, None, 0]              # (B, P)
+        dy = coords[None, :, 1].to(dt) - u[:, None, 1]
+        th = theta.to(dt)
+        c, s = torch.cos(th)[:, None], torch.sin(th)[:, None]
+        p = self.ff.phase(c * dx - s * dy, s * dx + c * dy)          # (B, P, F) float32
+        feat = torch.cat([torch.cos(p), torch.sin(p)], -1)
+        h = self.coord_in(feat) + self.z_in(z).unsqueeze(1)
+        return self.gen(F.leaky_relu(h, _SLOPE))
+
+    # ------------------------------------------------------------------ objective
+    def _nll(self, out: torch.Tensor, images: torch.Tensor, ctf: torch.Tensor | None):
+        b, n = images.shape[0], images.shape[-1]
+        out = out.float()
+        y = images.reshape(b, -1).float()
+        if self.likelihood == "bernoulli":
+            nll = F.binary_cross_entropy_with_logits(out[..., 0], y, reduction="none")
+        else:
+            mean = out[..., 0]
+            if self.use_ctf:
+                if ctf is None:
+                    raise ValueError("this model puts the CTF in the likelihood: pass ctf")
+                mean = torch.fft.irfft2(
+                    torch.fft.rfft2(mean.reshape(b, n, n)) * ctf[..., : n // 2 + 1].float(),
+                    s=(n, n)).reshape(b, -1)
+            if out.shape[-1] > 1:
+                ls = out[..., 1].clamp(LOGSTD_MIN, LOGSTD_MAX)
+                nll = 0.5 * ((y - mean) * torch.exp(-ls)) ** 2 + ls + 0.5 * _LOG2PI
+            else:
+                nll = 0.5 * (y - mean) ** 2 + 0.5 * _LOG2PI
+        if self.use_mask:
+            nll = nll * self.mask2d.reshape(1, -1)
+        return nll.sum(-1)
+
+    def loss(self, images: torch.Tensor, ctf: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Negative ELBO averaged over the batch (images (B, N, N); ctf (B, N, N) unshifted
+        FFT layout or None). Parts: recon, kl, kl_tr, kl_theta, kl_z (detached (), float32)."""
+        post = self.encode(images)
+        log_q = post["log_q"]
+        kl_tr, kl_th, kl_z = kl_divergence(log_q, self.log_p_tr, post["z_mu"], post["z_logstd"],
+                                           post["th_mu"], post["th_logstd"], self.th_prior_sd)
+        # Gumbel-softmax soft one-hot over the cells
+        e = -torch.log(torch.rand_like(log_q).clamp_(1e-20, 1.0))     # Exp(1)
+        g = -torch.log(e.clamp_min(1e-20))                                      # Gumbel(0, 1)
+        w = torch.softmax((log_q + g) / self.gumbel_tau, -1)                  # (B, N_c)
+        loc, off = self._cell_pose()
+        z_mu = torch.einsum("bn,bnd->bd", w, post["z_mu"])
+        z_sd = torch.einsum("bn,bnd->bd", w, post["z_logstd"].exp())
+        th = post["th_mu"] + off
+        th_mu = torch.atan2((w * torch.sin(th)).sum(-1), (w * torch.cos(th)).sum(-1))
+        th_sd = (w * post["th_logstd"].exp()).sum(-1)
+        u = w @ loc                                                           # (B, 2) px
+        z = z_mu + z_sd * torch.randn_like(z_mu)
+        theta = th_mu + th_sd * torch.randn_like(th_mu)
+        out = self.render(z, theta, u)
+        recon = self._nll(out, images, ctf)
+        kl = kl_tr + kl_th + kl_z
+        loss = (recon + kl).mean()
+        parts = {"recon": recon.mean(), "kl": kl.mean(), "kl_tr": kl_tr.mean(),
+                 "kl_theta": kl_th.mean(), "kl_z": kl_z.mean()}
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def infer_internal(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Most probable cell and its means: theta (B,) rad, u_px (B, 2), z_mu, z_std (B, D),
+        confidence (B,), cell (B,) index."""
+        post = self.encode(images, cache=True)
+        conf, cell = post["log_q"].max(-1)
+        loc, off = self._cell_pose()
+        bi = torch.arange(images.shape[0], device=images.device)
+        return {"theta": post["th_mu"][bi, cell] + off[cell], "u_px": loc[cell],
+                "z_mu": post["z_mu"][bi, cell], "z_std": post["z_logstd"][bi, cell].exp(),
+                "confidence": conf.exp(), "cell": cell}
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor) -> Inference:
+        r = self.infer_internal(images)
+        psi, shift = pose_to_relion(r["theta"], r["u_px"])
+        return Inference(psi_deg=psi, shift_px=shift, z_mean=r["z_mu"], z_std=r["z_std"],
+                         confidence=r["confidence"])
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Canonical images (B, size, size) (Bernoulli: probabilities; Gaussian: means) with
+        the same field of view as the training box (size != box resamples)."""
+        size = size or self.box
+        b = z.shape[0]
+        coords = pixel_coordinates(size, device=z.device)  # half-box units: same field of view
+        zero = torch.zeros(b, device=z.device)
+        out = self.render(z.float(), zero, torch.zeros(b, 2, device=z.device), coords)
+        img = out[..., 0].float()
+        if self.likelihood == "bernoulli":
+            img = torch.sigmoid(img)
+        return img.reshape(b, size, size)
+
+
+def build(cfg, box: int) -> TargetVAE:
+    """TARGET-VAE for ``box``-pixel images from a :class:`cryolatent.config.TrainConfig`.
+    ``likelihood == "auto"`` (not resolved from the data by the trainer) means Gaussian."""
+    lik = cfg.likelihood if cfg.likelihood != "auto" else "gaussian"
+    return TargetVAE(
+        box, z_dim=cfg.z_dim, rotations=cfg.rotations, enc_channels=cfg.enc_channels,
+        kernel=cfg.kernel, enc_layers=cfg.enc_layers, gen_width=cfg.gen_width,
+        gen_layers=cfg.gen_layers, fourier_features=cfg.fourier_features,
+        fourier_sigma=cfg.gen_fourier_sigma, translation_prior=cfg.translation_prior,
+        translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
+        rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
+        mask=cfg.mask, ctf=cfg.ctf, gumbel_tau=cfg.gumbel_tau, seed=cfg.seed)

@@ -1,0 +1,235 @@
+"""TARGET-VAE: equivariance of encoder and generator, exact KL, pose convention, fast paths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryolatent.config import TrainConfig
+from cryolatent.models import build_model
+from cryolatent.models.blocks import GroupConvP
+from cryolatent.models.target_vae import TargetVAE, kl_divergence, pose_to_relion
+
+
+def tiny(box=21, rotations=4, z_dim=3, **kw) -> TargetVAE:
+    torch.manual_seed(0)
+    cfg = TrainConfig(rotations=rotations, z_dim=z_dim, enc_channels=8, gen_width=32,
+                      gen_layers=1, fourier_features=16, likelihood="bernoulli", **kw)
+    return build_model(cfg, box)
+
+
+def rot90_spatial(a: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """rot90 over the (row, col) axes 1, 2 of a (B, G, G, ...) map."""
+    return torch.rot90(a, k, dims=(1, 2))
+
+
+@pytest.mark.parametrize("rotations", [4, 8, 16])
+def test_group_conv_quarter_turn_equivariance(rotations):
+    """rot90 of the input == rot90 of the map with the rotation axis rolled by R/4 (exact)."""
+    torch.manual_seed(1)
+    gc = GroupConvP(5, 7, rotations).double()
+    x = torch.randn(2, 1, 15, 15, dtype=torch.float64)
+    pad = (3, 3, 3, 3)
+    y = gc(x, pad)                                          # (B, H, W, R, C)
+    y_rot = gc(torch.rot90(x, 1, dims=(-2, -1)), pad)
+    expect = torch.roll(rot90_spatial(y), rotations // 4, dims=3)
+    torch.testing.assert_close(y_rot, expect, rtol=0, atol=1e-12)
+
+
+def test_filter_bank_rotation_direction():
+    """Filter r is filter 0 turned so that its content moves by -r*360/R (W_r(x)=W_0(R x))."""
+    gc = GroupConvP(1, 5, 4).double()
+    with torch.no_grad():
+        gc.weight.zero_()
+        gc.weight[0, 2 * 5 + 4] = 1.0  # pixel at x=+2, y=0 (row 2, col 4)
+    bank = gc.filter_bank().reshape(4, 5, 5)
+    # W_1(x) = W_0(R(90) x): nonzero where R(90) x = (2, 0) -> x = (0, -2): row 0, col 2
+    assert bank[1, 0, 2] == 1.0 and bank[1].abs().sum() == 1.0
+
+
+@pytest.mark.parametrize("rotations", [4, 8])
+def test_encoder_p4_equivariance(rotations):
+    m = tiny(rotations=rotations).double().eval()
+    x = torch.rand(3, 21, 21, dtype=torch.float64)
+    G = 2 * m.trange + 1
+    R = rotations
+
+    def maps(img):
+        p = m.encode(img)
+        b = img.shape[0]
+        return {k: v.reshape(b, G, G, R, *v.shape[2:]) for k, v in p.items()}
+
+    a, b = maps(x), maps(torch.rot90(x, 1, dims=(-2, -1)))
+    for k in a:
+        torch.testing.assert_close(b[k], torch.roll(rot90_spatial(a[k]), R // 4, dims=3),
+                                   rtol=0, atol=1e-9, msg=k)
+    # inferred pose: torch.rot90 turns the content by -90 deg in (x=col, y=row), so the
+    # canonical stays and psi grows by +90 deg; the centre -t turns with the image.
+    i0, i1 = m.infer(x), m.infer(torch.rot90(x, 1, dims=(-2, -1)))
+    dpsi = torch.remainder(i1.psi_deg - i0.psi_deg, 360.0)
+    torch.testing.assert_close(dpsi, torch.full_like(dpsi, 90.0), rtol=0, atol=1e-4)
+    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)  # R(-90)
+    torch.testing.assert_close(i1.shift_px, i0.shift_px @ rot.T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(i1.z_mean, i0.z_mean, rtol=0, atol=1e-9)
+
+
+def test_encoder_translation_equivariance():
+    """Shifting the object inside a zero border shifts the attention map by the same amount."""
+    m = tiny(box=25, translation_range=6, rotations=8).double().eval()
+    x = torch.zeros(2, 25, 25, dtype=torch.float64)
+    x[:, 8:17, 8:17] = torch.rand(2, 9, 9, dtype=torch.float64)
+    dy, dx = 2, -3
+    xs = torch.roll(x, (dy, dx), dims=(1, 2))  # the object stays inside: a pure translation
+    G, R = 13, 8
+    a = m.encode(x)["log_q"].reshape(2, G, G, R)
+    b = m.encode(xs)["log_q"].reshape(2, G, G, R)
+    # compare logits up to the softmax normaliser, on cells whose shifted version is inside
+    la = a[:, 3:10, 3:10] - a[:, 3:10, 3:10].logsumexp((1, 2, 3), keepdim=True)
+    lb = b[:, 3 + dy:10 + dy, 3 + dx:10 + dx]
+    lb = lb - lb.logsumexp((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-9)
+    # the other posterior parameters move with the map too
+    for k in ("z_mu", "th_mu"):
+        pa = m.encode(x)[k].reshape(2, G, G, R, -1)[:, 3:10, 3:10]
+        pb = m.encode(xs)[k].reshape(2, G, G, R, -1)[:, 3 + dy:10 + dy, 3 + dx:10 + dx]
+        torch.testing.assert_close(pb, pa, rtol=0, atol=1e-9)
+
+
+def test_generator_rotation_equivariance():
+    """Rendering at theta = 90 deg is the rot90 of the canonical image; any angle turns the
+    coordinates (checked against an analytic rotation of the evaluation points)."""
+    m = tiny(box=21).double()
+    z = torch.randn(2, 3, dtype=torch.float64)
+    zero = torch.zeros(2, dtype=torch.float64)
+    u0 = torch.zeros(2, 2, dtype=torch.float64)
+    g0 = m.render(z, zero, u0)[..., 0].reshape(2, 21, 21)
+    g90 = m.render(z, zero + math.pi / 2, u0)[..., 0].reshape(2, 21, 21)
+    # image(x) = g0(R(90) x) -> content turned by -90 deg = torch.rot90(k=1)
+    torch.testing.assert_close(g90, torch.rot90(g0, 1, dims=(1, 2)), rtol=0, atol=1e-9)
+    # arbitrary angle and location: evaluate the canonical generator at explicitly transformed
+    # float64 coordinates
+    th, u = torch.tensor([0.3, -2.0], dtype=torch.float64), torch.tensor(
+        [[1.5, -2.0], [0.0, 3.0]], dtype=torch.float64)
+    g = m.render(z, th, u)[..., 0]
+    n = 21
+    r = torch.arange(n, dtype=torch.float64) - n // 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    for b in range(2):
+        c, s = math.cos(th[b]), math.sin(th[b])
+        dx, dy = xx.reshape(-1) - u[b, 0], yy.reshape(-1) - u[b, 1]
+        pts = torch.stack([c * dx - s * dy, s * dx + c * dy], -1) / (n / 2)
+        ref = m.render(z[b:b + 1], zero[:1], u0[:1], coords=pts)[0, :, 0]
+        torch.testing.assert_close(g[b], ref, rtol=0, atol=1e-6)  # float32 coordinate table
+
+
+def test_pose_conversion_matches_relion_convention():
+    """G rendered at (theta, u) == pose.transform_to_particle(G at identity, psi, shift)."""
+    from cryolatent.pose import transform_to_particle
+
+    n = 33
+    torch.manual_seed(0)
+    cfg = TrainConfig(z_dim=2, enc_channels=4, gen_width=64, gen_layers=1,
+                      fourier_features=32, gen_fourier_sigma=0.02, likelihood="bernoulli")
+    m = build_model(cfg, n).double()
+    z = torch.randn(3, 2, dtype=torch.float64)
+    theta = torch.tensor([0.0, 0.7, -2.2], dtype=torch.float64)
+    u = torch.tensor([[0.0, 0.0], [2.0, -1.0], [-1.5, 2.5]], dtype=torch.float64)
+    g = m.render(z, theta, u)[..., 0].reshape(3, n, n)
+    canon = m.render(z, torch.zeros(3, dtype=torch.float64),
+                     torch.zeros(3, 2, dtype=torch.float64))[..., 0].reshape(3, n, n)
+    psi, shift = pose_to_relion(theta, u)
+    assert ((psi >= 0) & (psi < 360)).all()
+    ref = transform_to_particle(canon, psi, shift)
+    inner = slice(8, n - 8)  # away from the border (zero fill / interpolation ring)
+    err = (g - ref)[:, inner, inner].abs().max()
+    scale = g.abs().max()
+    assert err < 0.03 * scale, (err, scale)
+    # and it is not trivially satisfied: the wrong sign of the shift fails
+    bad = transform_to_particle(canon, psi, -shift)[:, inner, inner]
+    assert (g[1:, inner, inner] - bad[1:]).abs().max() > 10 * err
+
+
+def test_kl_matches_monte_carlo():
+    """Closed-form eq. 5 against a float64 Monte-Carlo estimate of E_q[log q - log p]."""
+    g = torch.Generator().manual_seed(3)
+    B, N, D, R = 2, 12, 3, 4
+    logits = torch.randn(B, N, generator=g, dtype=torch.float64)
+    log_q = torch.log_softmax(logits, -1)
+    log_pt = torch.log_softmax(torch.randn(N // R, generator=g, dtype=torch.float64), 0)
+    log_pr = torch.log_softmax(torch.randn(R, generator=g, dtype=torch.float64), 0)
+    log_p = (log_pt[:, None] + log_pr[None]).reshape(-1)
+    off = torch.arange(R, dtype=torch.float64).repeat(N // R) * 2 * math.pi / R
+    z_mu = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    z_ls = 0.3 * torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    th_mu = 0.5 * torch.randn(B, N, generator=g, dtype=torch.float64)
+    th_ls = 0.3 * torch.randn(B, N, generator=g, dtype=torch.float64) - 1
+    sd0 = math.pi / R
+    kl_tr, kl_th, kl_z = kl_divergence(log_q, log_p, z_mu, z_ls, th_mu, th_ls, sd0)
+    exact = kl_tr + kl_th + kl_z
+
+    S = 400_000
+    Nd = torch.distributions.Normal
+    for b in range(B):
+        cell = torch.multinomial(log_q[b].exp(), S, replacement=True, generator=g)
+        zs = z_mu[b, cell] + z_ls[b, cell].exp() * torch.randn(S, D, generator=g,
+                                                                dtype=torch.float64)
+        th = th_mu[b, cell] + off[cell] + th_ls[b, cell].exp() * torch.randn(
+            S, generator=g, dtype=torch.float64)
+        log_qs = (log_q[b, cell] + Nd(z_mu[b, cell], z_ls[b, cell].exp()).log_prob(zs).sum(-1)
+                  + Nd(th_mu[b, cell] + off[cell], th_ls[b, cell].exp()).log_prob(th))
+        log_ps = (log_p[cell] + Nd(0.0, 1.0).log_prob(zs).sum(-1)
+                  + Nd(off[cell], sd0).log_prob(th))
+        d = log_qs - log_ps
+        mc, se = d.mean(), d.std() / math.sqrt(S)
+        assert abs(mc - exact[b]) < 5 * se, (float(mc), float(exact[b]), float(se))
+
+
+def test_rotation_priors():
+    m = tiny(rotations=8, rotation_prior="normal", rotation_prior_sd=45.0)
+    p = m.log_p_tr.reshape(-1, 8).exp()
+    pr = p.sum(0)
+    torch.testing.assert_close(pr.sum(), torch.tensor(1.0))
+    assert pr[0] > pr[1] > pr[2] > pr[4] and torch.isclose(pr[1], pr[7])
+    pt = p.sum(1).reshape(2 * m.trange + 1, -1)
+    c = m.trange
+    assert pt[c, c] == pt.max() and torch.isclose(pt[c, c + 1], pt[c + 1, c])
+
+
+def test_cached_filters_equal_plain_path():
+    m = tiny(rotations=8).eval()
+    x = torch.rand(4, 21, 21)
+    with torch.no_grad():
+        a = m.encode(x, cache=False)
+        b = m.encode(x, cache=True)
+        c = m.encode(x, cache=True)  # from the cache
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=0)
+    with torch.no_grad():  # the cache follows weight updates
+        m.gconv.weight.add_(0.1)
+        d = m.encode(x, cache=True)
+    assert not torch.equal(d["log_q"], a["log_q"])
+    torch.testing.assert_close(d["log_q"], m.encode(x)["log_q"], rtol=0, atol=0)
+
+
+def test_loss_ctf_mask_learn_sigma_and_generate():
+    torch.manual_seed(0)
+    cfg = TrainConfig(z_dim=2, enc_channels=4, gen_width=16, gen_layers=1, fourier_features=8,
+                      likelihood="gaussian", learn_sigma=True, ctf=True, mask=True)
+    m = build_model(cfg, 16)
+    x = torch.randn(3, 16, 16)
+    ctf = torch.ones(3, 16, 16)
+    loss, parts = m.loss(x, ctf)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) >= {"recon", "kl"}
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    with pytest.raises(ValueError):
+        m.loss(x)
+    img = m.generate(torch.zeros(2, 2), 16)
+    assert img.shape == (2, 16, 16)
+    inf = m.infer(x)
+    assert inf.psi_deg.shape == (3,) and inf.shift_px.shape == (3, 2)
+    assert ((inf.confidence > 0) & (inf.confidence <= 1)).all()
