@@ -1,0 +1,632 @@
+"""Class averages: aligned (from the particles) and denoised (from the generator).
+
+Aligned class averages
+    Every particle of class k is aligned with its inferred pose by
+    :func:`cryolatent.pose.align_particles` (RELION's ``--apply_transformation``, the function
+    ``embed`` uses) and averaged, at the resolution of the particle set given (the unbinned set
+    gives full-resolution averages: shifts in Å are converted with that set's pixel size).
+    Particles are streamed in batches; memory is bounded by the accumulators,
+    ``K × D × (D//2+1)`` complex128 plus as much real float64 (≈ 24·K·D²/2 bytes: 100 classes
+    of 512 px ≈ 310 MB), whatever the number of particles.
+
+    With CTF parameters the averages are CTF-corrected by a Wiener filter, as RELION's class
+    averages are::
+
+        A_k(f) = Σ_i c_i(f) F_i(f) / (Σ_i c_i(f)² + 1/SNR)
+
+    where F_i is the Fourier transform of the *aligned* particle i of class k and c_i its CTF
+    in the aligned frame (rotating an image by R(ψ) rotates its CTF: the astigmatism angle
+    becomes ``rlnDefocusAngle + ψ``; shifts do not change c_i). ``1/SNR`` is the Wiener
+    regulariser: SNR is the per-particle spectral signal-to-noise ratio, assumed the same at
+    every frequency (``wiener_snr``, default 0.1, a typical value for cryo-EM particles;
+    RELION estimates it per resolution shell instead). It keeps CTF zeros from blowing up and
+    damps frequencies that few particles measure; for classes with Σc² ≫ 1/SNR the average
+    tends to the full CTF correction. The result has no CTF phase flips. Particles that were
+    phase-flipped already (optics ``rlnCtfDataArePhaseFlipped`` = 1) use |c_i| in the
+    numerator; CTF-premultiplied ones (``rlnCtfDataAreCtfPremultiplied`` = 1) use F_i alone.
+    Without CTF parameters the average is the plain mean of the aligned particles.
+
+Denoised class averages
+    The model's generator at each class's latent centre (the mean of z over the class), in the
+    canonical pose (ψ = 0, no shift).
+
+Latent traversals
+    Generator images along the first principal axes of z, through the mean of z, from the
+    2.5th to the 97.5th percentile of the particles' coordinates along each axis.
+
+Class k (1-based, ``rlnClassNumber``) is slice k of every stack (RELION's ``_classes.mrcs``
+layout); a class without particles gets a zero image and count 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CryolatentError
+from ..utils import atomic_path, progress
+
+log = logging.getLogger("cryolatent")
+
+#: default per-particle spectral SNR of the Wiener filter (regulariser 1/SNR)
+WIENER_SNR = 0.1
+POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
+
+# ----------------------------------------------------------------------------- inputs
+def class_labels(table, source: str = "table") -> np.ndarray:
+    """(N,) int64 class numbers (1-based) from ``rlnClassNumber``; one-line error otherwise."""
+    if "rlnClassNumber" not in table:
+        raise CryolatentError(f"{source}: no rlnClassNumber column; run `cryolatent embed "
+                              f"--clusters K` to assign classes")
+    lab = np.asarray(table["rlnClassNumber"], dtype=np.float64)
+    bad = ~np.isfinite(lab) | (lab != np.round(lab))
+    if bad.any():
+        raise CryolatentError(f"{source}: rlnClassNumber of particle {int(np.flatnonzero(bad)[0])} "
+                              f"(0-based) is not an integer")
+    return lab.astype(np.int64)
+
+
+def _poses(table, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """psi (N,) degrees and shift (N, 2) Å from the pose columns."""
+    for c in POSE_COLUMNS:
+        if c not in table:
+            raise CryolatentError(f"{source}: no {c} column; run `cryolatent embed` first")
+    psi = np.asarray(table["rlnAnglePsi"], dtype=np.float64)
+    shift = np.stack([np.asarray(table["rlnOriginXAngst"], dtype=np.float64),
+                      np.asarray(table["rlnOriginYAngst"], dtype=np.float64)], axis=1)
+    bad = ~(np.isfinite(psi) & np.isfinite(shift).all(axis=1))
+    if bad.any():
+        raise CryolatentError(f"{source}: pose of particle {int(np.flatnonzero(bad)[0])} "
+                              f"(0-based) is not finite")
+    return psi, shift
+
+
+def _name_keys(names) -> list[str]:
+    """``000012@Particles/stack.mrcs`` -> ``12@stack.mrcs`` (index and file name only)."""
+    out = []
+    for n in names:
+        s = str(n)
+        if "@" in s:
+            i, p = s.split("@", 1)
+            try:
+                i = str(int(i))
+            except ValueError:
+                pass
+            out.append(f"{i}@{Path(p).name}")
+        else:
+            out.append(Path(s).name)
+    return out
+
+
+def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
+                ) -> np.ndarray:
+    """For each particle of a set, the row of ``table`` (an ``embed`` output) describing it.
+
+    particle_names: (N,) the set's ``rlnImageName`` values (``ParticleSet.names``).
+    Matched on ``rlnImageName`` or ``rlnImageOriginalName`` (what ``preprocess`` keeps, so an
+    unbinned set finds the rows of its binned copy), exactly or else by image index and stack
+    file name, whichever matches the most particles; a set with as many particles as the
+    table and no names in common is matched by order (warned). Returns (N,) int64 row indices, -1 where a particle has no row.
+    """
+    names = [str(n) for n in particle_names]
+    n = len(names)
+    if "rlnImageName" in table and n == len(table) and \
+            list(map(str, table["rlnImageName"])) == names:
+        return np.arange(n)
+    best = None  # (matches, rows, column): exact names first, then index@file-name keys
+    for keyf, cols in ((lambda x: x, ("rlnImageName", "rlnImageOriginalName")),
+                       (_name_keys, ("rlnImageOriginalName", "rlnImageName"))):
+        for col in cols:
+            if col not in table:
+                continue
+            lut: dict[str, int] = {}
+            for j, k in enumerate(keyf([str(v) for v in table[col]])):
+                lut.setdefault(k, j)
+            rows = np.array([lut.get(k, -1) for k in keyf(names)], dtype=np.int64)
+            hits = int((rows >= 0).sum())
+            if hits and (best is None or hits > best[0]):
+                best = (hits, rows, col)
+        if best is not None and best[0] == n:
+            break
+    if best is not None:
+        hits, rows, col = best
+        if hits < n:
+            log.warning("%d of %d particles have no row in %s (matched by %s); left out",
+                        n - hits, n, source, col)
+        return rows
+    if n == len(table):
+        log.warning("particle names do not match %s; matching particles by order", source)
+        return np.arange(n)
+    raise CryolatentError(f"{source}: none of the {n} particles is named in its rlnImageName "
+                          f"or rlnImageOriginalName, and the counts differ ({len(table)} rows)")
+
+
+# ------------------------------------------------------------------- aligned averages
+def _apix_per_particle(ps) -> np.ndarray:
+    a = getattr(ps, "apix_per_particle", None)
+    if a is None:
+        return np.full(len(ps), float(ps.apix))
+    return np.asarray(a, dtype=np.float64).reshape(-1)
+
+
+def _optics_flag(ps, col: str) -> np.ndarray | None:
+    """(N,) bool from an optics column (e.g. rlnCtfDataArePhaseFlipped), or None if absent."""
+    try:
+        optics = ps.optics
+        if optics is None or col not in optics:
+            return None
+        return np.asarray(ps.optics_value(col), dtype=np.float64) > 0.5
+    except Exception:  # noqa: BLE001 - an absent flag means 'no'
+        return None
+
+
+def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = None,
+                           batch_size: int = 256, ctf: bool | str = "auto",
+                           wiener_snr: float = WIENER_SNR, device: str | torch.device = "cpu",
+                           method: str = "bilinear", show_progress: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Average the aligned particles of each class (CTF-corrected when the set has a CTF).
+
+    particle_set: a :class:`cryolatent.io.ParticleSet` (box D, pixel size ``apix`` Å).
+    table: DataFrame with one row per particle of the set, in the set's order, holding
+    ``rlnAnglePsi`` (°), ``rlnOriginXAngst``/``YAngst`` (Å) and ``rlnClassNumber``; default
+    ``particle_set.table``. Rows with a class number < 1 are left out.
+    ctf: ``"auto"`` (Wiener-correct when the set has CTF parameters), True (require them) or
+    False (plain mean). wiener_snr: the SNR of the regulariser 1/SNR (module docstring).
+    Returns ``(averages (K, D, D) float32, counts (K,) int64)``; class k is ``averages[k-1]``,
+    K = ``n_classes`` or the largest class number.
+    """
+    from ..pose import align_particles
+
+    table = particle_set.table if table is None else table
+    n = len(particle_set)
+    if len(table) != n:
+        raise CryolatentError(f"{len(table)} pose rows for {n} particles")
+    src = str(getattr(particle_set, "source", "particles"))
+    labels = class_labels(table, src)
+    psi, shift_A = _poses(table, src)
+    shift_px = shift_A / _apix_per_particle(particle_set)[:, None]
+    K = int(n_classes if n_classes is not None else max(int(labels.max(initial=0)), 0))
+    if K < 1:
+        raise CryolatentError(f"{src}: no particle has a class number >= 1")
+    keep = np.flatnonzero((labels >= 1) & (labels <= K))
+    D = int(particle_set.box)
+    apix = float(particle_set.apix)
+    dev = torch.device(device)
+
+    params = particle_set.ctf() if ctf in ("auto", True) else None
+    if ctf is True and params is None:
+        raise CryolatentError(f"{src}: CTF correction asked for but the particles have no "
+                              f"CTF parameters")
+    flipped = premult = None
+    if params is not None:
+        if wiener_snr <= 0:
+            raise CryolatentError("--wiener-snr must be > 0")
+        flipped = _optics_flag(particle_set, "rlnCtfDataArePhaseFlipped")
+        premult = _optics_flag(particle_set, "rlnCtfDataAreCtfPremultiplied")
+        log.info("CTF-corrected class averages (Wiener, 1/SNR = %g)", 1.0 / wiener_snr)
+        from ..ctf import compute_ctf
+
+        params_aligned = params.subset(slice(None))
+        # the CTF in the aligned frame: rotating by R(psi) turns the astigmatism by +psi
+        params_aligned.astigmatism = params.astigmatism + psi
+        num = torch.zeros((K, D, D // 2 + 1), dtype=torch.complex128, device=dev)
+        den = torch.zeros((K, D, D // 2 + 1), dtype=torch.float64, device=dev)
+    else:
+        acc = torch.zeros((K, D, D), dtype=torch.float64, device=dev)
+    counts = np.bincount(labels[keep] - 1, minlength=K).astype(np.int64)
+
+    bar = progress(total=len(keep), desc="class averages", unit="particle",
+                   disable=None if show_progress else True)
+    for idx, imgs in particle_set.iter_batches(batch_size, indices=keep):
+        idx = np.asarray(idx, dtype=np.int64)
+        x = torch.as_tensor(np.asarray(imgs, dtype=np.float32), device=dev)
+        al = align_particles(x, torch.as_tensor(psi[idx]), torch.as_tensor(shift_px[idx]),
+                             method=method).to(torch.float64)
+        lab = torch.as_tensor(labels[idx] - 1, device=dev)
+        if params is None:
+            acc.index_add_(0, lab, al)
+        else:
+            c = compute_ctf(params_aligned, D, apix, idx=idx, device=dev,
+                            dtype=torch.float64)[..., : D // 2 + 1]
+            f = torch.fft.rfft2(al)
+            w = c
+            if flipped is not None and flipped[idx].any():
+                fl = torch.as_tensor(flipped[idx], device=dev)[:, None, None]
+                w = torch.where(fl, c.abs(), c)
+            if premult is not None and premult[idx].any():
+                pm = torch.as_tensor(premult[idx], device=dev)[:, None, None]
+                w = torch.where(pm, torch.ones_like(c), w)
+            num.index_add_(0, lab, f * w)
+            den.index_add_(0, lab, c * c)
+        bar.update(len(idx))
+    bar.close()
+
+    if params is None:
+        avg = acc / torch.as_tensor(np.maximum(counts, 1), dtype=torch.float64,
+                                    device=dev)[:, None, None]
+    else:
+        avg = torch.fft.irfft2(num / (den + 1.0 / wiener_snr), s=(D, D))
+        avg[torch.as_tensor(counts == 0, device=dev)] = 0.0
+    return avg.float().cpu().numpy(), counts
+
+
+# ------------------------------------------------------------------ generator images
+def class_centres(z: np.ndarray, labels: np.ndarray, n_classes: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean latent of each class. z: (N, D); labels: (N,) 1-based.
+
+    Returns ``(centres (K, D), counts (K,))``; an empty class gets the zero vector.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    K = int(n_classes if n_classes is not None else max(int(labels.max(initial=0)), 0))
+    ok = (labels >= 1) & (labels <= K)
+    counts = np.bincount(labels[ok] - 1, minlength=K)
+    sums = np.zeros((K, z.shape[1]))
+    np.add.at(sums, labels[ok] - 1, z[ok])
+    return sums / np.maximum(counts, 1)[:, None], counts
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def _generate(model, z: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
+    dev = _model_device(model)
+    out = []
+    for s in range(0, len(z), batch):
+        zz = torch.as_tensor(z[s:s + batch], dtype=torch.float32, device=dev)
+        img = model.generate(zz, int(size))
+        out.append(img.detach().float().cpu().numpy().reshape(len(zz), size, size))
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+
+
+def _model_size(model, size: int | None) -> int:
+    if size is not None:
+        return int(size)
+    box = getattr(model, "box", None)
+    if box is None:
+        raise CryolatentError("the model does not say its box size; pass size=")
+    return int(box)
+
+
+def denoised_class_averages(model, z: np.ndarray, labels: np.ndarray,
+                            size: int | None = None, n_classes: int | None = None
+                            ) -> np.ndarray:
+    """The generator's canonical image at each class's latent centre.
+
+    model: a :class:`cryolatent.models.LatentModel`; z: (N, D) latents; labels: (N,)
+    1-based classes; size: output box (default ``model.box``; the generator resamples the
+    training field of view). Returns (K, size, size) float32; empty classes are zero.
+    """
+    size = _model_size(model, size)
+    was = model.training
+    model.eval()
+    try:
+        centres, counts = class_centres(z, labels, n_classes)
+        imgs = _generate(model, centres, size).astype(np.float32)
+    finally:
+        model.train(was)
+    imgs[counts == 0] = 0.0
+    return imgs
+
+
+@dataclass
+class Traversal:
+    """Images along the principal axes of z.
+
+    images:  (n_axes, steps, size, size) float32
+    offsets: (n_axes, steps) coordinate along each axis, in standard deviations of z on it
+    axes:    (n_axes, D) unit principal axes;  mean: (D,);  sd: (n_axes,) sd along each axis
+    explained: (n_axes,) fraction of the variance of z along each axis
+    """
+
+    images: np.ndarray
+    offsets: np.ndarray
+    axes: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    explained: np.ndarray
+
+
+def latent_traversal(model, z: np.ndarray, n_axes: int = 2, steps: int = 7,
+                     size: int | None = None, lo: float = 2.5, hi: float = 97.5
+                     ) -> Traversal:
+    """Generator images along the first ``n_axes`` principal axes of z (through its mean).
+
+    z: (N, D). Along axis a the ``steps`` points run evenly from the ``lo``-th to the ``hi``-th
+    percentile of the particles' coordinates on that axis, the other coordinates at the mean.
+    Returns a :class:`Traversal` (images (n_axes, steps, size, size)).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or len(z) < 2:
+        raise CryolatentError("latent traversal needs at least 2 latents")
+    size = _model_size(model, size)
+    n_axes = max(1, min(int(n_axes), z.shape[1]))
+    steps = max(2, int(steps))
+    mean = z.mean(axis=0)
+    zc = z - mean
+    w, v = np.linalg.eigh(zc.T @ zc / (len(z) - 1))
+    order = np.argsort(w)[::-1]
+    w, v = np.clip(w[order], 0, None), v[:, order]
+    sign = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    v = v * np.where(sign == 0, 1.0, sign)
+    axes = v[:, :n_axes].T                            # (n_axes, D)
+    sd = np.sqrt(w[:n_axes])
+    proj = zc @ axes.T                                # (N, n_axes)
+    pts, offs = [], []
+    for a in range(n_axes):
+        t = np.linspace(np.percentile(proj[:, a], lo), np.percentile(proj[:, a], hi), steps)
+        pts.append(mean[None, :] + t[:, None] * axes[a][None, :])
+        offs.append(t / sd[a] if sd[a] > 0 else t)
+    was = model.training
+    model.eval()
+    try:
+        imgs = _generate(model, np.concatenate(pts), size).astype(np.float32)
+    finally:
+        model.train(was)
+    total = float(w.sum())
+    return Traversal(images=imgs.reshape(n_axes, steps, size, size), offsets=np.array(offs),
+                     axes=axes, mean=mean, sd=sd,
+                     explained=(w[:n_axes] / total) if total > 0 else np.zeros(n_axes))
+
+
+# ----------------------------------------------------------------------------- pictures
+def _display_range(img: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        lo, hi = float(np.min(img)), float(np.max(img))
+        if hi <= lo:
+            hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _nice_length(target: float) -> float:
+    """A round number (1, 2, 5 × 10^k) close to and not above ``target``."""
+    if target <= 0:
+        return 0.0
+    e = 10 ** np.floor(np.log10(target))
+    for m in (5, 2, 1):
+        if m * e <= target:
+            return float(m * e)
+    return float(e)
+
+
+def _scale_bar(ax, box: int, apix: float) -> None:
+    L = _nice_length(box * apix / 4)
+    if L <= 0:
+        return
+    px = L / apix
+    y = box * 0.92
+    ax.plot([box * 0.06, box * 0.06 + px], [y, y], color="white", lw=2.5,
+            solid_capstyle="butt")
+    ax.text(box * 0.06 + px / 2, y - box * 0.04, f"{L:g} Å", color="white", ha="center",
+            va="bottom", fontsize=7)
+
+
+def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.ndarray,
+                 denoised: np.ndarray | None = None, apix: float | None = None,
+                 denoised_apix: float | None = None, per_row: int = 10,
+                 fmt: Sequence[str] = ("png",), include_empty: bool = False) -> list[Path]:
+    """A labelled gallery: for each class, the aligned average above the denoised one.
+
+    aligned: (K, D, D) or None; denoised: (K, d, d) or None; counts: (K,). Each image is
+    scaled to its own 0.5–99.5 percentile range; titles give class number and particle count;
+    the first image of each row carries a scale bar when the pixel size is given.
+    Writes ``out_path`` with each suffix of ``fmt``; returns the paths.
+    """
+    from .plots import _mpl, save_figure, style
+
+    _, plt = _mpl()
+    rows_kind = [(k, a, p) for k, a, p in (("aligned", aligned, apix),
+                                           ("denoised", denoised, denoised_apix))
+                 if a is not None]
+    if not rows_kind:
+        raise CryolatentError("nothing to draw in the gallery")
+    counts = np.asarray(counts)
+    show = np.arange(len(counts)) if include_empty else np.flatnonzero(counts > 0)
+    if len(show) == 0:
+        raise CryolatentError("every class is empty")
+    ncol = min(per_row, len(show))
+    blocks = -(-len(show) // ncol)
+    nr = blocks * len(rows_kind)
+    with style():
+        fig, axes = plt.subplots(nr, ncol, figsize=(1.25 * ncol + 0.6, 1.4 * nr + 0.3),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for j, k in enumerate(show):
+            b, col = divmod(j, ncol)
+            for r, (kind, imgs, px) in enumerate(rows_kind):
+                ax = axes[b * len(rows_kind) + r, col]
+                img = imgs[k]
+                lo, hi = _display_range(img)
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                ax.set_axis_on()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+                if r == 0:
+                    ax.set_title(f"class {k + 1}\nn = {int(counts[k]):,}", fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(kind, fontsize=8)
+                    if px:
+                        _scale_bar(ax, img.shape[-1], px)
+        fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
+        out_path = Path(out_path)
+        return save_figure(fig, out_path.parent, out_path.stem, fmt)
+
+
+def plot_traversal(out_path: str | Path, trav: Traversal, apix: float | None = None,
+                   fmt: Sequence[str] = ("png",)) -> list[Path]:
+    """One row per principal axis, one column per step, labelled in sd along the axis."""
+    from .plots import _mpl, save_figure, style
+
+    _, plt = _mpl()
+    n_axes, steps = trav.images.shape[:2]
+    with style():
+        fig, axes = plt.subplots(n_axes, steps, figsize=(1.25 * steps + 0.6, 1.35 * n_axes + 0.5),
+                                 squeeze=False)
+        for a in range(n_axes):
+            lo, hi = _display_range(trav.images[a])  # one range per row: changes stay visible
+            for s in range(steps):
+                ax = axes[a, s]
+                ax.imshow(trav.images[a, s], cmap="gray", vmin=lo, vmax=hi,
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+                ax.set_title(f"{trav.offsets[a, s]:+.1f} sd", fontsize=8)
+                if s == 0:
+                    ax.set_ylabel(f"PC {a + 1}\n({100 * trav.explained[a]:.0f} %)", fontsize=8)
+                    if apix:
+                        _scale_bar(ax, trav.images.shape[-1], apix)
+        fig.suptitle("latent traversals along the principal axes of z", fontsize=10)
+        fig.tight_layout(pad=0.3)
+        out_path = Path(out_path)
+        return save_figure(fig, out_path.parent, out_path.stem, fmt)
+
+
+# ----------------------------------------------------------------------------- writing
+def write_counts(path: str | Path, counts: np.ndarray, stack_name: str | None = None,
+                 centres: np.ndarray | None = None) -> Path:
+    """CSV with ``class, count, fraction[, image][, z1..zD]``; row k is class k (1-based)."""
+    import pandas as pd
+
+    counts = np.asarray(counts, dtype=np.int64)
+    K = len(counts)
+    df = pd.DataFrame({"class": np.arange(1, K + 1), "count": counts,
+                       "fraction": counts / max(int(counts.sum()), 1)})
+    if stack_name:
+        df["image"] = [f"{k:06d}@{stack_name}" for k in range(1, K + 1)]
+    if centres is not None:
+        for d in range(centres.shape[1]):
+            df[f"z{d + 1}"] = centres[:, d]
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
+
+
+def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: str | Path, *,
+                        particles: str | Path | None = None, datadir: str | Path | None = None,
+                        batch_size: int = 256, device: str = "auto",
+                        wiener_snr: float = WIENER_SNR, ctf: bool | str = "auto",
+                        n_axes: int = 2, steps: int = 7, fmt: Sequence[str] = ("png",)
+                        ) -> dict[str, Any]:
+    """Everything ``cryolatent classes`` writes.
+
+    rundir: the training run (for the generator; None skips denoised averages and
+    traversals); star: the ``embed`` output; particles: the set to average (default: the
+    images ``star`` names; an unbinned set gives full-resolution averages).
+    Writes into ``out_dir``: ``aligned_averages.mrcs`` (K, D, D, pixel size of the particles),
+    ``denoised_averages.mrcs`` (K, d, d), ``traversals.mrcs`` (n_axes·steps, d, d, row-major
+    by axis), ``class_counts.csv``, ``gallery.png`` and ``traversals.png``.
+    Returns ``{"files": [...], "counts": (K,), "aligned": ..., "denoised": ...}``.
+    """
+    from ..io import load_particles, read_star, write_mrcs
+    from .plots import latent_columns
+
+    out_dir = Path(out_dir)
+    star = Path(star)
+    if not star.exists():
+        raise CryolatentError(f"{star}: no such file")
+    blocks = read_star(star)
+    table = blocks.get("particles")
+    if table is None or len(table) == 0:
+        raise CryolatentError(f"{star}: no particle table")
+    labels = class_labels(table, str(star))
+    _poses(table, str(star))
+    zcols = latent_columns(table)
+    K = int(labels.max(initial=0))
+    if K < 1:
+        raise CryolatentError(f"{star}: no particle has a class number >= 1")
+
+    # --- aligned averages, at the resolution of the given particle set
+    ps = load_particles(particles if particles is not None else star, datadir=datadir)
+    if particles is None:
+        rows = np.arange(len(ps))
+        ptable = ps.table
+    else:
+        rows = match_table(ps.names, table, str(star))
+        ptable = table.iloc[np.where(rows >= 0, rows, 0)].reset_index(drop=True).copy()
+        ptable.loc[rows < 0, "rlnClassNumber"] = 0  # unmatched: left out
+    dev = _resolve_device(device)
+    log.info("aligning %d particles of box %d px (%.4g Å/px) into %d classes",
+             int((rows >= 0).sum()), ps.box, ps.apix, K)
+    aligned, counts = aligned_class_averages(ps, ptable, n_classes=K, batch_size=batch_size,
+                                             ctf=ctf, wiener_snr=wiener_snr, device=dev)
+    files: list[Path] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_mrcs(out_dir / "aligned_averages.mrcs", aligned, float(ps.apix))
+    files.append(out_dir / "aligned_averages.mrcs")
+
+    denoised = trav = None
+    d_apix = None
+    centres = None
+    if zcols:
+        z = table[zcols].to_numpy(dtype=np.float64)
+        centres, _ = class_centres(z, labels, K)
+    if rundir is not None:
+        if not zcols:
+            raise CryolatentError(f"{star}: no cryolatentZ columns; run `cryolatent embed` "
+                                  f"first")
+        from ..train import load_run
+
+        model, _cfg = load_run(rundir, dev)
+        model.eval()
+        size = int(getattr(model, "box", 0)) or int(ps.box)
+        d_apix = _field_of_view(blocks, table, ps) / size
+        denoised = denoised_class_averages(model, z, labels, size=size, n_classes=K)
+        write_mrcs(out_dir / "denoised_averages.mrcs", denoised, d_apix)
+        files.append(out_dir / "denoised_averages.mrcs")
+        trav = latent_traversal(model, z, n_axes=n_axes, steps=steps, size=size)
+        write_mrcs(out_dir / "traversals.mrcs",
+                   trav.images.reshape(-1, size, size), d_apix)
+        files.append(out_dir / "traversals.mrcs")
+    files.append(write_counts(out_dir / "class_counts.csv", counts, "aligned_averages.mrcs",
+                              centres))
+    files += plot_gallery(out_dir / "gallery.png", aligned, counts, denoised,
+                          apix=float(ps.apix), denoised_apix=d_apix, fmt=fmt)
+    if trav is not None:
+        files += plot_traversal(out_dir / "traversals.png", trav, apix=d_apix, fmt=fmt)
+    return {"files": files, "counts": counts, "aligned": aligned, "denoised": denoised,
+            "traversal": trav}
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CryolatentError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CryolatentError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def _field_of_view(blocks: dict, table, ps) -> float:
+    """Box edge in Å of the images the model saw: the ``embed`` input's optics
+    (rlnImageSize × rlnImagePixelSize) when the STAR has them, else the averaged set's."""
+    optics = blocks.get("optics")
+    try:
+        if optics is not None and len(optics) and {"rlnImageSize", "rlnImagePixelSize"} <= \
+                set(optics.columns):
+            return float(optics["rlnImageSize"].iloc[0]) * float(
+                optics["rlnImagePixelSize"].iloc[0])
+    except (TypeError, ValueError):
+        pass
+    return float(ps.box) * float(ps.apix)
