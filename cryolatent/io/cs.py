@@ -56,13 +56,13 @@ def cs_paths(arr: np.ndarray, source="<cs>") -> np.ndarray:
 def cs_to_relion(arr: np.ndarray, source="<cs>") -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(particles, optics)`` RELION 3.1 tables from a cryoSPARC particle array (see module)."""
     names = arr.dtype.names or ()
+    n = len(arr)
+    if n == 0:
+        raise InputError(f"{source}: the .cs file holds no particles (0 rows)")
     if "blob/path" not in names:
         raise InputError(f"{source}: no blob/path field: this .cs has no particle images")
     if "blob/idx" not in names:
         raise InputError(f"{source}: no blob/idx field: cannot locate the particle images")
-    n = len(arr)
-    if n == 0:
-        raise InputError(f"{source}: the .cs file holds no particles (0 rows)")
     paths = cs_paths(arr, source)
     idx = arr["blob/idx"].astype(np.int64)
     num = pd.Series(idx + 1).map("{:06d}".format).to_numpy(dtype=object)

@@ -319,7 +319,7 @@ def _final_apix(apix_arg, table_apix: np.ndarray | None, headers, code, source) 
         a = float(apix_arg)
         if not np.isfinite(a) or a <= 0:
             raise InputError(f"apix={apix_arg}: the pixel size must be a positive number")
-        if table_apix is not None and np.all(np.isfinite(table_apix)) and \
+        if table_apix is not None and np.all(np.isfinite(table_apix) & (table_apix > 0)) and \
                 np.any(np.abs(table_apix - a) > 1e-3 * a):
             log.warning("%s: apix=%g given; the file says %g Å", source, a, table_apix[0])
         return np.full(n, a)

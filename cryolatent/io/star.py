@@ -30,6 +30,7 @@ import csv
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -158,9 +159,15 @@ def _parse_loop_body(body: bytes, labels: list[str], path, first_line: int) -> p
         return _parse_loop_body_python(body, labels, path, first_line)
     dtype = {c: str for c in labels if c in STRING_COLUMNS}
     try:
-        df = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, names=labels, dtype=dtype,
-                         keep_default_na=False, na_values=[""], engine="c",
-                         quoting=csv.QUOTE_NONE, skip_blank_lines=True, low_memory=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, names=labels,
+                             dtype=dtype, index_col=False, keep_default_na=False,
+                             na_values=[""], engine="c", quoting=csv.QUOTE_NONE,
+                             skip_blank_lines=True, low_memory=False)
+    except pd.errors.ParserWarning:
+        raise InputError(f"{path}: line {first_line}: a row of this loop has more values than "
+                         f"its {len(labels)} columns") from None
     except pd.errors.ParserError as e:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
         if m:
