@@ -57,7 +57,7 @@ def _as_tensor(a, like: torch.Tensor | None = None, dtype=torch.float64) -> torc
     device = like.device if like is not None else None
     if isinstance(a, torch.Tensor):
         return a.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
+    return torch.tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
 
 
 def _cos_sin_deg(psi_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

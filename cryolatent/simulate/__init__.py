@@ -87,6 +87,12 @@ def write_particle_set(outdir: str | os.PathLike, chunks: Iterable[np.ndarray],
     return star
 
 
+def rng_streams(seed: int, k: int) -> list[np.random.Generator]:
+    """k independent generators from one seed (one per drawn quantity, so that the first m
+    particles of a set of n are the same for every n >= m)."""
+    return [np.random.default_rng([int(seed), i]) for i in range(k)]
+
+
 def chunk_slices(n: int, chunk: int) -> Iterator[slice]:
     for a in range(0, n, chunk):
         yield slice(a, min(n, a + chunk))

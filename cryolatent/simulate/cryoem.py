@@ -221,7 +221,7 @@ def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.Pat
     from ..ctf import CTFParams
     from ..pose import wrap_deg_180
     from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
-                   write_particle_set)
+                   rng_streams, write_particle_set)
 
     if n < 1:
         raise CryolatentError(f"--n must be positive, got {n}")
@@ -250,24 +250,24 @@ def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.Pat
                         m.name, m.radius, box * apix / 2)
     dev = resolve_device(device)
 
-    rng = np.random.default_rng(seed)
-    cls = rng.integers(0, len(models), n)
+    r_cls, r_view, r_tilt, r_psi, r_t, r_df, r_ast, r_ang = rng_streams(seed, 8)
+    cls = r_cls.integers(0, len(models), n)
     if views:
         vrot, vtilt = fibonacci_views(views)
-        view = rng.integers(0, views, n)
+        view = r_view.integers(0, views, n)
         rot, tilt = vrot[view], vtilt[view]
     else:
         view = None
-        rot = rng.uniform(0.0, 360.0, n)
-        tilt = np.degrees(np.arccos(rng.uniform(-1.0, 1.0, n)))
-    psi = rng.uniform(0.0, 360.0, n)
-    t = rng.normal(0.0, shift_sd, (n, 2))
+        rot = r_view.uniform(0.0, 360.0, n)
+        tilt = np.degrees(np.arccos(r_tilt.uniform(-1.0, 1.0, n)))
+    psi = r_psi.uniform(0.0, 360.0, n)
+    t = r_t.normal(0.0, shift_sd, (n, 2))
     if centered:
         t = np.zeros((n, 2))
-    dmean = rng.uniform(defocus_min, defocus_max, n) if ctf else None
-    dastig = rng.uniform(0.0, astigmatism, n) if ctf else None
-    dangle = rng.uniform(0.0, 180.0, n) if ctf else None
-    noise_rng = np.random.default_rng([seed, 1])
+    dmean = r_df.uniform(defocus_min, defocus_max, n) if ctf else None
+    dastig = r_ast.uniform(0.0, astigmatism, n) if ctf else None
+    dangle = r_ang.uniform(0.0, 180.0, n) if ctf else None
+    noise_rng = np.random.default_rng([seed, 99])
 
     cols = {
         "rlnAngleRot": wrap_deg_180(rot), "rlnAngleTilt": tilt, "rlnAnglePsi": wrap_deg_180(psi),
@@ -302,7 +302,7 @@ def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.Pat
                 img = apply_ctf(img, ctfp.subset(idx), apix)
             if not scale:
                 v = img[:, mask]
-                var = float(v.var(dim=1).mean())
+                var = float(v.var(dim=1, correction=0).mean())
                 scale.append(1.0 / math.sqrt(var) if var > 0 else 1.0)
             img = (img * scale[0]).cpu().numpy()
             if snr is not None and np.isfinite(snr):

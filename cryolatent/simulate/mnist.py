@@ -81,17 +81,21 @@ def pad_digits(digits: np.ndarray, box: int = 50) -> np.ndarray:
     return out
 
 
-def mnist_poses(n: int, variant: str, rng: np.random.Generator, shift_sd: float = 5.0,
+def mnist_poses(n: int, variant: str, seed: int, shift_sd: float = 5.0,
                 centered: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """psi (n,) degrees and shifts (n, 2) px: U(0, 360) (variant 'u') or N(0, 45²) degrees
-    (= N(0, π²/16) rad, variant 'n'); shifts N(0, shift_sd²) per axis (0 when centered)."""
+    (= N(0, π²/16) rad, variant 'n'); shifts N(0, shift_sd²) per axis (0 when centered).
+    One random stream per quantity, so the first m of n particles do not depend on n."""
+    from . import rng_streams
+
+    r_psi, r_t = rng_streams(seed, 2)
     if variant == "u":
-        psi = rng.uniform(0.0, 360.0, n)
+        psi = r_psi.uniform(0.0, 360.0, n)
     elif variant == "n":
-        psi = rng.normal(0.0, 45.0, n)
+        psi = r_psi.normal(0.0, 45.0, n)
     else:
         raise CryolatentError(f"unknown MNIST variant {variant!r} (u or n)")
-    t = rng.normal(0.0, shift_sd, (n, 2))
+    t = r_t.normal(0.0, shift_sd, (n, 2))
     if centered:
         t = np.zeros((n, 2))
     return psi, t
@@ -126,9 +130,8 @@ def simulate_mnist(outdir: str | os.PathLike, variant: str = "u", n: int | None 
         raise CryolatentError(f"--apix must be positive, got {apix}")
     if snr is not None and not snr > 0:
         raise CryolatentError(f"--snr must be positive, got {snr}")
-    rng = np.random.default_rng(seed)
-    psi, t = mnist_poses(n, variant, rng, shift_sd, centered)
-    noise_rng = np.random.default_rng([seed, 1])
+    psi, t = mnist_poses(n, variant, seed, shift_sd, centered)
+    noise_rng = np.random.default_rng([seed, 99])
     dev = resolve_device(device)
 
     table = pd.DataFrame({
