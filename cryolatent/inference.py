@@ -151,26 +151,8 @@ def background_stats(images: np.ndarray, diameter_frac: float = 0.75) -> tuple[n
     d = images.shape[-1]
     yy, xx = np.mgrid[:d, :d] - d // 2
     bg = (xx ** 2 + yy ** 2) > (diameter_frac * d / 2) ** 2
-    v = images[:, bg].astype(np.float64)
+    v = np.asarray(images)[:, bg].astype(np.float64)
     return v.mean(1), v.std(1)
-
-
-@dataclass
-class TrainingGeometry:
-    """What the model saw at training time.
-
-    box: image size d the model was built for; apix: their pixel size (Å, None if unknown);
-    normalized: the training images had RELION-normalised background (mean 0, sd 1 outside
-    the 0.75 × box circle); source: the training set's path (for messages; may be None);
-    inverted / phase_flipped: what ``cryolatent preprocess`` recorded (False if unknown).
-    """
-
-    box: int
-    apix: float | None = None
-    normalized: bool = False
-    inverted: bool = False
-    phase_flipped: bool = False
-    source: str | None = None
 
 
 def _looks_normalized(images: np.ndarray) -> bool:
@@ -179,14 +161,44 @@ def _looks_normalized(images: np.ndarray) -> bool:
     return bool(abs(np.median(m)) < 0.1 and abs(np.median(s) - 1.0) < 0.1)
 
 
-def training_geometry(cfg, model=None, datadir_override: str | None = None) -> TrainingGeometry:
-    """Box, pixel size and normalisation of the run's training images.
+def _median_apix(ps) -> float:
+    return float(np.median(_apix_per_particle(ps)))
 
-    Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``):
-    its box and pixel size from the stacks/metadata, its normalisation by looking at the
-    background of up to 64 images. When the training set cannot be opened any more, falls
-    back to what the run recorded (``cfg.extra`` keys ``box``/``apix``/``normalized``) or
-    the model's ``box`` attribute, and says so.
+
+def _phase_flipped(ps) -> bool:
+    try:
+        v = np.asarray(ps.optics_value("rlnCtfDataArePhaseFlipped"), dtype=np.float64)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return bool(len(v) and np.nanmax(v) > 0)
+
+
+@dataclass
+class TrainingGeometry:
+    """What the model saw at training time.
+
+    box: image size d the model was built for; apix: their pixel size (Å, None if unknown);
+    normalized: the training images had RELION-normalised backgrounds (mean 0, sd 1 outside
+    the 0.75 × box circle), judged from up to 64 of them; phase_flipped: the training set's
+    optics say ``rlnCtfDataArePhaseFlipped`` = 1 (``cryolatent preprocess --phase-flip``);
+    particles: the training ParticleSet when it could be opened (for calibration), else None.
+    """
+
+    box: int
+    apix: float | None = None
+    normalized: bool = False
+    phase_flipped: bool = False
+    source: str | None = None
+    particles: Any = None
+
+
+def training_geometry(cfg, model=None) -> TrainingGeometry:
+    """Box, pixel size, normalisation and phase flipping of the run's training images.
+
+    Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``).
+    When it cannot be opened any more, falls back to what the run recorded (``cfg.extra``
+    keys ``box``/``apix``/``normalized``/``phase_flipped``) or the model's ``box`` attribute,
+    and warns.
     """
     from .io import load_particles
 
@@ -194,10 +206,11 @@ def training_geometry(cfg, model=None, datadir_override: str | None = None) -> T
     try:
         tps = load_particles(cfg.input, datadir=cfg.datadir)
         n = min(len(tps), 64)
-        idx = np.linspace(0, len(tps) - 1, n).round().astype(np.int64) if n else np.arange(0)
-        normalized = _looks_normalized(tps.images(np.unique(idx))) if n else False
-        geom = TrainingGeometry(box=int(tps.box), apix=float(tps.apix), normalized=normalized,
-                                source=str(tps.source))
+        idx = np.unique(np.linspace(0, len(tps) - 1, n).round().astype(np.int64))
+        normalized = _looks_normalized(tps.images(idx)) if n else False
+        return TrainingGeometry(box=int(tps.box), apix=_median_apix(tps),
+                                normalized=normalized, phase_flipped=_phase_flipped(tps),
+                                source=str(tps.source), particles=tps)
     except (CryolatentError, OSError) as e:
         box = extra.get("box") or getattr(model, "box", None)
         if box is None:
@@ -205,28 +218,33 @@ def training_geometry(cfg, model=None, datadir_override: str | None = None) -> T
                                   "and the run does not record its image size")
         log.warning("training set %s cannot be opened (%s); using the run's recorded box %s",
                     cfg.input, e, box)
-        geom = TrainingGeometry(box=int(box), apix=extra.get("apix"),
+        return TrainingGeometry(box=int(box), apix=extra.get("apix"),
                                 normalized=bool(extra.get("normalized", False)),
+                                phase_flipped=bool(extra.get("phase_flipped", False)),
                                 source=cfg.input)
-    prep = extra.get("preprocess") or {}
-    if isinstance(prep, dict):
-        geom.inverted = bool(prep.get("invert", False))
-        geom.phase_flipped = bool(prep.get("phase_flip", False))
-    return geom
 
 
 class InputAdapter:
     """Brings batches of INPUT images to what the model saw at training time.
 
-    ``adapter(images (n, D_in, D_in) float32 numpy, idx (n,)) -> torch (n, d, d) float32``:
+    ``adapter(images (n, D_in, D_in) float32 numpy, idx (n,)) -> torch (n, d, d) float32``,
+    in the order of ``cryolatent preprocess`` (so that INPUT = the original of a preprocessed
+    training set gives the training images back):
 
-    * when the boxes differ, Fourier crop (``cryolatent.preprocess.fourier_crop``) to the
-      training box d (INPUT is then taken to be the unbinned set the training data came
-      from; its effective pixel size apix_in × D_in / d is compared with the training one
-      and a mismatch > 1 % is warned about);
-    * when the training images were RELION-normalised and INPUT is not already (checked on
-      the first batch), the same normalisation (background outside 0.75 × box to mean 0,
-      sd 1), after cropping, as ``cryolatent preprocess`` does.
+    1. Fourier crop (``cryolatent.preprocess.fourier_crop``) to the training box d when the
+       boxes differ (INPUT is then taken as the unbinned set the training data came from;
+       its effective pixel size apix_in × D_in / d is compared with the training one and a
+       mismatch > 1 % is warned about);
+    2. phase flip with INPUT's CTF at the cropped pixel size, when the training set was
+       phase-flipped and INPUT is not;
+    3. contrast inversion when calibration found INPUT inverted relative to training;
+    4. RELION normalisation (background outside 0.75 × d to mean 0, sd 1) when the training
+       images were normalised (idempotent on already normalised images).
+
+    Calibration (:meth:`calibrate`): when the training set was made by ``cryolatent
+    preprocess`` from INPUT (its ``rlnImageOriginalName`` are INPUT's ``rlnImageName``), a
+    few matching particles are passed through steps 1–4 and compared with the training
+    images: a correlation near -1 turns on the inversion; anything below 0.9 is warned about.
 
     ``same_as_training`` (INPUT is the training set itself): images go through unchanged.
     """
@@ -235,30 +253,33 @@ class InputAdapter:
         self.box_in = int(ps.box)
         self.box = int(geom.box)
         self.geom = geom
-        self.crop = (self.box_in != self.box) and not same_as_training
-        if same_as_training and self.box_in != self.box:
-            raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
-                                  f"{self.box}")
+        self.ps = ps
+        self.same = same_as_training
         if self.box_in < self.box:
             raise CryolatentError(
                 f"{ps.source}: box {self.box_in} px is smaller than the model's {self.box} px; "
                 "embed the original (larger) particles or the training set itself")
-        self.same = same_as_training
-        self.normalize: bool | None = None if (geom.normalized and not same_as_training) else False
+        if same_as_training and self.box_in != self.box:
+            raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
+                                  f"{self.box}")
+        self.crop = self.box_in != self.box
+        self.apix_model = _apix_per_particle(ps) * (self.box_in / self.box)
+        self.flip = (not same_as_training) and geom.phase_flipped and not _phase_flipped(ps)
+        self.ctf = None
+        if self.flip:
+            self.ctf = ps.ctf()
+            if self.ctf is None:
+                raise CryolatentError(f"the model was trained on phase-flipped images, but "
+                                      f"{ps.source} has no CTF parameters to flip {ps.source}")
+        self.invert = False
+        self.normalize = (not same_as_training) and geom.normalized
+        self.calibration: float | None = None
         if geom.apix is not None and not same_as_training:
-            eff = float(np.median(np.atleast_1d(ps.apix))) * self.box_in / self.box
+            eff = float(np.median(self.apix_model))
             if abs(eff / geom.apix - 1.0) > 0.01:
                 log.warning("%s: pixel size %.4g Å × box %d / %d = %.4g Å differs from the "
                             "training images' %.4g Å; the model may see the wrong scale",
-                            ps.source, float(np.median(np.atleast_1d(ps.apix))), self.box_in,
-                            self.box, eff, geom.apix)
-        if geom.inverted and not same_as_training:
-            log.warning("the training images were contrast-inverted by `cryolatent preprocess`;"
-                        " INPUT is used as it is: embed the preprocessed set, or a set of the "
-                        "same contrast")
-        if geom.phase_flipped and not same_as_training:
-            log.warning("the training images were phase-flipped; INPUT is used without "
-                        "phase flipping: embed the preprocessed set for identical input")
+                            ps.source, _median_apix(ps), self.box_in, self.box, eff, geom.apix)
 
     def describe(self) -> str:
         if self.same:
@@ -266,30 +287,78 @@ class InputAdapter:
         parts = []
         if self.crop:
             parts.append(f"Fourier crop {self.box_in} -> {self.box} px")
-        if self.normalize or self.normalize is None and self.geom.normalized:
-            parts.append("RELION normalisation (if not already)")
-        return ", ".join(parts) or "as stored"
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self.crop:
-            from .preprocess import fourier_crop
-
-            x = fourier_crop(x, self.box)
-            if not isinstance(x, torch.Tensor):
-                x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-        if self.normalize is None:     # decide once, on the first batch
-            self.normalize = not _looks_normalized(x.numpy())
-            log.info("INPUT background is %s: %s", "not normalised" if self.normalize else
-                     "already normalised", "normalising as at training" if self.normalize
-                     else "used as it is")
+        if self.flip:
+            parts.append("phase flip")
+        if self.invert:
+            parts.append("invert")
         if self.normalize:
-            from .preprocess import normalize
+            parts.append("normalise")
+        s = ", ".join(parts) or "as stored"
+        if self.calibration is not None:
+            s += f" (matches the training images: r = {self.calibration:.3f})"
+        return s
 
-            x = normalize(x)
-            if not isinstance(x, torch.Tensor):
-                x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    def __call__(self, images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        from . import preprocess as pp
+
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.same:
+            return x
+        if self.crop:
+            x = pp.fourier_crop(x, self.box)
+        if self.flip:
+            from .ctf import compute_ctf
+
+            idx = np.asarray(idx)
+            ctf = torch.empty((len(idx), self.box, self.box), dtype=torch.float32)
+            a = self.apix_model[idx]
+            for v in np.unique(a):
+                sel = np.flatnonzero(a == v)
+                ctf[torch.from_numpy(sel)] = compute_ctf(self.ctf, self.box, float(v),
+                                                         idx=idx[sel]).float()
+            x = pp.phase_flip(x, ctf)
+        if self.invert:
+            x = pp.invert(x)
+        if self.normalize:
+            x = pp.normalize(x)
         return x.float().contiguous()
+
+    def calibrate(self, n: int = 8) -> None:
+        """Compare INPUT particles with their preprocessed copies in the training set."""
+        tps = self.geom.particles
+        if self.same or tps is None or "rlnImageOriginalName" not in tps.table.columns \
+                or "rlnImageName" not in self.ps.table.columns:
+            return
+        import pandas as pd
+
+        def key(names):
+            # "000012@Particles/x.mrcs" and "12@/abs/Particles/x.mrcs" are the same image
+            s = pd.Series(np.asarray(names, dtype=str))
+            num = s.str.extract(r"^0*(\d+)@", expand=False).fillna("1")
+            base = s.str.replace(r"^\d+@", "", regex=True).str.replace(r".*/", "", regex=True)
+            return (num + "@" + base).to_numpy()
+
+        inp = pd.Index(key(self.ps.table["rlnImageName"].to_numpy()))
+        if not inp.is_unique:
+            return
+        orig = key(tps.table["rlnImageOriginalName"].to_numpy()[: 50 * n])
+        pos = inp.get_indexer(orig)
+        rows = np.flatnonzero(pos >= 0)[:n]
+        if len(rows) == 0:
+            return
+        mine = self(self.ps.images(pos[rows]), pos[rows]).double().numpy()
+        theirs = tps.images(rows).astype(np.float64)
+        r = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(mine, theirs)])
+        r = float(np.median(r))
+        if r < -0.9:
+            self.invert = True
+            r = -r
+            log.info("INPUT has the opposite contrast of the training images: inverting")
+        self.calibration = r
+        if r < 0.9:
+            log.warning("INPUT particles, cropped and normalised, differ from their training "
+                        "copies (correlation %.2f): the training set was preprocessed in a "
+                        "way embed does not reproduce", r)
 
 
 # ============================================================================ the batch loop
@@ -338,7 +407,7 @@ class _Results:
     z: np.ndarray            # (N, D) float32 memmap
 
 
-def run_model(model, ps, adapter: Callable[[np.ndarray], torch.Tensor], z_out: Path,
+def run_model(model, ps, adapter: Callable[[np.ndarray, np.ndarray], torch.Tensor], z_out: Path,
               z_dim: int, batch_size: int, device: torch.device) -> _Results:
     """Infer every particle of ``ps`` in batches; latents go into the .npy file ``z_out``.
 
@@ -353,7 +422,7 @@ def run_model(model, ps, adapter: Callable[[np.ndarray], torch.Tensor], z_out: P
 
     def batches():
         for idx, imgs in ps.iter_batches(batch_size):
-            x = adapter(imgs)
+            x = adapter(imgs, idx)
             if pin:
                 x = x.pin_memory()
             yield np.asarray(idx), x
@@ -400,7 +469,7 @@ def relion_columns(psi_deg: np.ndarray, origin_angst: np.ndarray, z: np.ndarray,
     if labels is not None:
         cols["rlnClassNumber"] = np.asarray(labels, np.int64) + 1
     for j in range(z.shape[1]):
-        cols[f"cryolatentZ{j + 1}"] = np.asarray(z[:, j], np.float64)
+        cols[f"cryolatentZ{j + 1}"] = np.array(z[:, j], np.float32)
     return cols
 
 
@@ -474,6 +543,40 @@ def cs_with_alignments(cs: np.ndarray, psi_deg: np.ndarray, origin_angst: np.nda
     return out
 
 
+def write_star_chunked(path: str | Path, particles, optics=None, chunk: int = 20_000) -> Path:
+    """RELION 3.1 particle STAR (``data_optics`` then ``data_particles``), written in row chunks.
+
+    The same text as :func:`cryolatent.io.write_star` (its value formatting and quoting are
+    used), but the rows are formatted ``chunk`` at a time, so writing 10^6 rows × dozens of
+    columns needs a few hundred MB instead of several GB. Atomic. Returns ``path``.
+    """
+    from .io.star import _column_text, write_star_blocks
+    from .utils import atomic_path
+
+    path = Path(path)
+    dup = particles.columns[particles.columns.duplicated()]
+    if len(dup):
+        raise CryolatentError(f"{path}: column {dup[0]} appears twice")
+    with atomic_path(path) as tmp:
+        if optics is not None:
+            write_star_blocks(tmp, {"optics": optics})      # "\n# version 30001 ... optics"
+        with open(tmp, "a" if optics is not None else "w", encoding="utf-8",
+                  newline="\n") as f:
+            if optics is None:
+                f.write("\n")
+            f.write("# version 30001\n\ndata_particles\n\nloop_\n")
+            f.write("".join(f"_{str(c).lstrip('_')} #{i + 1}\n"
+                            for i, c in enumerate(particles.columns)))
+            for s in range(0, len(particles), chunk):
+                part = particles.iloc[s:s + chunk]
+                cols = [_column_text(part[c]) for c in part.columns]
+                f.write("\n".join(map(" ".join, zip(*cols))))
+                f.write("\n")
+                del cols
+            f.write("\n")
+    return path
+
+
 # ============================================================================ entry point
 
 def _same_file(a, b) -> bool:
@@ -524,10 +627,11 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     geom = training_geometry(cfg, model)
     same = _is_training_set(ps, cfg)
     adapter = InputAdapter(ps, geom, same_as_training=same)
+    adapter.calibrate()
     bs = int(batch_size or getattr(cfg, "batch_size", 0) or 256)
     z_dim = int(getattr(cfg, "z_dim", 0) or getattr(model, "z_dim"))
     log.info("embed: %d particles of %s (box %d, %.4g Å/px) with %s model of %s on %s, "
-             "batch %d; input: %s", n, input, ps.box, float(np.median(np.atleast_1d(ps.apix))),
+             "batch %d; input: %s", n, input, ps.box, _median_apix(ps),
              getattr(cfg, "model", "?"), rundir, dev, bs, adapter.describe())
 
     with atomic_path(outs.z) as ztmp:
@@ -543,9 +647,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         _warn_kept_columns(ps.table, clusters is not None)
         table = _add_columns(ps.table, cols)
 
-        from .io import write_star
-
-        write_star(outs.star, table, ps.optics)
+        write_star_chunked(outs.star, table, ps.optics)
         if outs.cs is not None:
             from .io import write_cs
 

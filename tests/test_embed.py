@@ -123,3 +123,296 @@ def test_cs_with_alignments_adds_fields_keeps_everything(shared_data):
     assert out2.dtype == cs.dtype
     assert np.array_equal(out2["alignments2D/class"], cs["alignments2D/class"])  # kept
     np.testing.assert_allclose(out2["alignments2D/pose"], np.deg2rad(psi), rtol=1e-6)
+
+
+# ================================================================ embed with a stand-in model
+# A real trained model is not needed to test the writing path and the conventions: this
+# stand-in is an honest estimator (template matching against the class templates over an
+# angle grid and all integer shifts) that returns its pose in RELION's convention in pixels
+# of its own (cropped) input, as every LatentModel must.
+from cryolatent.models.base import Inference, LatentModel  # noqa: E402
+
+BOX_RAW, BOX_MODEL, APIX_RAW, ANGLE_STEP = 128, 64, 1.5, 6.0
+
+
+class TemplateModel(LatentModel):
+    """Stand-in LatentModel: exhaustive template matching. z = per-class best correlation."""
+
+    name = "template-standin"
+
+    def __init__(self, templates: np.ndarray, angle_step: float = ANGLE_STEP):
+        super().__init__()
+        k, d, _ = templates.shape
+        self.box, self.z_dim = d, k
+        angles = np.arange(0.0, 360.0, angle_step)
+        bank = []
+        for t in templates:    # rotated templates P_a(x) = t(R(a) x): particle = P_a(x + s)
+            bank.append(pose.transform_to_particle(
+                torch.tensor(t, dtype=torch.float64)[None].expand(len(angles), d, d),
+                angles, np.zeros((len(angles), 2))))
+        bank = torch.cat(bank).float()                          # (K*A, d, d)
+        bank = bank - bank.mean((1, 2), keepdim=True)
+        bank = bank / bank.norm(dim=(1, 2), keepdim=True)
+        self.register_buffer("fbank", torch.fft.rfft2(bank))
+        self.angles = torch.tensor(angles)
+        self.k = k
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor) -> Inference:
+        b, d, _ = images.shape
+        x = images - images.mean((1, 2), keepdim=True)
+        x = x / x.norm(dim=(1, 2), keepdim=True)
+        # cc[u] = sum_x img(x + u) T(x): peak at u = -t when img(x) = T(x + t)
+        cc = torch.fft.irfft2(torch.fft.rfft2(x)[:, None] * self.fbank.conj()[None], s=(d, d))
+        cc = cc.reshape(b, self.k, -1, d * d)                    # (B, K, A, d*d)
+        best, where = cc.flatten(2).max(2)                        # per class
+        cls = best.argmax(1)
+        w = where[torch.arange(b), cls]
+        a, u = w // (d * d), w % (d * d)
+        uy, ux = u // d, u % d
+        ux = torch.where(ux >= d // 2, ux - d, ux)
+        uy = torch.where(uy >= d // 2, uy - d, uy)
+        return Inference(psi_deg=self.angles[a].float(),
+                         shift_px=torch.stack([-ux, -uy], 1).float(),
+                         z_mean=best.float(), z_std=torch.ones_like(best),
+                         confidence=torch.ones(b))
+
+
+def _canonical(n: int, k: int) -> np.ndarray:
+    """Two asymmetric canonical shapes (class 0: an L of blobs, class 1: a bar and a dot)."""
+    s = n / 128
+    if k == 0:
+        return (gaussian(n, 0, 0, 6 * s) + 0.8 * gaussian(n, 14 * s, 0, 4 * s)
+                + 0.6 * gaussian(n, 0, -16 * s, 3 * s))
+    return (sum(gaussian(n, x * s, 4 * s, 3.5 * s) for x in (-12, -4, 4, 12))
+            + 0.9 * gaussian(n, 6 * s, -14 * s, 4 * s))
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """Raw 128-px particles (STAR + .mrcs + .cs), their 64-px preprocessed training set, the
+    truth, and the stand-in model built from 64-px templates."""
+    import pandas as pd
+
+    from cryolatent.io import write_cs, write_mrcs, write_star
+    from cryolatent.preprocess import fourier_crop, preprocess
+
+    d = tmp_path_factory.mktemp("sim")
+    rng = np.random.default_rng(7)
+    n_per, k = 16, 2
+    cls = np.repeat(np.arange(k), n_per)
+    n = len(cls)
+    psi = rng.integers(0, int(360 / ANGLE_STEP), n) * ANGLE_STEP
+    shift = rng.integers(-4, 5, (n, 2)) * 2.0                     # even px: integer at 64 px
+    canon = np.stack([_canonical(BOX_RAW, c) for c in range(k)])
+    parts = pose.transform_to_particle(torch.tensor(canon[cls]), psi, shift,
+                                       method="fourier").numpy()
+    parts = 40.0 * parts + 5.0 + rng.normal(0, 2.0, parts.shape)    # unnormalised, noisy
+    write_mrcs(d / "particles.mrcs", parts.astype(np.float32), APIX_RAW)
+    table = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
+        "rlnMicrographName": [f"mic{i % 3}.mrc" for i in range(n)],
+        "rlnCoordinateX": rng.uniform(100, 3000, n).round(1),
+        "rlnCoordinateY": rng.uniform(100, 3000, n).round(1),
+        "rlnOpticsGroup": np.ones(n, dtype=np.int64),
+    })
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [APIX_RAW], "rlnImageSize": [BOX_RAW],
+                           "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    write_star(d / "raw.star", table, optics)
+    truth = table.assign(rlnAnglePsi=psi, rlnOriginXAngst=shift[:, 0] * APIX_RAW,
+                         rlnOriginYAngst=shift[:, 1] * APIX_RAW, rlnClassNumber=cls + 1)
+    cs = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S32"), ("blob/idx", "<u4"),
+                            ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"),
+                            ("blob/sign", "<f4"), ("location/micrograph_uid", "<u8")])
+    cs["uid"] = rng.integers(1, 2**63, n, dtype=np.uint64)
+    cs["blob/path"] = b"particles.mrcs"
+    cs["blob/idx"] = np.arange(n)
+    cs["blob/shape"] = BOX_RAW
+    cs["blob/psize_A"] = APIX_RAW
+    cs["blob/sign"] = -1.0
+    cs["location/micrograph_uid"] = np.arange(n) % 3 + 11
+    write_cs(d / "raw.cs", cs)
+    preprocess(d / "raw.star", d / "prep", box=BOX_MODEL)          # normalised, 64 px
+    templates = fourier_crop(canon.astype(np.float32), BOX_MODEL)
+    return dict(dir=d, truth=truth, cls=cls, psi=psi, shift=shift, canon=canon, cs=cs,
+                model=TemplateModel(templates), prep=d / "prep" / "particles.star")
+
+
+@pytest.fixture
+def standin(sim, monkeypatch):
+    """Make embed load the stand-in model with a run config whose input is the 64-px set."""
+    import cryolatent.inference as inf
+    from cryolatent.config import TrainConfig
+
+    cfg = TrainConfig(input=str(sim["prep"]), z_dim=2, batch_size=7)
+    monkeypatch.setattr(inf, "_load_run", lambda rundir, device, checkpoint=None:
+                        (sim["model"].to(device), cfg))
+    rundir = sim["dir"] / "run"
+    rundir.mkdir(exist_ok=True)
+    return rundir
+
+
+def _circ_diff(a, b):
+    return (np.asarray(a) - np.asarray(b) + 180.0) % 360.0 - 180.0
+
+
+def test_embed_raw_set_writes_true_pose_in_input_angstrom(sim, standin, tmp_path):
+    """INPUT = the 128-px originals: cropped to 64 on the fly; origins come out in Å of the
+    128-px particles (= truth), psi unchanged, every input column and row kept in order."""
+    from cryolatent.inference import embed
+    from cryolatent.io import read_star
+
+    out = embed(standin, sim["dir"] / "raw.star", tmp_path / "out.star", clusters=2)
+    blocks = read_star(out)
+    inp = read_star(sim["dir"] / "raw.star")
+    p, t = blocks["particles"], sim["truth"]
+    assert list(p.columns[:len(inp["particles"].columns)]) == list(inp["particles"].columns)
+    for c in inp["particles"].columns:
+        assert p[c].tolist() == inp["particles"][c].tolist()
+    assert blocks["optics"].equals(inp["optics"])
+    for c in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "cryolatentZ1",
+              "cryolatentZ2", "rlnClassNumber"):
+        assert c in p.columns
+    np.testing.assert_allclose(_circ_diff(p["rlnAnglePsi"], t["rlnAnglePsi"]), 0, atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginXAngst"], t["rlnOriginXAngst"], atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginYAngst"], t["rlnOriginYAngst"], atol=1e-6)
+    cls = p["rlnClassNumber"].to_numpy()
+    assert set(cls) == {1, 2}
+    assert adjusted_rand(cls, sim["cls"]) == pytest.approx(1.0)
+    z = np.load(tmp_path / "out.z.npy")
+    assert z.shape == (len(p), 2) and z.dtype == np.float32
+    np.testing.assert_array_equal(z[:, 0], p["cryolatentZ1"].to_numpy(np.float32))
+    assert not list(tmp_path.glob(".*tmp"))                      # no temporary files left
+
+
+def adjusted_rand(a, b):
+    from sklearn.metrics import adjusted_rand_score
+
+    return adjusted_rand_score(a, b)
+
+
+def test_embed_training_set_gives_the_same_angstrom(sim, standin, tmp_path):
+    """INPUT = the 64-px training set (3 Å/px): same Å origins as from the 128-px originals."""
+    from cryolatent.inference import embed
+    from cryolatent.io import read_star
+
+    out = embed(standin, sim["prep"], tmp_path / "prep_out.star")
+    p = read_star(out)["particles"]
+    np.testing.assert_allclose(p["rlnOriginXAngst"], sim["truth"]["rlnOriginXAngst"], atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginYAngst"], sim["truth"]["rlnOriginYAngst"], atol=1e-6)
+    assert "rlnClassNumber" not in p.columns and "rlnImageOriginalName" in p.columns
+
+
+def test_embed_adapter_reproduces_the_preprocessed_images(sim):
+    """Cropping + normalising the originals on the fly gives the training images."""
+    from cryolatent.inference import InputAdapter, training_geometry
+    from cryolatent.config import TrainConfig
+    from cryolatent.io import load_particles
+
+    geom = training_geometry(TrainConfig(input=str(sim["prep"])))
+    assert (geom.box, geom.normalized) == (BOX_MODEL, True)
+    assert geom.apix == pytest.approx(APIX_RAW * 2)
+    ps = load_particles(sim["dir"] / "raw.star")
+    ad = InputAdapter(ps, geom)
+    ad.calibrate()
+    assert ad.calibration > 0.999 and not ad.invert
+    idx = np.arange(5)
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(),
+                               geom.particles.images(idx), atol=1e-4)
+
+
+def test_embed_cs_input_writes_cs_loadable_by_cryosparc_tools(sim, standin, tmp_path):
+    from cryosparc.dataset import Dataset
+
+    from cryolatent.inference import embed
+    from cryolatent.io import read_star
+
+    out = embed(standin, sim["dir"] / "raw.cs", tmp_path / "o.star", clusters=2,
+                cluster_method="agglomerative")
+    assert (tmp_path / "o.cs").is_file() and out == tmp_path / "o.star"
+    ds = Dataset.load(str(tmp_path / "o.cs"))
+    assert len(ds) == len(sim["cs"])
+    np.testing.assert_array_equal(ds["uid"], sim["cs"]["uid"])
+    raw = np.load(tmp_path / "o.cs")                # every original field, byte for byte
+    assert raw.dtype.names[:len(sim["cs"].dtype.names)] == sim["cs"].dtype.names
+    for f in sim["cs"].dtype.names:
+        np.testing.assert_array_equal(raw[f], sim["cs"][f])
+    assert ds["blob/path"][0] == "particles.mrcs"
+    t = sim["truth"]
+    np.testing.assert_allclose(
+        _circ_diff(np.rad2deg(ds["alignments2D/pose"]), t["rlnAnglePsi"]), 0, atol=1e-4)
+    np.testing.assert_allclose(ds["alignments2D/psize_A"], APIX_RAW)
+    np.testing.assert_allclose(ds["alignments2D/shift"], sim["shift"], atol=1e-4)   # px
+    assert adjusted_rand(ds["alignments2D/class"], sim["cls"]) == pytest.approx(1.0)
+    assert set(ds["alignments2D/class"].tolist()) == {0, 1}
+    p = read_star(out)["particles"]
+    np.testing.assert_array_equal(ds["alignments2D/class"] + 1, p["rlnClassNumber"])
+
+
+def test_embed_refuses_to_overwrite_input_and_bad_options(sim, standin, tmp_path):
+    from cryolatent.inference import embed
+
+    with pytest.raises(CryolatentError, match="overwrite"):
+        embed(standin, sim["dir"] / "raw.star", sim["dir"] / "raw.star")
+    with pytest.raises(CryolatentError, match="overwrite"):
+        embed(standin, sim["dir"] / "raw.cs", sim["dir"] / "raw.star")   # raw.cs is INPUT
+    with pytest.raises(CryolatentError, match="cluster-method"):
+        embed(standin, sim["dir"] / "raw.star", tmp_path / "x.star", 2, "dbscan")
+    with pytest.raises(CryolatentError, match="more classes"):
+        embed(standin, sim["dir"] / "raw.star", tmp_path / "x.star", clusters=1000)
+    assert not (tmp_path / "x.star").exists()
+
+
+def test_embed_cli(sim, standin, tmp_path):
+    from cryolatent.cli import main
+
+    rc = main(["embed", str(standin), str(sim["dir"] / "raw.star"), "-o",
+               str(tmp_path / "c.star"), "--clusters", "2", "--cluster-method", "gmm",
+               "--batch-size", "5", "--device", "cpu"])
+    assert rc == 0 and (tmp_path / "c.star").is_file() and (tmp_path / "c.z.npy").is_file()
+    rc = main(["embed", str(standin), str(sim["dir"] / "raw.star"), "-o",
+               str(sim["dir"] / "raw.star")])
+    assert rc == 1
+
+
+@pytest.mark.relion
+def test_relion_reads_and_aligns_embed_output(sim, standin, relion, tmp_path):
+    """relion_star_handler keeps every row; relion_stack_create --apply_transformation with
+    OUT.star's poses aligns the 128-px particles onto their class template."""
+    import mrcfile
+
+    from cryolatent.inference import embed
+
+    out = embed(standin, sim["dir"] / "raw.star", sim["dir"] / "relion_out.star", clusters=2)
+    res = relion("relion_star_handler", "--i", out, "--o", tmp_path / "copy.star",
+                 cwd=sim["dir"])
+    from cryolatent.io import read_star
+
+    copy = read_star(tmp_path / "copy.star")["particles"]
+    assert len(copy) == len(sim["cls"])
+    relion("relion_stack_create", "--i", out, "--o", tmp_path / "aligned",
+           "--apply_transformation", cwd=sim["dir"])
+    with mrcfile.open(tmp_path / "aligned.mrcs", permissive=True) as m:
+        aligned = np.asarray(m.data, dtype=np.float64)
+    with mrcfile.open(sim["dir"] / "particles.mrcs", permissive=True) as m:
+        raw = np.asarray(m.data, dtype=np.float64)
+    assert aligned.shape == raw.shape
+    inner = gaussian(BOX_RAW, 0, 0, 40) > 0.3
+
+    def corr(a, b):
+        return np.corrcoef(a[inner], b[inner])[0, 1]
+
+    labels = read_star(out)["particles"]["rlnClassNumber"].to_numpy()
+    for c in np.unique(labels):
+        sel = labels == c
+        true_cls = int(np.bincount(sim["cls"][sel]).argmax())
+        mean_al, mean_raw = aligned[sel].mean(0), raw[sel].mean(0)
+        r_al = np.array([corr(a, mean_al) for a in aligned[sel]])
+        r_raw = np.array([corr(a, mean_raw) for a in raw[sel]])
+        assert r_al.mean() > 0.9 and r_al.mean() > r_raw.mean() + 0.15, \
+            (c, r_al.mean(), r_raw.mean())
+        # and the aligned particles are the canonical template itself (RELION's convention)
+        r_canon = np.array([corr(a, sim["canon"][true_cls]) for a in aligned[sel]])
+        assert np.median(r_canon) > 0.9, np.median(r_canon)

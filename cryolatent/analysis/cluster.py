@@ -1,4 +1,5 @@
-"""Clustering of latent vectors into classes (``embed --clusters K``, ``--cluster-method``).
+"""Classes: clustering latent vectors (``embed --clusters K``, ``--cluster-method``) and
+selecting particles by class (``cryolatent select``).
 
 :func:`cluster_latents` takes the latent means ``z`` (N, D) and returns 0-based labels (N,).
 Every method is deterministic for a given ``seed``, and the labels are renumbered so that
@@ -23,11 +24,13 @@ Methods
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import CryolatentError
 
-__all__ = ["METHODS", "cluster_latents", "relabel_by_size"]
+__all__ = ["METHODS", "cluster_latents", "relabel_by_size", "parse_classes", "select_classes"]
 
 METHODS = ("kmeans", "agglomerative", "gmm")
 
@@ -120,3 +123,109 @@ def cluster_latents(z: np.ndarray, k: int, method: str = "kmeans", seed: int = 0
             gm.fit(z[sub])
             labels = np.concatenate([gm.predict(z[s:s + 65536]) for s in range(0, n, 65536)])
     return relabel_by_size(np.asarray(labels))
+
+
+# ============================================================================ select
+
+def parse_classes(text: str) -> list[int]:
+    """``"1,3,5-7"`` -> ``[1, 3, 5, 6, 7]`` (1-based class numbers, as rlnClassNumber)."""
+    import re
+
+    out: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise CryolatentError(f"--classes {text!r}: use class numbers like 1,3 or 2-5")
+        lo = int(m.group(1))
+        out.extend(range(lo, int(m.group(2)) + 1) if m.group(2) is not None else [lo])
+    if not out:
+        raise CryolatentError("--classes: give at least one class number (e.g. 1,3)")
+    bad = [c for c in out if c < 1]
+    if bad:
+        raise CryolatentError(f"--classes: class numbers start at 1 (got {bad[0]})")
+    return sorted(set(out))
+
+
+def select_classes(input: str | Path, classes, out: str | Path, invert: bool = False) -> Path:
+    """Keep (``invert``: drop) the particles of ``classes`` (1-based) and write them to ``out``.
+
+    input: a particle STAR with ``rlnClassNumber`` (e.g. ``cryolatent embed --clusters``
+    output, or a RELION Class2D ``_data.star``), or a cryoSPARC ``.cs`` with
+    ``alignments2D/class`` (0-based there: class c of ``--classes`` is ``alignments2D/class``
+    = c - 1). The output has the input's format (``out`` must end in ``.star`` / ``.cs``
+    accordingly): every column / field, the kept rows in input order, and for STAR the optics
+    table as it is (RELION 3.0 input is written in 3.1 layout, upgraded as RELION does).
+    Refuses to overwrite ``input`` and to write an empty selection. Returns ``out``.
+    """
+    import logging
+
+    log = logging.getLogger("cryolatent")
+    input, out = Path(input), Path(out)
+    if isinstance(classes, str):
+        classes = parse_classes(classes)
+    classes = sorted({int(c) for c in classes})
+    if not input.is_file():
+        raise CryolatentError(f"{input}: no such file")
+    kind = input.suffix.lower()
+    if kind not in (".star", ".cs"):
+        raise CryolatentError(f"{input}: select reads a .star or .cs particle file")
+    if out.suffix.lower() != kind:
+        raise CryolatentError(f"-o {out}: the output of a {kind} input must end in {kind}")
+    if out.resolve() == input.resolve():
+        raise CryolatentError(f"-o {out}: would overwrite the input; choose another name")
+
+    if kind == ".cs":
+        from ..io import read_cs, write_cs
+
+        arr = read_cs(input)
+        names = arr.dtype.names or ()
+        field = next((f for f in ("alignments2D/class", "alignments3D/class") if f in names),
+                     None)
+        if field is None:
+            raise CryolatentError(f"{input}: no alignments2D/class field (run cryolatent embed "
+                                  "--clusters K on it first)")
+        number = arr[field].astype(np.int64) + 1
+    else:
+        from ..io import read_star
+
+        blocks = read_star(input)
+        if "particles" in blocks:
+            table, optics = blocks["particles"], blocks.get("optics")
+        else:
+            cand = [b for b, df in blocks.items() if "rlnClassNumber" in df.columns]
+            if len(cand) != 1:
+                raise CryolatentError(f"{input}: no particle table with rlnClassNumber")
+            from ..io import upgrade_relion30
+
+            table, optics = upgrade_relion30(blocks[cand[0]])
+        if "rlnClassNumber" not in table.columns:
+            raise CryolatentError(f"{input}: column rlnClassNumber is missing (run cryolatent "
+                                  "embed --clusters K first)")
+        try:
+            number = table["rlnClassNumber"].to_numpy(dtype=np.float64).astype(np.int64)
+        except (TypeError, ValueError):
+            raise CryolatentError(f"{input}: rlnClassNumber holds non-numbers")
+
+    present = set(np.unique(number).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        log.warning("%s: no particle in class %s", input, ", ".join(map(str, missing)))
+    keep = np.isin(number, classes)
+    if invert:
+        keep = ~keep
+    nk = int(keep.sum())
+    if nk == 0:
+        raise CryolatentError(f"{input}: the selection is empty ({'dropping' if invert else 'keeping'}"
+                              f" classes {','.join(map(str, classes))} of "
+                              f"{','.join(map(str, sorted(present)))})")
+    if kind == ".cs":
+        write_cs(out, arr[keep])
+    else:
+        from ..inference import write_star_chunked
+
+        write_star_chunked(out, table.iloc[np.flatnonzero(keep)], optics)
+    log.info("%s: kept %d of %d particles (%s classes %s) -> %s", input, nk, len(keep),
+             "dropped" if invert else "kept", ",".join(map(str, classes)), out)
+    return out

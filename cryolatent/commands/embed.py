@@ -1,0 +1,44 @@
+"""``cryolatent embed RUNDIR INPUT -o OUT.star [--clusters K]`` (thin layer over
+:func:`cryolatent.inference.embed`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_METHODS = ("kmeans", "agglomerative", "gmm")
+
+
+@click.command("embed")
+@click.argument("rundir", type=click.Path(path_type=Path))
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="OUT.star (also writes OUT.z.npy, and OUT.cs when INPUT is .cs).")
+@click.option("--clusters", type=click.IntRange(min=1), default=None,
+              help="Cluster the latent means into K classes (rlnClassNumber 1..K).")
+@click.option("--cluster-method", type=click.Choice(_METHODS), default="kmeans",
+              show_default=True, help="k-means, agglomerative (Ward) or Gaussian mixture.")
+@click.option("--datadir", type=click.Path(path_type=Path), default=None,
+              help="Folder where INPUT's relative stack paths are looked up.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Particles per forward pass [default: the run's training batch size].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering.")
+def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed):
+    """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
+    (.star, .cs or .mrcs) with the trained model of RUNDIR.
+
+    INPUT may be the training set or the original particles it was made from (larger box):
+    these are Fourier-cropped and normalised on the fly as at training, and the origins are
+    written in Å, right for INPUT's pixel size. OUT.star keeps every input column and row, in
+    order, and adds rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst, cryolatentZ1..D (and
+    rlnClassNumber with --clusters).
+    """
+    from ..inference import embed
+    from ..utils import setup_logging
+
+    setup_logging()
+    embed(rundir, input, out, clusters=clusters, cluster_method=cluster_method,
+          batch_size=batch_size, device=device, datadir=datadir, seed=seed)
