@@ -361,27 +361,33 @@ def _quote(v: str) -> str:
 
 
 def _column_text(s: pd.Series) -> list[str]:
+    """Text of one column: shortest round-tripping floats (repr), ints, quoted strings."""
     dt = s.dtype
-    if pd.api.types.is_bool_dtype(dt):
+    if pd.api.types.is_bool_dtype(dt) and not s.isna().any():
         return ["1" if v else "0" for v in s.to_numpy()]
     if pd.api.types.is_integer_dtype(dt) and not s.isna().any():
-        return s.to_numpy().astype(np.int64).astype(str).tolist()
+        return list(map(str, s.to_numpy().astype(np.int64).tolist()))
     if pd.api.types.is_float_dtype(dt):
-        a = s.to_numpy(dtype=np.float64, na_value=np.nan) if s.dtype != np.float32 else \
-            s.to_numpy()
-        return a.astype(str).tolist()
+        a = s.to_numpy(dtype=np.float64, na_value=np.nan) if dt != np.float32 else s.to_numpy()
+        if a.dtype == np.float32:
+            return a.astype(str).tolist()  # shortest text that round-trips the float32
+        return list(map(repr, a.tolist()))
     if pd.api.types.is_integer_dtype(dt):  # nullable ints with NA
         return ["nan" if pd.isna(v) else str(int(v)) for v in s]
-    out = []
-    for v in s.tolist():
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-            out.append('""')
-        elif isinstance(v, (float, np.floating)):
-            out.append(repr(float(v)))
-        elif isinstance(v, (bytes, np.bytes_)):
-            out.append(_quote(v.decode()))
-        else:
-            out.append(_quote(str(v)))
+    vals = s.tolist()
+    txt = pd.Series(vals, dtype=object).map(
+        lambda v: v if isinstance(v, str) else ("" if v is None or v is pd.NA or
+                                                  (isinstance(v, float) and np.isnan(v))
+                                                  else v.decode() if isinstance(v, bytes)
+                                                  else repr(float(v)) if isinstance(v, float)
+                                                  else str(v))) \
+        if not all(type(v) is str for v in vals[:1000]) or \
+        any(type(v) is not str for v in vals) else pd.Series(vals, dtype=object)
+    out = txt.tolist()
+    special = ('"', "'", "_", "#", ";", "$", "data_", "loop_", "save_", "global_", "stop_")
+    for j, v in enumerate(out):
+        if len(v.split()) != 1 or v != v.strip() or v.startswith(special):
+            out[j] = _quote(v)
     return out
 
 
