@@ -1,0 +1,124 @@
+"""``cryolatent train INPUT -o RUNDIR --model {target-vae,irl-inr} ...``
+
+Options not given take the model's defaults (TARGET-VAE: lr 2e-4, batch 100, no weight
+decay; IRL-INR: lr 1e-4, batch 128, weight decay 5e-4) or, with ``--resume``, the values
+stored in RUNDIR/config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from ..config import TrainConfig
+
+#: defaults that differ by model (used when the option is not given)
+MODEL_DEFAULTS = {
+    "target-vae": {"lr": 2e-4, "batch_size": 100, "weight_decay": 0.0},
+    "irl-inr": {"lr": 1e-4, "batch_size": 128, "weight_decay": 5e-4},
+}
+
+# (option, TrainConfig field, click type, help); booleans become --x/--no-x flags
+_OPTIONS = [
+    ("--model", "model", click.Choice(["target-vae", "irl-inr"]), "Model to train."),
+    ("--rotations", "rotations", click.Choice(["4", "8", "16"]),
+     "TARGET-VAE: discrete rotations of the P_r group convolution [8]."),
+    ("--z-dim", "z_dim", int, "Latent dimension [2]."),
+    ("--epochs", "epochs", int, "Maximum number of epochs [100]."),
+    ("--batch-size", "batch_size", int, "Images per step [TARGET-VAE 100, IRL-INR 128]."),
+    ("--lr", "lr", float, "Adam learning rate [TARGET-VAE 2e-4, IRL-INR 1e-4]."),
+    ("--weight-decay", "weight_decay", float, "Adam weight decay [0; IRL-INR 5e-4]."),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N [auto]."),
+    ("--seed", "seed", int, "Random seed (split, initialisation, sampling) [0]."),
+    ("--val-fraction", "val_fraction", float, "Share of particles held out [0.1]."),
+    ("--lr-patience", "lr_patience", int, "Epochs without improvement before lr drops [10]."),
+    ("--lr-factor", "lr_factor", float, "Learning-rate drop factor [0.5]."),
+    ("--early-stop", "early_stop", int, "Stop after N epochs without improvement, 0 never [20]."),
+    ("--amp", "amp", click.Choice(["auto", "bf16", "off"]),
+     "Mixed precision: auto = bf16 autocast on CUDA [auto]."),
+    ("--compile", "compile", bool, "torch.compile the loss [off]."),
+    ("--num-workers", "num_workers", int, "Reader processes for sets too large for memory [2]."),
+    ("--ctf", "ctf", bool, "Put each particle's CTF in the likelihood (Gaussian) [off]."),
+    ("--enc-channels", "enc_channels", int, "TARGET-VAE group-conv filters [128]."),
+    ("--kernel", "kernel", int, "TARGET-VAE group-conv kernel px [smallest odd >= 0.6 box]."),
+    ("--enc-layers", "enc_layers", int, "TARGET-VAE 1x1 group-conv layers [3]."),
+    ("--gen-width", "gen_width", int, "TARGET-VAE generator width [512]."),
+    ("--gen-layers", "gen_layers", int, "TARGET-VAE generator hidden layers [2]."),
+    ("--gen-fourier-sigma", "gen_fourier_sigma", float,
+     "TARGET-VAE Fourier-feature sd, cycles/pixel [0.05]."),
+    ("--rotation-prior", "rotation_prior", click.Choice(["uniform", "normal"]),
+     "TARGET-VAE prior over the discrete rotations [uniform]."),
+    ("--rotation-prior-sd", "rotation_prior_sd", float,
+     "SD in degrees of the normal rotation prior [45]."),
+    ("--translation-prior", "translation_prior", float, "SD in px of the translation prior [5]."),
+    ("--translation-range", "translation_range", int,
+     "TARGET-VAE max |shift| px on the grid [min(box/2, 4 x prior SD)]."),
+    ("--likelihood", "likelihood", click.Choice(["auto", "bernoulli", "gaussian"]),
+     "auto: Bernoulli for images in [0, 1], else Gaussian [auto]."),
+    ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
+    ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [off]."),
+    ("--gumbel-tau", "gumbel_tau", float, "TARGET-VAE Gumbel-softmax temperature [1]."),
+    ("--enc-width", "enc_width", int, "IRL-INR ResNet-18 base width [64]."),
+    ("--hyper-width", "hyper_width", int, "IRL-INR hypernetwork width [256]."),
+    ("--hyper-layers", "hyper_layers", int, "IRL-INR hypernetwork layers [3]."),
+    ("--inr-width", "inr_width", int, "IRL-INR implicit network width [256]."),
+    ("--inr-layers", "inr_layers", int, "IRL-INR implicit network layers [3]."),
+    ("--fourier-features", "fourier_features", int, "Random Fourier features [256]."),
+    ("--fourier-sigma", "fourier_sigma", float, "IRL-INR Fourier-feature SD [2]."),
+    ("--lambda-recon", "lambda_recon", float, "IRL-INR reconstruction weight [1]."),
+    ("--lambda-consistency", "lambda_consistency", float, "IRL-INR consistency weight [1]."),
+    ("--lambda-symmetry", "lambda_symmetry", float, "IRL-INR symmetry weight [15]."),
+    ("--consistency-loss", "consistency_loss", click.Choice(["cosine", "mse"]),
+     "IRL-INR consistency loss [cosine]."),
+    ("--rotation-rule", "rotation_rule", click.Choice(["moments", "com"]),
+     "IRL-INR canonical rotation rule [moments]."),
+]
+
+
+def _add_options(f):
+    for opt, field, typ, helptext in reversed(_OPTIONS):
+        if typ is bool:
+            name = opt[2:]
+            f = click.option(f"--{name}/--no-{name}", field, default=None, help=helptext)(f)
+        else:
+            f = click.option(opt, field, type=typ, default=None, help=helptext)(f)
+    return f
+
+
+@click.command("train")
+@click.argument("input", type=click.Path(dir_okay=False))
+@click.option("-o", "--outdir", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Run folder (must be new or empty unless --resume).")
+@click.option("--datadir", type=click.Path(file_okay=False), default=None,
+              help="Folder where relative stack paths are looked up.")
+@click.option("--resume", is_flag=True, help="Continue RUNDIR from checkpoints/last.pt.")
+@_add_options
+@click.pass_context
+def command(ctx, input, outdir, datadir, resume, **opts):
+    """Train TARGET-VAE or IRL-INR on INPUT (.star, .cs or .mrcs)."""
+    from ..train import train
+    from ..utils import command_line
+
+    given = {k: v for k, v in opts.items()
+             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
+    stored = Path(outdir) / "config.json"
+    if resume and stored.exists():
+        cfg = TrainConfig.load(stored)
+    else:
+        model = given.get("model", "target-vae")
+        cfg = TrainConfig(model=model, **MODEL_DEFAULTS.get(model, {}))
+    if "rotations" in given:
+        given["rotations"] = int(given["rotations"])
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k, v in given.items():
+        if k in names:
+            setattr(cfg, k, v)
+    cfg.input, cfg.outdir = str(input), str(outdir)
+    if datadir is not None or not resume:
+        cfg.datadir = datadir
+    cfg.command = command_line()
+    rundir = train(cfg, resume=resume)
+    click.echo(str(rundir))

@@ -1,0 +1,262 @@
+"""Training data: one view of a particle set (file, ParticleSet or in-memory array), the seeded
+train/validation split and the per-epoch batches, resident on the device when they fit.
+
+Two ways of feeding the model:
+
+* **resident** — every image (and CTF, when used) is one tensor on the training device (GPU
+  memory, or RAM for the CPU). Batches are index_select-ed on the device from a per-epoch
+  permutation that is copied there once per epoch: no host round trip per step.
+* **streamed** — a ``torch.utils.data.DataLoader`` whose items are whole batches (sorted
+  indices, so memory-mapped stacks are read in order), read by worker processes and handed
+  over in pinned memory (non-blocking copies to the GPU).
+
+The order of the training particles in epoch ``e`` is a pure function of (seed, e), so a
+resumed run sees exactly the batches an uninterrupted run would have seen. A distributed
+version only has to shard :meth:`Batches.epoch_order` by rank (the sampler hook).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import CryolatentError, InputError
+
+log = logging.getLogger("cryolatent")
+
+
+class ParticleData:
+    """Uniform access to particle images and CTFs.
+
+    ``ParticleData.from_source(x)`` with x a path (.star/.cs/.mrcs, read with
+    :func:`cryolatent.io.load_particles`), a ParticleSet, a numpy array or a torch tensor
+    (n, box, box). ``images(idx)`` -> float32 (n, box, box) numpy; ``ctf(idx)`` -> float32
+    (n, box, box) torch tensor (unshifted FFT layout) or None when the set has no CTF.
+    """
+
+    def __init__(self, array: np.ndarray | None = None, particles=None, path=None,
+                 datadir=None, ctf_params=None, apix: float | None = None):
+        self._array = array
+        self._ps = particles
+        self._path, self._datadir = path, datadir
+        if array is not None:
+            self.n, self.box = int(array.shape[0]), int(array.shape[-1])
+        else:
+            self.n, self.box = len(particles), int(particles.box)
+        self.apix = apix
+        self.ctf_params = ctf_params
+
+    @classmethod
+    def from_source(cls, source, datadir=None) -> "ParticleData":
+        if isinstance(source, ParticleData):
+            return source
+        if isinstance(source, torch.Tensor):
+            source = source.detach().cpu().numpy()
+        if isinstance(source, np.ndarray):
+            if source.ndim != 3 or source.shape[1] != source.shape[2]:
+                raise InputError(f"images must be (n, box, box), got {source.shape}")
+            return cls(array=np.ascontiguousarray(source, dtype=np.float32))
+        if isinstance(source, (str, os.PathLike)):
+            from .io import load_particles
+
+            if not str(source):
+                raise InputError("no particle file given")
+            ps = load_particles(source, datadir=datadir)
+            return cls._from_ps(ps, path=source, datadir=datadir)
+        if hasattr(source, "images") and hasattr(source, "box"):
+            return cls._from_ps(source)
+        raise InputError(f"cannot read particles from {type(source).__name__}")
+
+    @classmethod
+    def _from_ps(cls, ps, path=None, datadir=None) -> "ParticleData":
+        try:
+            params = ps.ctf()
+        except Exception as e:  # a malformed CTF column is only an error if the CTF is used
+            log.warning("CTF parameters unusable (%s); training without the CTF is possible", e)
+            params = None
+        apix = None
+        try:
+            apix = float(ps.apix)
+        except Exception:
+            pass
+        return cls(particles=ps, path=path, datadir=datadir, ctf_params=params, apix=apix)
+
+    # -- pickling for DataLoader workers: reopen the file instead of copying the set
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        if d["_path"] is not None:
+            d["_ps"] = None
+        return d
+
+    def _particles(self):
+        if self._ps is None:
+            from .io import load_particles
+
+            self._ps = load_particles(self._path, datadir=self._datadir)
+        return self._ps
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def has_ctf(self) -> bool:
+        return self.ctf_params is not None and self.apix is not None
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.box * self.box * 4
+
+    def images(self, idx) -> np.ndarray:
+        """float32 (n, box, box) for an int array of indices (any order)."""
+        if self._array is not None:
+            return self._array[idx]
+        return np.asarray(self._particles().images(np.asarray(idx)), dtype=np.float32)
+
+    def ctf(self, idx, device=None) -> torch.Tensor | None:
+        if not self.has_ctf:
+            return None
+        from .ctf import compute_ctf
+
+        return compute_ctf(self.ctf_params, self.box, self.apix, idx=np.asarray(idx),
+                           device=device, dtype=torch.float32)
+
+    def value_range(self, sample: int = 1000, seed: int = 0) -> tuple[float, float]:
+        """(min, max) over up to ``sample`` random images."""
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(self.n, size=min(sample, self.n), replace=False))
+        x = self.images(idx)
+        return float(x.min()), float(x.max())
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split: (train_idx, val_idx), each sorted int64."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Items are whole batches: index array -> (images (b, D, D), ctf or empty tensor)."""
+
+    def __init__(self, data: ParticleData, with_ctf: bool):
+        self.data, self.with_ctf = data, with_ctf
+
+    def __len__(self):  # pragma: no cover - sampler-driven
+        return self.data.n
+
+    def __getitem__(self, idx):
+        idx = np.sort(np.asarray(idx))
+        x = torch.from_numpy(self.data.images(idx))
+        c = self.data.ctf(idx) if self.with_ctf else torch.empty(0)
+        return x, c
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+class Batches:
+    """Per-epoch batches for training and validation on ``device``.
+
+    ``resident``: None decides from the size (images [+ CTFs] up to 40 % of the free GPU
+    memory, or 50 % of the free RAM for the CPU).
+    """
+
+    def __init__(self, data: ParticleData, train_idx: np.ndarray, val_idx: np.ndarray,
+                 batch_size: int, device: torch.device, seed: int, with_ctf: bool = False,
+                 num_workers: int = 2, resident: bool | None = None, drop_last: bool = True):
+        self.data, self.device, self.seed = data, device, seed
+        self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
+        self.batch_size, self.with_ctf, self.num_workers = batch_size, with_ctf, num_workers
+        self.drop_last = drop_last and len(self.train_idx) >= batch_size
+        need = data.nbytes * (2 if with_ctf else 1)
+        if resident is None:
+            frac = 0.4 if device.type == "cuda" else 0.5
+            resident = need <= frac * _free_memory(device)
+        self.resident = resident
+        if resident:
+            self._load_resident()
+        log.info("data: %d particles of %d px, %s", data.n, data.box,
+                 f"resident on {device}" if resident else
+                 f"streamed ({num_workers} workers)")
+
+    def _load_resident(self) -> None:
+        d = self.data
+        self.x = torch.empty((d.n, d.box, d.box), dtype=torch.float32, device=self.device)
+        self.c = (torch.empty((d.n, d.box, d.box), dtype=torch.float32, device=self.device)
+                  if self.with_ctf else None)
+        step = max(1, (64 << 20) // max(1, d.box * d.box * 4))
+        for i in range(0, d.n, step):
+            idx = np.arange(i, min(d.n, i + step))
+            self.x[i:i + len(idx)] = torch.from_numpy(d.images(idx)).to(self.device)
+            if self.c is not None:
+                self.c[i:i + len(idx)] = d.ctf(idx, device=self.device)
+
+    # ------------------------------------------------------------------ orders
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Training indices in the order of epoch ``epoch`` (a function of seed and epoch).
+        DDP hook: shard this with ``[rank::world_size]``."""
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(len(self.train_idx), generator=g).numpy()
+        return self.train_idx[perm]
+
+    def n_train_batches(self) -> int:
+        n, b = len(self.train_idx), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _chunks(self, order: np.ndarray, drop_last: bool) -> list[np.ndarray]:
+        b = self.batch_size
+        stop = (len(order) // b) * b if drop_last else len(order)
+        return [order[i:i + b] for i in range(0, stop, b)]
+
+    def train(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return self._iterate(self._chunks(self.epoch_order(epoch), self.drop_last))
+
+    def val(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return self._iterate(self._chunks(self.val_idx, False))
+
+    def _iterate(self, chunks: list[np.ndarray]):
+        if not chunks:
+            return
+        if self.resident:
+            lens = [len(c) for c in chunks]
+            flat = torch.from_numpy(np.concatenate(chunks)).to(self.device, non_blocking=True)
+            for part in torch.split(flat, lens):  # device-side slices: no host sync
+                x = self.x.index_select(0, part)
+                c = self.c.index_select(0, part) if self.c is not None else None
+                yield x, c
+            return
+        cuda = self.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(self.data, self.with_ctf), batch_size=None, sampler=chunks,
+            num_workers=self.num_workers, pin_memory=cuda,
+            persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None)
+        for x, c in loader:
+            x = x.to(self.device, non_blocking=True)
+            c = c.to(self.device, non_blocking=True) if self.with_ctf else None
+            yield x, c
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available else cpu; checks that a requested GPU exists."""
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CryolatentError(f"--device {name}: no CUDA GPU is available here")
+    return dev
+
+
+__all__ = ["ParticleData", "Batches", "split_indices", "resolve_device"]
