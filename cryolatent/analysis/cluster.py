@@ -217,9 +217,11 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
         keep = ~keep
     nk = int(keep.sum())
     if nk == 0:
+        have = sorted(present)
+        have_s = ",".join(map(str, have[:12])) + (",..." if len(have) > 12 else "")
         raise CryolatentError(f"{input}: the selection is empty ({'dropping' if invert else 'keeping'}"
-                              f" classes {','.join(map(str, classes))} of "
-                              f"{','.join(map(str, sorted(present)))})")
+                              f" classes {','.join(map(str, classes))}; the file has classes "
+                              f"{have_s})")
     if kind == ".cs":
         write_cs(out, arr[keep])
     else:
