@@ -1,0 +1,187 @@
+"""Training loop: the loss falls, checkpoints round-trip, resume equals an uninterrupted run,
+non-finite steps are skipped, the CLI refuses a used folder, streamed data equal resident."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cryolatent.config import TrainConfig
+from cryolatent.data import Batches, ParticleData, split_indices
+from cryolatent.errors import CryolatentError
+from cryolatent.train import StepRunner, load_run, make_optimizer, train
+
+D = 16
+
+
+def bars(n=200, seed=0) -> np.ndarray:
+    """n images of an L-shaped object in [0, 1], random angle, small random shift."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:D, :D] - D // 2
+    out = np.zeros((n, D, D), np.float32)
+    for i in range(n):
+        a = rng.uniform(0, 2 * np.pi)
+        cx, cy = rng.normal(0, 1.0, 2)
+        c, s = np.cos(a), np.sin(a)
+        X = c * (xx - cx) + s * (yy - cy)
+        Y = -s * (xx - cx) + c * (yy - cy)
+        out[i] = (((np.abs(X) < 5) & (np.abs(Y) < 1.5))
+                  | ((np.abs(X - 4) < 1.5) & (np.abs(Y - 2) < 3))).astype(np.float32)
+    return out
+
+
+def small_cfg(outdir, **kw) -> TrainConfig:
+    base = dict(outdir=str(outdir), epochs=3, batch_size=25, lr=2e-3, enc_channels=8,
+                kernel=7, translation_range=3, rotations=4, gen_width=32, gen_layers=1,
+                fourier_features=16, z_dim=2, translation_prior=1.5, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return bars()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscription is slower than one thread
+    yield
+    torch.set_num_threads(n)
+
+
+def rows(rundir):
+    with open(rundir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_falls_and_run_folder(tmp_path, images):
+    rundir = train(small_cfg(tmp_path / "run", epochs=4, command="cryolatent train x"),
+                   data=images)
+    r = rows(rundir)
+    assert [int(x["epoch"]) for x in r] == [1, 2, 3, 4]
+    assert all(int(x["images"]) == 175 for x in r)  # 180 train particles, drop_last at 25
+    for k in ("train_loss", "train_recon", "train_kl", "val_loss", "lr", "images_per_s",
+              "seconds"):
+        assert k in r[0]
+    assert float(r[-1]["train_loss"]) < 0.8 * float(r[0]["train_loss"])
+    assert float(r[-1]["val_loss"]) < float(r[0]["val_loss"])
+    cfg = json.loads((rundir / "config.json").read_text())
+    assert cfg["seed"] == 0 and cfg["command"] == "cryolatent train x"
+    assert cfg["likelihood"] == "bernoulli"  # auto-resolved from [0, 1] data
+    assert (rundir / "run.log").exists()
+    assert (rundir / "checkpoints" / "last.pt").exists()
+    assert (rundir / "checkpoints" / "best.pt").exists()
+
+    # weights_only load and the checkpoint's contents
+    ck = torch.load(rundir / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 4 and ck["config"]["z_dim"] == 2 and ck["box"] == D
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(ck)
+
+    # load_run gives the trained model
+    model, cfg2 = load_run(rundir, "cpu", which="last")
+    assert cfg2.likelihood == "bernoulli"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ck["model"][k], rtol=0, atol=0)
+    inf = model.infer(torch.from_numpy(images[:8]))
+    assert inf.z_mean.shape == (8, 2)
+
+    # a used run folder is refused without resume
+    with pytest.raises(CryolatentError, match="not empty"):
+        train(small_cfg(tmp_path / "run"), data=images)
+
+
+def test_resume_equals_uninterrupted(tmp_path, images):
+    a = train(small_cfg(tmp_path / "a", epochs=3), data=images)
+    b = train(small_cfg(tmp_path / "b", epochs=2), data=images)
+    b = train(small_cfg(tmp_path / "b", epochs=3), data=images, resume=True)
+    ca = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    cb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    assert ca["epoch"] == cb["epoch"] == 3
+    for k in ca["model"]:
+        torch.testing.assert_close(cb["model"][k], ca["model"][k], rtol=0, atol=0)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=0, atol=0)
+    assert torch.equal(ca["rng"]["cpu"], cb["rng"]["cpu"])
+    ra, rb = rows(a), rows(b)
+    assert [x["train_loss"] for x in ra] == [x["train_loss"] for x in rb]
+
+
+def test_nonfinite_steps_are_skipped():
+    torch.manual_seed(0)
+    cfg = small_cfg("unused", likelihood="bernoulli")
+    from cryolatent.models import build_model
+
+    model = build_model(cfg, D)
+    opt, _ = make_optimizer(model, cfg)
+    runner = StepRunner(model, opt, torch.device("cpu"))
+    x = torch.from_numpy(bars(25))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    for _ in range(3):
+        out = runner.train_step(bad)
+        assert not torch.isfinite(out["loss"])
+    for k, v in model.state_dict().items():  # untouched by the NaN steps
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert runner.read_bad() == 3
+    runner.train_step(x)
+    assert int(runner.bad_run) == 0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_streamed_batches_equal_resident(images):
+    data = ParticleData.from_source(images)
+    tr, va = split_indices(len(data), 0.1, seed=3)
+    assert len(va) == 20 and len(np.intersect1d(tr, va)) == 0
+    kw = dict(batch_size=30, device=torch.device("cpu"), seed=3, num_workers=0)
+    res = Batches(data, tr, va, resident=True, **kw)
+    st = Batches(data, tr, va, resident=False, **kw)
+    for (xa, _), (xb, _) in zip(res.train(5), st.train(5)):
+        # streamed batches read sorted indices: same set of images per batch
+        ka = sorted(map(bytes, xa.numpy().reshape(len(xa), -1)))
+        kb = sorted(map(bytes, xb.numpy().reshape(len(xb), -1)))
+        assert ka == kb
+    assert sum(len(x) for x, _ in res.val()) == 20
+    assert not np.array_equal(res.epoch_order(0), res.epoch_order(1))
+    np.testing.assert_array_equal(res.epoch_order(4), st.epoch_order(4))
+
+
+def test_cli_refuses_nonempty_and_resolves_model_defaults(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cryolatent.commands import train as cmd
+
+    seen = {}
+
+    def fake_train(cfg, resume=False):
+        seen["cfg"], seen["resume"] = cfg, resume
+        return tmp_path
+
+    monkeypatch.setattr("cryolatent.train.train", fake_train)
+    r = CliRunner().invoke(cmd.command, ["in.star", "-o", str(tmp_path / "r"), "--model",
+                                         "irl-inr", "--rotations", "16", "--no-ctf"])
+    assert r.exit_code == 0, r.output
+    c = seen["cfg"]
+    assert (c.lr, c.batch_size, c.weight_decay) == (1e-4, 128, 5e-4)
+    assert c.rotations == 16 and c.model == "irl-inr" and c.ctf is False
+    r = CliRunner().invoke(cmd.command, ["in.star", "-o", str(tmp_path / "r"), "--lr", "1e-3"])
+    c = seen["cfg"]
+    assert (c.lr, c.batch_size, c.weight_decay, c.model) == (1e-3, 100, 0.0, "target-vae")
+
+
+def test_cli_nonempty_rundir_error(tmp_path, capsys):
+    from cryolatent.cli import main
+
+    (tmp_path / "junk.txt").write_text("x")
+    rc = main(["train", str(tmp_path / "missing.mrcs"), "-o", str(tmp_path)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and len(err.strip().splitlines()) == 1
