@@ -78,7 +78,8 @@ def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_
 
     psi_deg: (N,) degrees; shift_px: (N, 2); apix_input: scalar or (N,) (per-particle pixel
     size, e.g. from several optics groups). Returns ``psi_deg`` (N,) float64 wrapped to
-    [0, 360) and ``origin_angst`` (N, 2) float64 = (rlnOriginXAngst, rlnOriginYAngst).
+    (-180, 180] as RELION writes it, and ``origin_angst`` (N, 2) float64 =
+    (rlnOriginXAngst, rlnOriginYAngst).
     """
     psi = np.asarray(psi_deg, dtype=np.float64).reshape(-1)
     shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
@@ -88,7 +89,9 @@ def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_
         raise ValueError("boxes must be >= 1")
     apix_model = np.asarray(apix_input, dtype=np.float64) * (box_input / box_model)
     origin = shift * (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
-    return np.mod(psi, 360.0), origin
+    from .pose import wrap_deg_180
+
+    return np.asarray(wrap_deg_180(psi), dtype=np.float64), origin
 
 
 # ============================================================================ output files
@@ -589,7 +592,7 @@ def _same_file(a, b) -> bool:
 def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int | None = None,
           cluster_method: str = "kmeans", batch_size: int | None = None,
           device: str = "auto", datadir: str | Path | None = None, seed: int = 0,
-          checkpoint: str | Path | None = None) -> Path:
+          checkpoint: str = "best") -> Path:
     """Embed every particle of ``input`` with the model of ``rundir``; returns OUT.star's path.
 
     rundir: a ``cryolatent train`` run folder; input: .star / .cs / .mrcs; out: OUT.star
@@ -597,7 +600,8 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     .cs input); clusters: K classes from the latent means (``rlnClassNumber`` 1..K) with
     ``cluster_method`` (kmeans | agglomerative | gmm, seeded by ``seed``); batch_size:
     particles per forward pass (default: the run's training batch size); device: auto | cpu |
-    cuda | cuda:N; datadir: where INPUT's relative stack paths are looked up.
+    cuda | cuda:N; datadir: where INPUT's relative stack paths are looked up; checkpoint:
+    "best" (lowest validation loss) or "last".
     """
     from .analysis.cluster import METHODS, cluster_latents
     from .io import load_particles
@@ -682,13 +686,16 @@ def _warn_kept_columns(df, clustering: bool) -> None:
         log.warning("INPUT has rlnClassNumber; kept as it is (give --clusters K to replace it)")
 
 
-def _load_run(rundir: Path, device: torch.device, checkpoint=None):
+def _load_run(rundir: Path, device: torch.device, checkpoint: str = "best"):
     """(model on ``device`` in eval mode, TrainConfig) of a run folder."""
     from . import train
 
-    if checkpoint is not None:
-        model, cfg = train.load_run(rundir, device, checkpoint=checkpoint)  # type: ignore[call-arg]
-    else:
-        model, cfg = train.load_run(rundir, device)
+    if checkpoint not in ("best", "last"):
+        raise CryolatentError(f"--checkpoint {checkpoint!r}: choose best or last")
+    ckdir = Path(rundir) / "checkpoints"
+    if not (ckdir / "best.pt").exists() and not (ckdir / "last.pt").exists():
+        raise CryolatentError(f"{rundir}: no checkpoints/best.pt or last.pt (not a finished "
+                              "cryolatent train run?)")
+    model, cfg = train.load_run(rundir, device, which=checkpoint)
     model.eval()
     return model, cfg

@@ -63,7 +63,9 @@ def test_model_pose_to_input_formula_and_wrapping():
     psi, origin = model_pose_to_input(np.array([-30.0, 370.0, 0.0]),
                                       np.array([[1.0, 2.0], [-3.0, 0.5], [0.0, 0.0]]),
                                       box_model=64, box_input=256, apix_input=1.1)
-    np.testing.assert_allclose(psi, [330.0, 10.0, 0.0])
+    np.testing.assert_allclose(psi, [-30.0, 10.0, 0.0])          # RELION's (-180, 180]
+    assert model_pose_to_input([180.0, -180.0], [[0, 0], [0, 0]], 8, 8, 1.0)[0].tolist() \
+        == [180.0, 180.0]
     np.testing.assert_allclose(origin, np.array([[1.0, 2.0], [-3.0, 0.5], [0, 0]]) * 1.1 * 4)
     # per-particle pixel size (several optics groups)
     _, o = model_pose_to_input([0, 0], [[1, 1], [1, 1]], 64, 64, np.array([1.0, 2.0]))
@@ -247,7 +249,7 @@ def standin(sim, monkeypatch):
     from cryolatent.config import TrainConfig
 
     cfg = TrainConfig(input=str(sim["prep"]), z_dim=2, batch_size=7)
-    monkeypatch.setattr(inf, "_load_run", lambda rundir, device, checkpoint=None:
+    monkeypatch.setattr(inf, "_load_run", lambda rundir, device, checkpoint="best":
                         (sim["model"].to(device), cfg))
     rundir = sim["dir"] / "run"
     rundir.mkdir(exist_ok=True)
@@ -416,3 +418,45 @@ def test_relion_reads_and_aligns_embed_output(sim, standin, relion, tmp_path):
         # and the aligned particles are the canonical template itself (RELION's convention)
         r_canon = np.array([corr(a, sim["canon"][true_cls]) for a in aligned[sel]])
         assert np.median(r_canon) > 0.9, np.median(r_canon)
+
+
+# ================================================================ end to end, real chain
+@pytest.mark.slow
+def test_end_to_end_simulate_train_embed_original_and_training_set(tmp_path, shared_data):
+    """simulate (MNIST, 48 px) -> preprocess to 24 px -> train a tiny TARGET-VAE -> embed the
+    48-px originals and the 24-px training set: the on-the-fly crop + normalisation feeds
+    the model the training images, so both give the same psi, the same origins in Å and the
+    same latents, and every row comes back in order."""
+    from cryolatent.config import TrainConfig
+    from cryolatent.inference import embed
+    from cryolatent.io import read_star
+    from cryolatent.preprocess import preprocess
+    from cryolatent.simulate.mnist import simulate_mnist
+    from cryolatent.train import train
+
+    star = simulate_mnist(tmp_path / "sim", n=96, box=48, seed=1,
+                          mnist=shared_data / "mnist" / "mnist.npz")
+    preprocess(star, tmp_path / "prep", box=24)
+    cfg = TrainConfig(input=str(tmp_path / "prep" / "particles.star"), outdir=str(tmp_path / "run"),
+                      model="target-vae", epochs=1, batch_size=32, z_dim=2, rotations=4,
+                      enc_channels=8, enc_layers=1, gen_width=32, gen_layers=1,
+                      fourier_features=16, device="cpu", num_workers=0)
+    train(cfg)
+    o1 = embed(tmp_path / "run", star, tmp_path / "o1.star", clusters=3, device="cpu")
+    o2 = embed(tmp_path / "run", tmp_path / "prep" / "particles.star", tmp_path / "o2.star",
+               device="cpu")
+    a, b = read_star(o1)["particles"], read_star(o2)["particles"]
+    truth = read_star(star)["particles"]
+    assert a["rlnImageName"].tolist() == truth["rlnImageName"].tolist()
+    assert b["rlnImageOriginalName"].tolist() == truth["rlnImageName"].tolist()
+    for c in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "cryolatentZ1", "cryolatentZ2"):
+        assert np.isfinite(a[c]).all()
+    # the same decisions from the originals and from the training set (up to rare ties)
+    same = np.isclose(_circ_diff(a["rlnAnglePsi"], b["rlnAnglePsi"]), 0, atol=1e-2) \
+        & np.isclose(a["rlnOriginXAngst"], b["rlnOriginXAngst"], atol=1e-3) \
+        & np.isclose(a["rlnOriginYAngst"], b["rlnOriginYAngst"], atol=1e-3)
+    assert same.mean() > 0.95
+    np.testing.assert_allclose(a["cryolatentZ1"], b["cryolatentZ1"], atol=1e-2, rtol=1e-3)
+    assert set(a["rlnClassNumber"]) == {1, 2, 3}
+    z = np.load(tmp_path / "o1.z.npy")
+    np.testing.assert_array_equal(z[:, 1], a["cryolatentZ2"].to_numpy(np.float32))
