@@ -391,15 +391,17 @@ def _column_text(s: pd.Series) -> list[str]:
     return out
 
 
-def _loop_text(name: str, df: pd.DataFrame) -> str:
-    parts = [f"# version 30001\n\ndata_{name}\n\nloop_\n"]
-    parts += [f"_{str(c).lstrip('_')} #{i + 1}\n" for i, c in enumerate(df.columns)]
-    if len(df) and len(df.columns):
-        cols = [_column_text(df[c]) for c in df.columns]
-        parts.append("\n".join(map(" ".join, zip(*cols))))
-        parts.append("\n")
-    parts.append("\n")
-    return "".join(parts)
+def _write_loop(f, name: str, df: pd.DataFrame, chunk: int = 65536) -> None:
+    """Write one block as a loop, formatting ``chunk`` rows at a time (bounded memory)."""
+    f.write(f"# version 30001\n\ndata_{name}\n\nloop_\n")
+    f.write("".join(f"_{str(c).lstrip('_')} #{i + 1}\n" for i, c in enumerate(df.columns)))
+    if len(df.columns):
+        for s in range(0, len(df), chunk):
+            part = df.iloc[s:s + chunk]
+            cols = [_column_text(part[c]) for c in df.columns]
+            f.write("\n".join(map(" ".join, zip(*cols))))
+            f.write("\n")
+    f.write("\n")
 
 
 def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, pd.DataFrame]) -> Path:
@@ -411,10 +413,12 @@ def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, pd.DataFrame
         dup = df.columns[df.columns.duplicated()]
         if len(dup):
             raise InputError(f"{path}: column {dup[0]} appears twice in block {name}")
-    text = "\n" + "".join(_loop_text(n, df) for n, df in blocks.items() if df is not None)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            f.write("\n")
+            for n, df in blocks.items():
+                if df is not None:
+                    _write_loop(f, n, df)
     return path
 
 
