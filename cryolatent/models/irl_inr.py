@@ -390,6 +390,21 @@ class IRLINR(LatentModel):
         p = p.expand(z.shape[0], -1, -1)
         return render_inr(p, self.hyper.freqs, self.hyper(z)).reshape(-1, size, size)
 
+    def consistency_views(self, images: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Two independently rotated and shifted copies of every image, made on the device.
+
+        images: (B, N, N). Each of the 2B views gets its own angle ~ U(0, 2 pi) and shift
+        ~ N(0, (consistency_shift * N)^2) px: ``views[k*B + i](x) = images[i](R(a)(x + s))``.
+        Returns views (2B, N, N), rot (2B, 2) (cos a, sin a), shift (2B, 2) px.
+        """
+        B, N, _ = images.shape
+        dev = images.device
+        ang = torch.rand(2 * B, device=dev) * (2 * math.pi)
+        rot = torch.stack([torch.cos(ang), torch.sin(ang)], -1)
+        shift = torch.randn(2 * B, 2, device=dev) * (self.consistency_shift * N)
+        return warp_images(images.repeat(2, 1, 1), rot, shift), rot, shift
+
     def symmetry_loss(self, images: torch.Tensor, rot: torch.Tensor, tau: torch.Tensor
                       ) -> torch.Tensor:
         """Per-image symmetry-breaking loss (B,) for predicted rot (B, 2) unit, tau (B, 2)."""
@@ -411,11 +426,7 @@ class IRLINR(LatentModel):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, N, N); ctf optional (B, N, N) unshifted-FFT CTF applied to the rendering."""
         B, N, _ = images.shape
-        dev = images.device
-        ang = torch.rand(2 * B, device=dev) * (2 * math.pi)           # a different angle per view
-        rot = torch.stack([torch.cos(ang), torch.sin(ang)], -1)
-        shift = torch.randn(2 * B, 2, device=dev) * (self.consistency_shift * N)
-        views = warp_images(images.repeat(2, 1, 1), rot, shift)      # (2B, N, N)
+        views, _, _ = self.consistency_views(images)                   # (2B, N, N)
         allx = torch.cat([images.float(), views], 0)                   # (3B, N, N)
         z, u, tau = self.encode(allx)
         pred = self.render(z[:B], u[:B], tau[:B], N).float()
