@@ -1,103 +1,144 @@
 """Particle preprocessing: Fourier cropping, RELION-style normalisation, contrast inversion and
 phase flipping, plus :func:`preprocess`, which streams a whole particle set through them.
 
-All image transforms are pure functions on ``(n, D, D)`` arrays (numpy or torch; the result
-has the input's type). Frequencies follow ``torch.fft`` ordering; the real-space centre of an
-image is ``(D//2, D//2)`` (RELION's convention).
+All image transforms are pure functions on ``(n, D, D)`` arrays, numpy or torch (the result
+has the input's type and floating dtype; integer input becomes float32). The numpy path never
+imports torch, so ``cryolatent preprocess`` without ``--phase-flip`` starts fast. Frequencies
+follow ``numpy.fft`` / ``torch.fft`` ordering; the real-space centre of an image is
+``(D//2, D//2)`` (RELION's convention).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import functools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
-import torch
 
-from .errors import CryolatentError, InputError
+from .errors import InputError
 
-__all__ = ["fourier_crop", "normalize", "invert", "phase_flip", "preprocess",
+__all__ = ["fourier_crop", "normalize", "invert", "phase_flip", "preprocess", "crop_matrix",
            "PreprocessResult", "background_mask"]
 
 log = logging.getLogger("cryolatent")
 
 
-def _as_tensor(x) -> tuple[torch.Tensor, bool]:
-    if isinstance(x, torch.Tensor):
-        return x, False
-    return torch.from_numpy(np.ascontiguousarray(x)), True
+def _is_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _back(t: torch.Tensor, was_numpy: bool):
-    return t.numpy() if was_numpy else t
+def _float_np(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    return a
 
 
-def _crop_spectrum(images: torch.Tensor, d: int, sign: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """Core of :func:`fourier_crop` (and of the phase flip inside :func:`preprocess`).
+@functools.lru_cache(maxsize=16)
+def crop_matrix(D: int, d: int) -> np.ndarray:
+    """The 1-D Fourier-crop operator as a real ``(d, D)`` float64 matrix ``A``.
 
-    images: (n, D, D) real; d: new box (<= D); sign: optional (n, d, d//2+1) multiplier applied
-    to the cropped half-spectrum (rfft layout on the d-grid). Returns (n, d, d) real.
+    ``A @ v`` keeps the frequencies ``|k| <= d/2`` of the length-D signal v and samples its
+    band-limited interpolant on the d-grid (scaled so a constant stays the same constant); for
+    even d < D the d-grid's Nyquist bin receives ``F[+d/2] + F[-d/2]`` (they alias there).
+    The 2-D crop is separable: ``A @ x @ A.T``.
     """
-    n, D, D2 = images.shape
-    if D != D2:
-        raise ValueError(f"images must be square, got {D}x{D2}")
-    if d > D or d < 1:
+    if not 1 <= d <= D:
         raise ValueError(f"new box {d} must lie in 1..{D}")
-    work = torch.float64 if images.dtype == torch.float64 else torch.float32
-    x = images.to(work)
+    if d == D:
+        return np.eye(D)
+    F = np.fft.fft(np.eye(D), axis=0)                      # (D, D): DFT of each unit vector
+    h = d // 2
+    G = np.zeros((d, D), dtype=np.complex128)
+    if d % 2 == 0:
+        G[:h] = F[:h]                                      # 0 .. h-1
+        G[h + 1:] = F[D - h + 1:]                          # -(h-1) .. -1
+        G[h] = F[h] + F[D - h]                             # +h and -h alias on the d-grid
+    else:
+        G[:h + 1] = F[:h + 1]
+        G[h + 1:] = F[D - h:]
+    return np.fft.ifft(G, axis=0).real * (d / D)
+
+
+def _crop_np(x: np.ndarray, d: int) -> np.ndarray:
+    """(n, D, D) float32/64 -> (n, d, d): ``A @ x @ A.T`` as two large GEMMs."""
+    n, D, _ = x.shape
+    At = np.ascontiguousarray(crop_matrix(D, d).T, dtype=x.dtype)     # (D, d)
+    y = (np.ascontiguousarray(x).reshape(n * D, D) @ At).reshape(n, D, d)
+    z = np.ascontiguousarray(y.transpose(0, 2, 1)).reshape(n * d, D) @ At
+    return np.ascontiguousarray(z.reshape(n, d, d).transpose(0, 2, 1))
+
+
+def _crop_torch(x, d: int):
+    """torch version: GEMMs on the CPU; on accelerators FFTs (TF32 matrix products would lose
+    precision). Same result as :func:`_crop_np`."""
+    import torch
+
+    n, D, _ = x.shape
+    if x.device.type == "cpu":
+        At = torch.from_numpy(np.ascontiguousarray(crop_matrix(D, d).T)).to(x.dtype)
+        y = (x.reshape(n * D, D) @ At).view(n, D, d)
+        z = y.transpose(1, 2).reshape(n * d, D) @ At
+        return z.view(n, d, d).transpose(1, 2).contiguous()
+    return _crop_torch_fft(x, d)
+
+
+def _crop_torch_fft(x, d: int):
+    """FFT crop, (n, D, D) real tensor -> (n, d, d); equals ``A @ x @ A.T``."""
+    import torch
+
+    D = x.shape[-1]
     h = d // 2
     ncol = h + 1 if d % 2 == 0 else (d + 1) // 2
-    # 1. real FFT along x (columns), keep only the columns the d-grid needs
-    fx = torch.fft.rfft(x, dim=-1)[..., :ncol]                      # (n, D, ncol)
-    # 2. complex FFT along y (rows), keep rows 0..h-1 and -h..-1 (+h folded onto -h for even d)
-    fy = torch.fft.fft(fx, dim=-2)                                  # (n, D, ncol)
-    if d == D:
-        g = fy
-    elif d % 2 == 0:
-        g = torch.cat([fy[:, :h], fy[:, D - h:]], dim=1)            # (n, d, ncol)
-        # the d-grid's Nyquist row holds both +h and -h of the finer grid (they alias)
-        g[:, h] += fy[:, h]
+    fy = torch.fft.fft(torch.fft.rfft(x, dim=-1)[..., :ncol], dim=-2)   # (n, D, ncol)
+    if d % 2 == 0:
+        g = torch.cat([fy[:, :h], fy[:, D - h:]], dim=1)              # (n, d, ncol)
+        g[:, h] += fy[:, h]      # the d-grid's Nyquist row holds +h and -h (they alias)
+        g[..., h] *= 2           # irfft reads the Nyquist column once; -h = conj(+h)
     else:
         g = torch.cat([fy[:, :h + 1], fy[:, D - h:]], dim=1)
-    if d % 2 == 0 and d < D:
-        # same for the Nyquist column; irfft reads it once (real part), while the finer grid
-        # holds +h and -h = conj(+h) for a real image: double it
-        g[..., h] *= 2
-    if sign is not None:
-        g = g * sign
-    out = torch.fft.irfft(torch.fft.ifft(g, dim=-2), n=d, dim=-1)  # (n, d, d)
-    if d != D:
-        out.mul_((d / D) ** 2)
-    return out
+    return torch.fft.irfft(torch.fft.ifft(g, dim=-2), n=d, dim=-1).mul_((d / D) ** 2)
 
 
 def fourier_crop(images, new_box: int):
-    """Fourier-crop (downsample) ``images`` (n, D, D) to ``(n, d, d)``, d = ``new_box`` <= D.
+    """Fourier-crop (downsample) ``images`` (n, D, D) (or (D, D)) to ``(n, d, d)``,
+    d = ``new_box`` <= D.
 
     Keeps the frequencies of the d-grid, so the pixel size becomes ``apix * D / d``; values are
     scaled so a constant image keeps its constant value, and a band-limited image (frequencies
     ``|k| <= d/2`` on the D-grid) comes out equal to the same function sampled on the d-grid.
     For even d the d-grid's Nyquist row/column (where +d/2 and -d/2 alias) receives the sum of
-    the finer grid's +d/2 and -d/2 components, i.e. the exact sample values, not half of them.
-    Works on numpy arrays or torch tensors (float32 stays float32, float64 stays float64).
+    the finer grid's +d/2 and -d/2 components, i.e. the exact sample values. numpy or torch
+    in, same out; float32 stays float32, float64 stays float64.
     """
-    t, was_np = _as_tensor(images)
-    squeeze = t.ndim == 2
-    if squeeze:
-        t = t[None]
-    if new_box == t.shape[-1]:
-        out = t.clone()
-    else:
-        out = _crop_spectrum(t, int(new_box)).to(t.dtype if t.is_floating_point() else torch.float32)
-    if squeeze:
-        out = out[0]
-    return _back(out, was_np)
+    d = int(new_box)
+    if _is_tensor(images):
+        t = images if images.is_floating_point() else images.float()
+        squeeze = t.ndim == 2
+        t = t[None] if squeeze else t
+        if t.shape[-1] != t.shape[-2]:
+            raise ValueError(f"images must be square, got {tuple(t.shape[-2:])}")
+        if not 1 <= d <= t.shape[-1]:
+            raise ValueError(f"new box {d} must lie in 1..{t.shape[-1]}")
+        out = t.clone() if d == t.shape[-1] else _crop_torch(t, d)
+        return out[0] if squeeze else out
+    a = _float_np(images)
+    squeeze = a.ndim == 2
+    a = a[None] if squeeze else a
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"images must be square, got {a.shape[-2:]}")
+    if not 1 <= d <= a.shape[-1]:
+        raise ValueError(f"new box {d} must lie in 1..{a.shape[-1]}")
+    out = a.copy() if d == a.shape[-1] else _crop_np(a, d)
+    return out[0] if squeeze else out
 
 
 def background_mask(box: int, diameter_fraction: float = 0.75) -> np.ndarray:
@@ -113,26 +154,36 @@ def normalize(images, diameter_fraction: float = 0.75):
     deviation (population, ddof=0) of the background, the pixels outside a circle of diameter
     ``diameter_fraction * box`` centred at (box//2, box//2).
 
-    images: (n, D, D) (or (D, D)); returns the same shape and type. An image with a constant
-    background is only shifted (its standard deviation is taken as 1).
+    images: (n, D, D) (or (D, D)), numpy or torch; returns the same shape and type. Statistics
+    are accumulated in float64. An image with a constant background is only shifted (its
+    standard deviation is taken as 1).
     """
-    t, was_np = _as_tensor(images)
-    squeeze = t.ndim == 2
-    if squeeze:
-        t = t[None]
-    box = t.shape[-1]
-    mask = torch.from_numpy(background_mask(box, diameter_fraction)).to(t.device)
-    if not bool(mask.any()):
+    box = images.shape[-1]
+    mask = background_mask(box, diameter_fraction)
+    if not mask.any():
         raise ValueError(f"no background pixels outside a circle of diameter "
                          f"{diameter_fraction} x {box}")
-    bg = t[:, mask].to(torch.float64)                  # (n, m)
-    mean = bg.mean(dim=1)
-    sd = bg.std(dim=1, correction=0)
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    out = (t - mean.to(t.dtype).view(-1, 1, 1)) / sd.to(t.dtype).view(-1, 1, 1)
-    if squeeze:
-        out = out[0]
-    return _back(out, was_np)
+    if _is_tensor(images):
+        import torch
+
+        t = images if images.is_floating_point() else images.float()
+        squeeze = t.ndim == 2
+        t = t[None] if squeeze else t
+        bg = t[:, torch.from_numpy(mask).to(t.device)].to(torch.float64)   # (n, m)
+        mean = bg.mean(dim=1)
+        sd = bg.std(dim=1, correction=0)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        out = (t - mean.to(t.dtype).view(-1, 1, 1)) / sd.to(t.dtype).view(-1, 1, 1)
+        return out[0] if squeeze else out
+    a = _float_np(images)
+    squeeze = a.ndim == 2
+    a = a[None] if squeeze else a
+    bg = a[:, mask]                                                    # (n, m)
+    mean = bg.mean(axis=1, dtype=np.float64)
+    sd = bg.std(axis=1, dtype=np.float64)
+    sd[~(sd > 0)] = 1.0
+    out = (a - mean.astype(a.dtype)[:, None, None]) * (1.0 / sd).astype(a.dtype)[:, None, None]
+    return out[0] if squeeze else out
 
 
 def invert(images):
@@ -140,21 +191,34 @@ def invert(images):
     return -images
 
 
+def _sign(ctf_half):
+    """RELION's phase-flip rule on CTF values: -1 where CTF < 0, else +1."""
+    if _is_tensor(ctf_half):
+        import torch
+
+        return torch.where(ctf_half < 0, -1.0, 1.0)
+    return np.where(np.asarray(ctf_half) < 0, -1.0, 1.0)
+
+
 def phase_flip(images, ctf):
     """Multiply each image's Fourier transform by sign(CTF) (RELION: CTF < 0 -> -1, else +1).
 
-    images: (n, D, D) real; ctf: (n, D, D) or (D, D) CTF values on the *unshifted* FFT grid
-    (as :func:`cryolatent.ctf.compute_ctf` returns them by default). Returns (n, D, D), real
-    part of the inverse transform. Flipping twice gives the image back.
+    images: (n, D, D) real, numpy or torch; ctf: (n, D, D) or (D, D) CTF values on the
+    *unshifted* FFT grid (as :func:`cryolatent.ctf.compute_ctf` returns them by default).
+    Returns (n, D, D) of the images' type. Flipping twice gives the image back.
     """
-    t, was_np = _as_tensor(images)
-    c, _ = _as_tensor(ctf)
-    D = t.shape[-1]
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
-    sign = torch.where(c[..., : D // 2 + 1] < 0, -1.0, 1.0).to(work)
-    f = torch.fft.rfft2(t.to(work))
-    out = torch.fft.irfft2(f * sign, s=(D, D)).to(t.dtype)
-    return _back(out, was_np)
+    D = images.shape[-1]
+    if _is_tensor(images):
+        import torch
+
+        t = images if images.is_floating_point() else images.float()
+        c = torch.as_tensor(ctf, device=t.device)
+        sign = _sign(c[..., : D // 2 + 1]).to(t.dtype)
+        return torch.fft.irfft2(torch.fft.rfft2(t) * sign, s=(D, D)).to(t.dtype)
+    a = _float_np(images)
+    c = ctf.detach().cpu().numpy() if _is_tensor(ctf) else np.asarray(ctf)
+    sign = _sign(c[..., : D // 2 + 1]).astype(a.dtype)
+    return np.fft.irfft2(np.fft.rfft2(a) * sign, s=(D, D)).astype(a.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,32 +235,39 @@ class PreprocessResult:
     seconds: float
 
 
-def _rfft_sign(params, idx: np.ndarray, d: int, apix_new: np.ndarray) -> torch.Tensor:
+def _rfft_sign(params, idx: np.ndarray, d: int, apix_new: np.ndarray) -> np.ndarray:
     """(n, d, d//2+1) float32 sign(CTF) on the cropped grid (rfft layout), RELION's rule."""
     from .ctf import compute_ctf
 
-    out = torch.empty((len(idx), d, d // 2 + 1), dtype=torch.float32)
+    out = np.empty((len(idx), d, d // 2 + 1), dtype=np.float32)
     for a in np.unique(apix_new):
         sel = np.nonzero(apix_new == a)[0]
-        c = compute_ctf(params, d, float(a), idx=idx[sel])[..., : d // 2 + 1]
-        out[torch.from_numpy(sel)] = torch.where(c < 0, -1.0, 1.0)
+        c = compute_ctf(params, d, float(a), idx=idx[sel])[..., : d // 2 + 1].numpy()
+        out[sel] = np.where(c < 0, -1.0, 1.0)
     return out
 
 
 def _process_chunk(imgs: np.ndarray, d: int, do_norm: bool, do_invert: bool,
-                   sign: torch.Tensor | None, diameter_fraction: float) -> np.ndarray:
-    """(n, D, D) float32 -> (n, d, d) float32: crop (+ flip), invert, normalise."""
-    t = torch.from_numpy(imgs)
-    D = t.shape[-1]
-    if d == D and sign is None:
-        out = t.clone() if not imgs.flags.writeable else t
-    else:
-        out = _crop_spectrum(t, d, sign=sign)
+                   sign: np.ndarray | None, diameter_fraction: float) -> np.ndarray:
+    """(n, D, D) float32 -> (n, d, d) float32: crop, phase flip (sign: (n, d, d//2+1) on the
+    cropped grid, rfft layout), invert, normalise."""
+    out = _crop_np(imgs, d) if d != imgs.shape[-1] else imgs
+    if sign is not None:
+        out = np.fft.irfft2(np.fft.rfft2(out) * sign, s=(d, d)).astype(np.float32)
     if do_invert:
-        out = out.neg_()
+        out = np.negative(out, out=out) if out is not imgs else -out
     if do_norm:
         out = normalize(out, diameter_fraction)
-    return out.to(torch.float32).numpy()
+    return np.asarray(out, dtype=np.float32)
+
+
+def _blas_threads(n: int):
+    """Limit BLAS/OpenMP threads while ``workers`` chunks run at once (no oversubscription)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n)
 
 
 def _resolve_stacks(ps) -> set[Path]:
@@ -214,6 +285,36 @@ def _resolve_stacks(ps) -> set[Path]:
         except TypeError:
             pass
     return files
+
+
+def _release_pages(ps, idx: np.ndarray) -> None:
+    """Best effort: drop the memory-mapped input pages of particles ``idx`` from this process
+    (``madvise(MADV_DONTNEED)``; the data stay in the page cache), so a pass over a large stack
+    does not grow the resident set to the size of the stack. Silently does nothing when the
+    particle set is not backed by ``cryolatent.io`` memory maps."""
+    import mmap as _mmap
+
+    try:
+        from .io.mrc import open_stack
+
+        adv = getattr(_mmap, "MADV_DONTNEED", None)
+        st = np.asarray(ps.stack_index)[idx]
+        im = np.asarray(ps.image_index)[idx]
+        for s in np.unique(st):
+            mm, h = open_stack(ps.stack_paths[int(s)], ps._headers[int(s)])
+            m = getattr(mm, "_mmap", None)
+            if adv is None or not isinstance(m, _mmap.mmap):
+                continue
+            sec = int(mm.strides[0])
+            base = int(mm.offset) - int(mm.offset) % _mmap.ALLOCATIONGRANULARITY
+            sel = im[st == s]
+            lo = int(mm.offset) - base + int(sel.min()) * sec
+            hi = int(mm.offset) - base + (int(sel.max()) + 1) * sec
+            page = _mmap.PAGESIZE
+            lo = (lo // page) * page
+            m.madvise(adv, lo, min(len(m), hi) - lo)
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
 
 
 def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | None = None,
@@ -290,16 +391,15 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
     def job(s: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.arange(s, min(N, s + chunk))
         imgs = ps.images(idx)
+        _release_pages(ps, idx)
         sign = _rfft_sign(params, idx, d, apix_out[idx]) if params is not None else None
         out = _process_chunk(np.asarray(imgs, dtype=np.float32), d, normalize, invert, sign,
                              diameter_fraction)
         return idx, out
 
-    # one intra-op thread per worker when several chunks run at once
-    prev_threads = torch.get_num_threads()
-    if workers > 1:
-        torch.set_num_threads(max(1, prev_threads // workers))
-    try:
+    # one BLAS thread per worker when several chunks run at once
+    ncpu = os.cpu_count() or 1
+    with _blas_threads(max(1, ncpu // workers)):
         with MRCStackWriter(stack_path, d, float(apix_out[0])) as w, \
                 cf.ThreadPoolExecutor(max_workers=workers) as pool, \
                 utils.progress(total=N, desc="preprocess", unit="img") as bar:
@@ -323,8 +423,6 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(pool.submit(job, nxt))
-    finally:
-        torch.set_num_threads(prev_threads)
 
     particles, optics = _output_tables(ps, stack_name, d, factor, phase_flip)
     write_star(star_path, particles, optics)
