@@ -294,3 +294,48 @@ def test_command_mrcs_input(tmp_path, capsys):
     assert ps.box == 24 and ps.apix == pytest.approx(2.0 * 32 / 24)
     np.testing.assert_allclose(ps.images(np.arange(4)),
                                normalize(fourier_crop(imgs.astype(np.float64), 24)), atol=1e-4)
+
+
+def test_command_cs_input_writes_star(tmp_path, capsys):
+    """A cryoSPARC .cs (plain numpy structured array) in, RELION STAR + .mrcs out."""
+    from cryolatent.io import load_particles
+
+    imgs, parts = _make_dataset(tmp_path / "in", n=5, D=32, apix=1.5)
+    n = 5
+    dt = [("uid", "<u8"), ("blob/path", "S32"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+          ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("ctf/accel_kv", "<f4"),
+          ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"),
+          ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4")]
+    a = np.zeros(n, dtype=dt)
+    a["uid"] = np.arange(n) + 1000
+    a["blob/path"] = b">stack.mrcs"
+    a["blob/idx"] = np.arange(n)
+    a["blob/shape"] = 32
+    a["blob/psize_A"] = 1.5
+    a["blob/sign"] = -1
+    a["ctf/accel_kv"], a["ctf/cs_mm"], a["ctf/amp_contrast"] = 300, 2.7, 0.1
+    a["ctf/df1_A"], a["ctf/df2_A"] = 12000, 11000
+    with open(tmp_path / "in" / "particles.cs", "wb") as f:
+        np.save(f, a)
+    out = tmp_path / "out"
+    rc = _run(["preprocess", str(tmp_path / "in" / "particles.cs"), "-o", str(out),
+               "--box", "16", "--phase-flip"])
+    assert rc == 0, capsys.readouterr().err
+    text = (out / "particles.star").read_text()
+    assert "data_optics" in text and "data_particles" in text
+    ps = load_particles(out / "particles.star")
+    assert len(ps) == n and ps.box == 16 and ps.apix == pytest.approx(3.0)
+    assert list(ps.table["rlnImageOriginalName"]) == [f"{i + 1:06d}@stack.mrcs" for i in range(n)]
+    # pixel values kept as stored (blob/sign is not applied): crop, flip on the 16-grid, normalise
+    params = CTFParams(12000.0, 11000.0, 0.0, 300.0, 2.7, 0.1, 0.0)
+    ctf = compute_ctf(params, 16, 3.0, dtype=torch.float64).numpy()[0]
+    expect = normalize(phase_flip(fourier_crop(imgs.astype(np.float64), 16), ctf))
+    np.testing.assert_allclose(ps.images(np.arange(n)), expect, atol=1e-4)
+
+
+def test_phase_flip_torch_matches_numpy():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 24, 24))
+    ctf = compute_ctf(_ctf(2, 24, 2.0), 24, 2.0, dtype=torch.float64)
+    np.testing.assert_allclose(phase_flip(torch.from_numpy(x), ctf).numpy(),
+                               phase_flip(x, ctf), atol=1e-12)
