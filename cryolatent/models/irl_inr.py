@@ -54,6 +54,11 @@ __all__ = [
 #: "consistency_shift"); MNIST(U) at 50 px: 2.5 px on top of the data's own N(0, 5^2) shifts.
 CONSISTENCY_SHIFT = 0.05
 
+#: moments rule: Gaussian low-pass sd (fraction of the box) and threshold (in background sd)
+#: applied before the moments, so that noise far from the centre does not swamp them
+MOMENT_BLUR = 0.05
+MOMENT_THRESHOLD = 2.0
+
 
 # ----------------------------------------------------------------------------- frames
 
@@ -161,9 +166,17 @@ def moment_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     B, N, _ = images.shape
     inside, outer = _masks(N, images.device)
-    flat = images.float().reshape(B, -1)
-    bg = flat[:, outer].median(dim=1).values
-    w = torch.relu(flat - bg[:, None]) * inside
+    x = images.float()
+    if MOMENT_BLUR > 0:   # isotropic Gaussian low-pass (rotation-equivariant), via FFT
+        k = torch.fft.fftfreq(N, device=x.device)
+        k2 = k[:, None] ** 2 + k[None, :] ** 2
+        sig = MOMENT_BLUR * N
+        x = torch.fft.ifft2(torch.fft.fft2(x) * torch.exp(-2 * math.pi ** 2 * sig ** 2 * k2)).real
+    flat = x.reshape(B, -1)
+    ring = flat[:, outer]
+    bg = ring.median(dim=1).values
+    noise = 1.4826 * (ring - bg[:, None]).abs().median(dim=1).values   # robust sd (MAD)
+    w = torch.relu(flat - (bg + MOMENT_THRESHOLD * noise)[:, None]) * inside
     W = w.sum(-1).clamp_min(1e-12)
     p = grid_coords(N, images.device)
     m = torch.stack([(w * p[:, 0]).sum(-1), (w * p[:, 1]).sum(-1)], -1) / W[:, None]
