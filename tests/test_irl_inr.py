@@ -362,3 +362,16 @@ def test_train_command_library_runs_irl_inr(tmp_path):
     assert isinstance(model, IRLINR) and cfg2.model == "irl-inr"
     inf = model.infer(torch.from_numpy(imgs[:5]))
     assert inf.psi_deg.shape == (5,) and torch.isfinite(inf.z_mean).all()
+
+
+@pytest.mark.parametrize("rule", ["moments", "com"])
+def test_symmetry_loss_vanishes_at_the_rule_pose(rule):
+    n = 32
+    imgs = torch.stack([torch.from_numpy(gaussians(n, EGG, p, t)) for p, t in
+                        ((30.0, (2.0, -1.0)), (200.0, (-3.0, 0.5)))]).float()
+    m = tiny(n, rotation_rule=rule)
+    rot, tau = symmetry_targets(imgs, rule)
+    at = m.symmetry_loss(imgs, rot, tau)
+    assert float(at.max()) < 1e-8
+    off = m.symmetry_loss(imgs, torch.stack([rot[:, 1], -rot[:, 0]], -1), tau)  # 90° off
+    assert bool((off > 1e-3).all())

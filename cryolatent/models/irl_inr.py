@@ -150,8 +150,13 @@ def _masks(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 def moment_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Moments symmetry-breaking targets of a batch (internal units), defined for centred particles.
 
-    images: (B, N, N). Weight ``w = max(J - b, 0)`` inside the inscribed disc, ``b`` the median
-    of the background ring (outside the 0.75 N circle). With centroid ``m`` and ``d = p - m``:
+    images: (B, N, N). The image is low-passed with an isotropic Gaussian (sd ``MOMENT_BLUR *
+    N``; this adds ``sd^2`` to both principal second moments and leaves the anisotropic part
+    and the third central moments unchanged) and weighted by ``w = max(J - b - k s, 0)`` inside
+    the inscribed disc, ``b`` the median and ``s`` the robust sd (1.4826 MAD) of the background
+    ring (outside the 0.75 N circle), ``k = MOMENT_THRESHOLD``: without the threshold, noise
+    all over the disc dominates the r^3-weighted third moment. With centroid ``m`` and
+    ``d = p - m``:
 
     * ``tau``:    (B, 2) ``-m``: the translation that centres the mass.
     * ``c2``:     (B, 2) ``(<dx^2 - dy^2>, <2 dx dy>)``; the principal axis is at angle
