@@ -3,7 +3,6 @@ normalisation, phase flip against an analytic CTF, and the `preprocess` command 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import mrcfile
