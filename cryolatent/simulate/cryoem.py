@@ -158,7 +158,7 @@ def render_projections(coords: np.ndarray, weights: np.ndarray, rot, tilt, psi, 
     inv = -0.5 / (s * s)
     out = torch.zeros((B, box * box), dtype=torch.float32, device=device)
     nA = len(weights)
-    step = max(1, int(2e7 // max(1, nA * (2 * K + 1) ** 2)))
+    step = max(1, int(5e6 // max(1, nA * (2 * K + 1) ** 2)))  # ~0.2 GB of temporaries
     for a in range(0, B, step):
         p = pos[a:a + step]                                   # (b, A, 2)
         c = torch.round(p)
