@@ -11,8 +11,18 @@ Two ways of feeding the model:
   over in pinned memory (non-blocking copies to the GPU).
 
 The order of the training particles in epoch ``e`` is a pure function of (seed, e), so a
-resumed run sees exactly the batches an uninterrupted run would have seen. A distributed
-version only has to shard :meth:`Batches.epoch_order` by rank (the sampler hook).
+resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Distributed (``torchrun``, :mod:`cryolatent.distributed`): ``--batch-size`` is the *global*
+batch. Every rank computes the same epoch order and cuts it into the same global batches as
+a single process would; global batch ``k`` of size ``g`` is split into ``world_size``
+contiguous pieces of ``g // W`` or ``g // W + 1`` images (the first ``g % W`` ranks take one
+more, :func:`shard_bounds`). So every rank runs the same number of steps (DDP needs that;
+no ``Join``), each particle of an epoch is seen exactly once across ranks, and the global
+batches are those of the one-process run (the tail of ``n % B`` particles is dropped in
+both, a different tail every epoch). The trainer weights each rank's mean loss by
+``W * b_rank / g`` so that DDP's gradient average is the mean over the global batch.
+Validation batches are sharded the same way (a rank may get an empty piece and skips it).
 """
 
 from __future__ import annotations
@@ -103,6 +113,13 @@ class ParticleData:
         return self.n
 
     @property
+    def names(self):
+        """(n,) particle names, or None for an in-memory array."""
+        if self._array is not None:
+            return None
+        return self._particles().names
+
+    @property
     def has_ctf(self) -> bool:
         return self.ctf_params is not None and self.apix is not None
 
@@ -141,6 +158,29 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def shard_bounds(g: int, world_size: int) -> np.ndarray:
+    """(W + 1,) offsets splitting a global batch of ``g`` images over ``W`` ranks: rank r
+    takes ``[bounds[r], bounds[r + 1])``; sizes ``g // W`` or one more (first ``g % W``)."""
+    w = int(world_size)
+    sizes = np.full(w, g // w, dtype=np.int64)
+    sizes[: g % w] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+class _ChunkSampler:
+    """Yields the index arrays of the current pass; set by the main process before each
+    ``iter(loader)``, so one persistent pool of workers serves every epoch."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self):
+        return len(self.chunks)
+
+
 class _BatchDataset(torch.utils.data.Dataset):
     """Items are whole batches: index array -> (images (b, D, D), ctf or empty tensor)."""
 
@@ -171,19 +211,26 @@ class Batches:
     """Per-epoch batches for training and validation on ``device``.
 
     ``resident``: None decides from the size (images [+ CTFs] up to 40 % of the free GPU
-    memory, or 50 % of the free RAM for the CPU).
+    memory, or 50 % of the free RAM for the CPU shared by the ``local_world_size`` processes
+    of the node). ``rank`` / ``world_size``: this process's piece of every global batch
+    (module docstring); ``batch_size`` is the global batch.
     """
 
     def __init__(self, data: ParticleData, train_idx: np.ndarray, val_idx: np.ndarray,
                  batch_size: int, device: torch.device, seed: int, with_ctf: bool = False,
-                 num_workers: int = 2, resident: bool | None = None, drop_last: bool = True):
+                 num_workers: int = 2, resident: bool | None = None, drop_last: bool = True,
+                 rank: int = 0, world_size: int = 1, local_world_size: int = 1):
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self._loader = None
         self.data, self.device, self.seed = data, device, seed
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.batch_size, self.with_ctf, self.num_workers = batch_size, with_ctf, num_workers
         self.drop_last = drop_last and len(self.train_idx) >= batch_size
         need = data.nbytes * (2 if with_ctf else 1)
         if resident is None:
-            frac = 0.4 if device.type == "cuda" else 0.5
+            frac = 0.4 if device.type == "cuda" else 0.5 / max(1, local_world_size)
             resident = need <= frac * _free_memory(device)
         self.resident = resident
         if resident:
@@ -206,8 +253,8 @@ class Batches:
 
     # ------------------------------------------------------------------ orders
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Training indices in the order of epoch ``epoch`` (a function of seed and epoch).
-        DDP hook: shard this with ``[rank::world_size]``."""
+        """Training indices in the order of epoch ``epoch`` (a function of seed and epoch;
+        the same on every rank)."""
         g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
         perm = torch.randperm(len(self.train_idx), generator=g).numpy()
         return self.train_idx[perm]
@@ -221,11 +268,34 @@ class Batches:
         stop = (len(order) // b) * b if drop_last else len(order)
         return [order[i:i + b] for i in range(0, stop, b)]
 
+    def _local(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        if self.world_size == 1:
+            return chunks
+        out = []
+        for c in chunks:
+            b = shard_bounds(len(c), self.world_size)
+            out.append(c[b[self.rank]:b[self.rank + 1]])
+        return out
+
+    def global_sizes(self, epoch: int) -> list[int]:
+        """Size of every global training batch of ``epoch`` (all ranks together)."""
+        return [len(c) for c in self._chunks(self.epoch_order(epoch), self.drop_last)]
+
+    def train_indices(self, epoch: int) -> list[np.ndarray]:
+        """This rank's index array for every step of ``epoch``."""
+        return self._local(self._chunks(self.epoch_order(epoch), self.drop_last))
+
+    def val_indices(self) -> list[np.ndarray]:
+        """This rank's validation index arrays (possibly empty ones: skip them)."""
+        return self._local(self._chunks(self.val_idx, False))
+
     def train(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        return self._iterate(self._chunks(self.epoch_order(epoch), self.drop_last))
+        """This rank's batches of ``epoch`` (one per global batch)."""
+        return self._iterate(self.train_indices(epoch))
 
     def val(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        return self._iterate(self._chunks(self.val_idx, False))
+        """This rank's validation batches (empty pieces left out)."""
+        return self._iterate([c for c in self.val_indices() if len(c)])
 
     def _iterate(self, chunks: list[np.ndarray]):
         if not chunks:
@@ -238,15 +308,25 @@ class Batches:
                 c = self.c.index_select(0, part) if self.c is not None else None
                 yield x, c
             return
-        cuda = self.device.type == "cuda"
-        loader = torch.utils.data.DataLoader(
-            _BatchDataset(self.data, self.with_ctf), batch_size=None, sampler=chunks,
-            num_workers=self.num_workers, pin_memory=cuda,
-            persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None)
+        loader = self._streamed_loader()
+        loader.sampler.chunks = chunks
         for x, c in loader:
             x = x.to(self.device, non_blocking=True)
             c = c.to(self.device, non_blocking=True) if self.with_ctf else None
             yield x, c
+
+
+    def _streamed_loader(self):
+        """One DataLoader for the whole run: persistent workers (each re-opens the stacks
+        once, memory-mapped), ``prefetch_factor`` 4 batches each, pinned memory on CUDA."""
+        if self._loader is None:
+            cuda = self.device.type == "cuda"
+            nw = max(0, int(self.num_workers))
+            self._loader = torch.utils.data.DataLoader(
+                _BatchDataset(self.data, self.with_ctf), batch_size=None,
+                sampler=_ChunkSampler(), num_workers=nw, pin_memory=cuda,
+                persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
+        return self._loader
 
 
 def resolve_device(name: str) -> torch.device:
@@ -259,4 +339,4 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-__all__ = ["ParticleData", "Batches", "split_indices", "resolve_device"]
+__all__ = ["ParticleData", "Batches", "split_indices", "shard_bounds", "resolve_device"]

@@ -18,9 +18,16 @@ epoch (and every ``LOG_EVERY`` steps for the progress bar and the non-finite che
 non-finite loss makes the fused Adam kernel skip the update on the device (``found_inf``),
 and the run stops with an error after ``MAX_BAD_STEPS`` such steps in a row.
 
-DDP later: only rank 0 would write files (all writes go through ``_Writer``), the epoch
-order is sharded in :meth:`cryolatent.data.Batches.epoch_order`, and the model would be
-wrapped before ``StepRunner``.
+Several GPUs / nodes: the same command under ``torchrun`` (docs/distributed.md). The
+environment is read by :func:`cryolatent.distributed.setup`; ``--batch-size`` is the global
+batch, split over the ranks (:mod:`cryolatent.data`); each rank's mean loss is weighted by
+``W * b_rank / g`` so that DDP's gradient average is the mean over the global batch (one
+step equals the single-process step on the same global batch); the non-finite flag is
+max-reduced per step (one 4-byte all_reduce, queued on the stream) so every rank skips the
+same updates; loss sums are all-reduced once per epoch; BatchNorm running statistics are
+broadcast from rank 0 before validation and checkpoints; only rank 0 writes files (all
+writes go through ``_Writer``), after every rank has checked its options and particle set
+and all ranks agree (:meth:`cryolatent.distributed.DistContext.agree`).
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .data import Batches, ParticleData, resolve_device, split_indices
+from .data import Batches, ParticleData, split_indices
+from .distributed import DistContext, LossModule, fingerprint, rank_seed, setup
 from .errors import CryolatentError
 from .models import build_model
 from .utils import atomic_path, progress, seed_everything, setup_logging
@@ -69,9 +77,17 @@ class StepRunner:
     """
 
     def __init__(self, model, optimizer, device: torch.device, amp: torch.dtype | None = None,
-                 compile: bool = False):
+                 compile: bool = False, dist: DistContext | None = None):
         self.model, self.opt, self.device, self.amp = model, optimizer, device, amp
-        self.loss_fn = torch.compile(model.loss) if compile else model.loss
+        self.dist = dist if dist is not None and dist.enabled else None
+        if self.dist is None:
+            self.module = model
+            self.loss_fn = torch.compile(model.loss) if compile else model.loss
+            self.eval_fn = self.loss_fn
+        else:  # DDP wraps LossModule.forward; validation runs on the bare model (no collective)
+            self.module = self.dist.wrap(model)
+            self.loss_fn = torch.compile(self.module) if compile else self.module
+            self.eval_fn = model.loss
         self.bad_run = torch.zeros((), device=device)
         self.max_bad_run = torch.zeros((), device=device)
         self.n_bad = torch.zeros((), device=device)
@@ -80,13 +96,18 @@ class StepRunner:
         return torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16,
                               enabled=self.amp is not None)
 
-    def train_step(self, x: torch.Tensor, ctf: torch.Tensor | None = None):
-        self.model.train()
+    def train_step(self, x: torch.Tensor, ctf: torch.Tensor | None = None,
+                   weight: float = 1.0):
+        """``weight`` multiplies the loss for the gradient only (DDP: ``W * b_rank / g``);
+        the returned values are the unweighted batch means."""
+        self.module.train()
         with self._autocast():
             loss, parts = self.loss_fn(x, ctf)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
         bad = (~torch.isfinite(loss.detach())).float()
+        if self.dist is not None:  # any rank's NaN poisons the averaged gradient: all skip
+            self.dist.all_reduce_max(bad)
         # fused Adam reads found_inf on the device and leaves params and state untouched
         self.opt.found_inf = bad
         self.opt.step()
@@ -99,7 +120,7 @@ class StepRunner:
     def eval_step(self, x: torch.Tensor, ctf: torch.Tensor | None = None):
         self.model.eval()
         with self._autocast():
-            loss, parts = self.loss_fn(x, ctf)
+            loss, parts = self.eval_fn(x, ctf)
         return {"loss": loss.detach(), **parts}
 
     def read_bad(self) -> int:
@@ -178,15 +199,20 @@ def _load_checkpoint(path: Path, device="cpu") -> dict:
         raise CryolatentError(f"{path}: cannot read the checkpoint ({e})")
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device | None = None) -> dict:
+    """CPU RNG and CUDA RNG states; with ``device`` (a DDP rank) only that GPU's."""
     st = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        st["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def _set_rng_state(st: dict) -> None:
+def _set_rng_state(st: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(st["cpu"].cpu())
+    if "cuda_device" in st and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda_device"].cpu(), device)
     if "cuda" in st and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
@@ -206,13 +232,28 @@ def _merge_resume(cfg: TrainConfig, stored: dict) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------- train
-def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, data=None,
+          dist: DistContext | None = None) -> Path:
     """Train ``cfg.model`` on ``cfg.input`` (or on ``data``: a ParticleSet, an array
     (n, box, box) or a :class:`cryolatent.data.ParticleData`) into ``cfg.outdir``.
 
     ``resume=True`` continues from ``outdir/checkpoints/last.pt`` with the stored options
-    (except those in ``RESUMABLE``, e.g. ``epochs``). Returns the run folder.
+    (except those in ``RESUMABLE``, e.g. ``epochs``). Under ``torchrun`` (WORLD_SIZE > 1)
+    every process calls this with the same arguments; ``dist`` defaults to
+    :func:`cryolatent.distributed.setup` of the environment. Returns the run folder.
     """
+    own = dist is None
+    if own:
+        dist = setup(cfg.device)
+    try:
+        return _train(cfg, resume, data, dist)
+    finally:
+        if own:
+            dist.close()
+
+
+def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
+    """Everything every rank checks before anyone writes: (cfg, checkpoint, source)."""
     cfg = TrainConfig.from_dict(cfg.to_dict()).validate()
     if not cfg.outdir:
         raise CryolatentError("no run folder given (-o RUNDIR)")
@@ -224,23 +265,54 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
     elif rundir.exists() and (not rundir.is_dir() or any(rundir.iterdir())):
         raise CryolatentError(f"{rundir}: run folder exists and is not empty; use --resume to "
                               "continue it or choose another -o")
-    rundir.mkdir(parents=True, exist_ok=True)
-    setup_logging(rundir)
-    device = resolve_device(cfg.device)
-    set_fast_math(device)
-
     source = ParticleData.from_source(data if data is not None else cfg.input, cfg.datadir)
     if cfg.ctf and not source.has_ctf:
         raise CryolatentError(f"--ctf: {cfg.input or 'the particle set'} has no CTF parameters")
     if cfg.likelihood == "auto":
         lo, hi = source.value_range(seed=cfg.seed)
         cfg.likelihood = "bernoulli" if (lo >= 0.0 and hi <= 1.0 and not cfg.ctf) else "gaussian"
-        log.info("likelihood: %s (pixel values in [%.3g, %.3g])", cfg.likelihood, lo, hi)
+        cfg.extra["_likelihood_note"] = f"pixel values in [{lo:.3g}, {hi:.3g}]"
     if cfg.ctf and cfg.likelihood == "bernoulli":
         raise CryolatentError("--ctf needs --likelihood gaussian")
-    cfg.save(rundir / "config.json")
-    log.info("%s run in %s: %d particles of %d px, device %s", cfg.model, rundir, source.n,
-             source.box, device)
+    if dist.world_size > 1:
+        n_train = len(split_indices(source.n, cfg.val_fraction, cfg.seed)[0])
+        if cfg.batch_size < dist.world_size:
+            raise CryolatentError(
+                f"--batch-size {cfg.batch_size} is smaller than the {dist.world_size} "
+                "processes (--batch-size is the global batch, split over the processes)")
+        if n_train < dist.world_size:
+            raise CryolatentError(f"{n_train} training particles for {dist.world_size} "
+                                  "processes: use fewer processes")
+    return cfg, ck, source
+
+
+def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
+    main = dist.is_main
+    if not main:  # other ranks: warnings and errors only, on stderr
+        setup_logging(None).setLevel(logging.WARNING)
+    err, fp = None, None
+    try:
+        cfg, ck, source = _prepare(cfg, resume, data, dist)
+        if dist.enabled:
+            fp = fingerprint(cfg.to_dict(), source)
+    except CryolatentError as e:
+        err = str(e)
+    dist.agree(err, fp)   # every rank raises the same line if any failed or they disagree
+
+    rundir = Path(cfg.outdir)
+    device = dist.device
+    if main:
+        rundir.mkdir(parents=True, exist_ok=True)
+        setup_logging(rundir)
+    note = cfg.extra.pop("_likelihood_note", None)
+    if note:
+        log.info("likelihood: %s (%s)", cfg.likelihood, note)
+    if main:
+        cfg.save(rundir / "config.json")
+    set_fast_math(device)
+    log.info("%s run in %s: %d particles of %d px, device %s%s", cfg.model, rundir, source.n,
+             source.box, device, f", {dist.world_size} processes ({dist.backend}), global "
+             f"batch {cfg.batch_size}" if dist.enabled else "")
 
     seed_everything(cfg.seed)
     model = build_model(cfg, source.box).to(device)
@@ -252,34 +324,48 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
         state = {"epoch": int(ck["epoch"]), "best": float(ck["best"]),
                  "bad_epochs": int(ck["bad_epochs"])}
-        writer.load_rows(state["epoch"])
+        if main:
+            writer.load_rows(state["epoch"])
         log.info("resumed from epoch %d", state["epoch"])
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.3g M parameters", model.name, n_params / 1e6)
 
     batches = Batches(source, train_idx, val_idx, cfg.batch_size, device, cfg.seed,
-                      with_ctf=cfg.ctf, num_workers=cfg.num_workers)
-    runner = StepRunner(model, opt, device, amp_dtype(cfg.amp, device), cfg.compile)
+                      with_ctf=cfg.ctf, num_workers=cfg.num_workers, rank=dist.rank,
+                      world_size=dist.world_size, local_world_size=dist.local_world_size)
+    runner = StepRunner(model, opt, device, amp_dtype(cfg.amp, device), cfg.compile,
+                        dist=dist)  # DDP: parameters broadcast from rank 0 here
+    # RNG of the sampling (Gumbel noise, random views): per rank under DDP
+    if ck is not None:
+        _restore_rng(ck, dist, cfg.seed)
+    elif dist.enabled:
+        torch.manual_seed(rank_seed(cfg.seed, dist.rank))
 
-    def ckpt_state(epoch: int) -> dict:
-        return {"format": CKPT_FORMAT, "model_name": model.name, "box": source.box,
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                "best": state["best"], "bad_epochs": state["bad_epochs"],
-                "config": cfg.to_dict(), "val_idx": torch.from_numpy(val_idx)}
+    def ckpt_state(epoch: int, rng_ranks: list | None = None) -> dict:
+        st = {"format": CKPT_FORMAT, "model_name": model.name, "box": source.box,
+              "model": model.state_dict(), "optimizer": opt.state_dict(),
+              "scheduler": sched.state_dict(),
+              "rng": rng_ranks[0] if rng_ranks else _rng_state(), "epoch": epoch,
+              "best": state["best"], "bad_epochs": state["bad_epochs"],
+              "config": cfg.to_dict(), "val_idx": torch.from_numpy(val_idx)}
+        if dist.enabled and rng_ranks:
+            st["rng_ranks"] = rng_ranks
+            st["world_size"] = dist.world_size
+        return st
 
+    W = dist.world_size
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         n_seen, steps = 0, 0
-        bar = progress(total=batches.n_train_batches(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False)
-        for x, c in batches.train(epoch):
-            out = runner.train_step(x, c)
+        gsizes = batches.global_sizes(epoch)
+        bar = progress(total=len(gsizes), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", leave=False, **({} if main else {"disable": True}))
+        for (x, c), g in zip(batches.train(epoch), gsizes):
             b = x.shape[0]
+            out = runner.train_step(x, c, weight=(W * b / g) if W > 1 else 1.0)
             for k, v in out.items():
                 sums[k] = sums[k] + v * b if k in sums else v * b
             n_seen += b
@@ -288,19 +374,21 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
             if steps % LOG_EVERY == 0:
                 if runner.read_bad() >= MAX_BAD_STEPS:
                     bar.close()
-                    _abort(writer, ckpt_state, state, epoch)
+                    _abort(writer, ckpt_state, state, epoch, main)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{(sums['loss'] / n_seen).item():.4g}")
         bar.close()
+        if runner.read_bad() >= MAX_BAD_STEPS:
+            _abort(writer, ckpt_state, state, epoch, main)
+        keys = list(sums)
+        train_means, n_seen = _means(sums, n_seen, keys, dist)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t0
-        if runner.read_bad() >= MAX_BAD_STEPS:
-            _abort(writer, ckpt_state, state, epoch)
-        n_bad = int(runner.n_bad.item())
+        n_bad = int(runner.n_bad.item())   # the flag is global: the same on every rank
         runner.n_bad.zero_()
-        train_means = _means(sums, n_seen)
 
+        dist.broadcast_buffers(model)      # rank 0's running statistics (BatchNorm)
         vsums: dict[str, torch.Tensor] = {}
         n_val = 0
         for x, c in batches.val():
@@ -308,7 +396,7 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
             for k, v in out.items():
                 vsums[k] = vsums[k] + v * x.shape[0] if k in vsums else v * x.shape[0]
             n_val += x.shape[0]
-        val_means = _means(vsums, n_val)
+        val_means, _ = _means(vsums, n_val, keys, dist)
 
         monitored = val_means.get("loss", train_means.get("loss", math.nan))
         if not math.isfinite(monitored):
@@ -319,14 +407,17 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
             state["best"], state["bad_epochs"] = monitored, 0
         else:
             state["bad_epochs"] += 1
-        writer.checkpoint(ckpt_state(epoch + 1), best=improved)
+        rng_ranks = dist.gather_objects(_rng_state(device)) if dist.enabled else None
+        if main:
+            writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
         row = {"epoch": epoch + 1, "images": n_seen}
         row.update({f"train_{k}": v for k, v in train_means.items()})
         row.update({f"val_{k}": v for k, v in val_means.items()})
         row.update({"lr": opt.param_groups[0]["lr"],
                     "images_per_s": n_seen / max(t_train, 1e-9),
                     "seconds": time.perf_counter() - t0, "skipped_steps": n_bad})
-        writer.log_row(row)
+        if main:
+            writer.log_row(row)
         log.info("epoch %d/%d: train %.6g, val %s, lr %.3g, %.0f images/s%s", epoch + 1,
                  cfg.epochs, train_means.get("loss", math.nan),
                  f"{val_means['loss']:.6g}" if "loss" in val_means else "-",
@@ -335,21 +426,53 @@ def train(cfg: TrainConfig, resume: bool = False, data=None) -> Path:
         if cfg.early_stop and state["bad_epochs"] >= cfg.early_stop:
             log.info("early stop: no improvement for %d epochs", state["bad_epochs"])
             break
+    dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return rundir
 
 
-def _means(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-    if not sums or n == 0:
-        return {}
-    keys = list(sums)
-    vals = (torch.stack([sums[k].float() for k in keys]) / n).tolist()  # one host sync
-    return dict(zip(keys, vals))
+def _restore_rng(ck: dict, dist: DistContext, seed: int) -> None:
+    """The RNG state saved for this rank (an uninterrupted run's stream); a rank that has
+    none (other world size) is reseeded from (seed, epoch, rank)."""
+    if not dist.enabled:
+        _set_rng_state(ck["rng"])
+        return
+    per = ck.get("rng_ranks")
+    if per is not None and len(per) == dist.world_size:
+        _set_rng_state(per[dist.rank], dist.device)
+        return
+    if dist.is_main:
+        log.warning("--resume with %d processes (checkpoint: %s): sampling RNG reseeded",
+                    dist.world_size, ck.get("world_size", 1))
+    torch.manual_seed(rank_seed(seed + 7 * int(ck["epoch"]), dist.rank))
 
 
-def _abort(writer: _Writer, ckpt_state, state: dict, epoch: int):
-    """Too many non-finite steps in a row: keep a usable checkpoint and stop."""
+def _means(sums: dict[str, torch.Tensor], n: int, keys: list[str], dist: DistContext
+           ) -> tuple[dict[str, float], int]:
+    """Means over every rank of the per-image sums (one all_reduce, one host sync).
+    ``keys``: the order every rank uses (a rank may have no batch: zeros)."""
+    if not keys:
+        return {}, n
+    if not dist.enabled:
+        if not sums or n == 0:
+            return {}, n
+        vals = (torch.stack([sums[k].float() for k in keys]) / n).tolist()
+        return dict(zip(keys, vals)), n
+    dev = dist.device
+    zero = torch.zeros((), device=dev)
+    t = torch.stack([sums[k].float() if k in sums else zero for k in keys]
+                    + [torch.tensor(float(n), device=dev)]).double()
+    vals = dist.all_reduce_sum(t).tolist()
+    total = int(round(vals[-1]))
+    if total == 0:
+        return {}, 0
+    return {k: v / total for k, v in zip(keys, vals[:-1])}, total
+
+
+def _abort(writer: _Writer, ckpt_state, state: dict, epoch: int, main: bool = True):
+    """Too many non-finite steps in a row: keep a usable checkpoint and stop (every rank
+    sees the same global flag, so all stop here; rank 0 writes)."""
     last = writer.ckdir / "last.pt"
-    if not last.exists():  # parameters are finite (bad steps were skipped): save them
+    if main and not last.exists():  # parameters are finite (bad steps were skipped): save them
         writer.checkpoint(ckpt_state(epoch), best=False)
     raise CryolatentError(
         f"training stopped in epoch {epoch + 1}: the loss was NaN/Inf for {MAX_BAD_STEPS} "
@@ -368,6 +491,8 @@ def load_run(rundir, device="auto", which: str = "best"):
     path = ckdir / f"{which}.pt"
     if which == "best" and not path.exists():
         path = ckdir / "last.pt"
+    from .data import resolve_device
+
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     ck = _load_checkpoint(path, device="cpu")
     cfg = TrainConfig.from_dict(ck["config"])
@@ -376,4 +501,5 @@ def load_run(rundir, device="auto", which: str = "best"):
     return model.to(dev).eval(), cfg
 
 
-__all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math"]
+__all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math",
+           "LossModule"]

@@ -1,5 +1,9 @@
 """``cryolatent train INPUT -o RUNDIR --model {target-vae,irl-inr} ...``
 
+Several GPUs or nodes: the same command under ``torchrun`` (docs/distributed.md), e.g.
+``torchrun --nproc_per_node 4 --no-python cryolatent train ...``; ``--batch-size`` is then
+the global batch, split over the processes.
+
 Options not given take the model's defaults (TARGET-VAE: lr 2e-4, batch 100, no weight
 decay; IRL-INR: lr 1e-4, batch 128, weight decay 5e-4) or, with ``--resume``, the values
 stored in RUNDIR/config.json.
@@ -8,6 +12,7 @@ stored in RUNDIR/config.json.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import click
@@ -28,7 +33,8 @@ _OPTIONS = [
      "TARGET-VAE: discrete rotations of the P_r group convolution [8]."),
     ("--z-dim", "z_dim", int, "Latent dimension [2]."),
     ("--epochs", "epochs", int, "Maximum number of epochs [100]."),
-    ("--batch-size", "batch_size", int, "Images per step [TARGET-VAE 100, IRL-INR 128]."),
+    ("--batch-size", "batch_size", int,
+     "Images per step, over all processes under torchrun [TARGET-VAE 100, IRL-INR 128]."),
     ("--lr", "lr", float, "Adam learning rate [TARGET-VAE 2e-4, IRL-INR 1e-4]."),
     ("--weight-decay", "weight_decay", float, "Adam weight decay [0; IRL-INR 5e-4]."),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N [auto]."),
@@ -121,4 +127,5 @@ def command(ctx, input, outdir, datadir, resume, **opts):
         cfg.datadir = datadir
     cfg.command = command_line()
     rundir = train(cfg, resume=resume)
-    click.echo(str(rundir))
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 only
+        click.echo(str(rundir))
