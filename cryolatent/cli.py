@@ -4,12 +4,15 @@ Each command lives in ``cryolatent/commands/<name>.py`` and exposes a click comm
 ``command``; it parses options and calls library functions. Commands are imported lazily, so
 ``cryolatent --help`` does not import torch.
 
-Errors: a :class:`cryolatent.errors.CryolatentError` is printed as one line
-(``error: ...``) with exit status 1; ``--debug`` shows the traceback instead.
+Errors: a :class:`cryolatent.errors.CryolatentError`, an ``OSError`` (disk full, permission
+denied) or any unexpected exception is printed as one line (``error: ...``, see
+docs/errors.md) with exit status 1; Ctrl-C exits with 130; ``--debug`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -70,19 +73,44 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
+def _log_to_files(message: str) -> None:
+    """Record a final error in the run's log files (run.log, preprocess.log, ...) only: the
+    terminal gets the one ``error:`` line from :func:`main`, not a second copy."""
+    import logging
+
+    logger = logging.getLogger("cryolatent")
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            with contextlib.suppress(Exception):
+                h.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message,
+                                           None, None))
+
+
+def _fail(message: str, code: int) -> int:
+    message = " ".join(str(message).split())  # always one line
+    _log_to_files(message)
+    click.echo(f"error: {message}", err=True)
+    return code
+
+
 def main(argv=None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted).
+
+    Every failure is one line on stderr, ``error: <what and where>``, and no traceback unless
+    ``--debug`` is given: user errors (:class:`CryolatentError`), OS errors (disk full,
+    permission denied: the file is named) and, as a last resort, unexpected exceptions
+    (reported as internal errors with a hint to rerun with ``--debug``).
+    """
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
     try:
-        cli.main(args=argv, prog_name="cryolatent", standalone_mode=False)
+        cli.main(args=args, prog_name="cryolatent", standalone_mode=False)
     except CryolatentError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
-        return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+        return _fail(str(e), e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _log_to_files("interrupted (Ctrl-C)")
         click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:
@@ -93,9 +121,18 @@ def main(argv=None) -> int:
     except OSError as e:  # disk full, permission denied, ...: one line, the file named
         if debug:
             raise
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        click.echo(f"error: {e.strerror or e}{where}", err=True)
-        return 1
+        what = e.strerror or str(e)
+        where = getattr(e, "filename", None)
+        return _fail(f"{where}: {what}" if where else what, 1)
+    except MemoryError:
+        if debug:
+            raise
+        return _fail("out of memory (try a smaller --batch-size or --chunk-size)", 1)
+    except Exception as e:  # noqa: BLE001 - a bug, not the user's fault: still one line
+        if debug:
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+                     "traceback and please report it)", 1)
     return 0
 
 

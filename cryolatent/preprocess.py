@@ -287,36 +287,6 @@ def _resolve_stacks(ps) -> set[Path]:
     return files
 
 
-def _release_pages(ps, idx: np.ndarray) -> None:
-    """Best effort: drop the memory-mapped input pages of particles ``idx`` from this process
-    (``madvise(MADV_DONTNEED)``; the data stay in the page cache), so a pass over a large stack
-    does not grow the resident set to the size of the stack. Silently does nothing when the
-    particle set is not backed by ``cryolatent.io`` memory maps."""
-    import mmap as _mmap
-
-    try:
-        from .io.mrc import open_stack
-
-        adv = getattr(_mmap, "MADV_DONTNEED", None)
-        st = np.asarray(ps.stack_index)[idx]
-        im = np.asarray(ps.image_index)[idx]
-        for s in np.unique(st):
-            mm, h = open_stack(ps.stack_paths[int(s)], ps._headers[int(s)])
-            m = getattr(mm, "_mmap", None)
-            if adv is None or not isinstance(m, _mmap.mmap):
-                continue
-            sec = int(mm.strides[0])
-            base = int(mm.offset) - int(mm.offset) % _mmap.ALLOCATIONGRANULARITY
-            sel = im[st == s]
-            lo = int(mm.offset) - base + int(sel.min()) * sec
-            hi = int(mm.offset) - base + (int(sel.max()) + 1) * sec
-            page = _mmap.PAGESIZE
-            lo = (lo // page) * page
-            m.madvise(adv, lo, min(len(m), hi) - lo)
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
-
-
 def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | None = None,
                normalize: bool = True, invert: bool = False, phase_flip: bool = False,
                datadir: str | os.PathLike | None = None, apix: float | None = None,
@@ -390,8 +360,10 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     def job(s: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.arange(s, min(N, s + chunk))
-        imgs = ps.images(idx)
-        _release_pages(ps, idx)
+        imgs = ps.images(idx)        # InputError naming a particle with NaN/Inf pixels
+        release = getattr(ps, "release", None)
+        if release is not None:      # one pass: drop the chunk's mapped pages (bounded RSS)
+            release(idx)
         sign = _rfft_sign(params, idx, d, apix_out[idx]) if params is not None else None
         out = _process_chunk(np.asarray(imgs, dtype=np.float32), d, normalize, invert, sign,
                              diameter_fraction)
@@ -399,7 +371,11 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     # one BLAS thread per worker when several chunks run at once
     ncpu = os.cpu_count() or 1
-    with _blas_threads(max(1, ncpu // workers)):
+    # The STAR is written to its temporary name before the stack is renamed into place, so a
+    # failure anywhere (bad particle, full disk, Ctrl-C) leaves both previous files as they
+    # were, and a finished run never pairs a new stack with an old STAR.
+    particles, optics = _output_tables(ps, stack_name, d, factor, phase_flip)
+    with _blas_threads(max(1, ncpu // workers)), utils.atomic_path(star_path) as star_tmp:
         with MRCStackWriter(stack_path, d, float(apix_out[0])) as w, \
                 cf.ThreadPoolExecutor(max_workers=workers) as pool, \
                 utils.progress(total=N, desc="preprocess", unit="img") as bar:
@@ -409,23 +385,26 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
                 pending.append(pool.submit(job, s))
                 if len(pending) >= workers + 1:
                     break
-            while pending:
-                idx, out = pending.pop(0).result()
-                bad = ~np.isfinite(out).all(axis=(1, 2))
-                if bad.any():
-                    i = int(idx[np.argmax(bad)])
-                    for f in pending:
-                        f.cancel()
-                    raise InputError(f"particle {names[i]} (#{i + 1}) has non-finite pixel "
-                                     f"values (NaN or Inf)")
-                w.write(out)
-                bar.update(len(idx))
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(job, nxt))
+            try:
+                while pending:
+                    idx, out = pending.pop(0).result()
+                    bad = ~np.isfinite(out).all(axis=(1, 2))
+                    if bad.any():
+                        i = int(idx[np.argmax(bad)])
+                        raise InputError(f"{input}: particle {names[i]} (#{i + 1}) has "
+                                         f"non-finite pixel values (NaN or Inf) after "
+                                         f"preprocessing")
+                    w.write(out)
+                    bar.update(len(idx))
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(job, nxt))
+            except BaseException:
+                for f in pending:  # stop queued chunks; the writer then removes its temp file
+                    f.cancel()
+                raise
+            write_star(star_tmp, particles, optics)
 
-    particles, optics = _output_tables(ps, stack_name, d, factor, phase_flip)
-    write_star(star_path, particles, optics)
     dt = time.perf_counter() - t0
     log.info("wrote %s and %s (%d particles, %.1f s)", star_path, stack_path, N, dt)
     return PreprocessResult(star_path, [stack_path], N, d, float(apix_out[0]), dt)

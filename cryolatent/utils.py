@@ -7,6 +7,7 @@ or failing write never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -15,13 +16,20 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None,
+                fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same folder (same filesystem), so the final ``os.replace``
-    is atomic. On any exception the temporary file is removed and ``path`` is left untouched.
-    ``suffix`` defaults to the final file's suffix, so libraries that infer a format from the
-    name (``.mrcs``, ``.npy``) still do.
+    is atomic: a reader (or a run killed at any moment, SIGKILL included) sees either the
+    previous file or the complete new one, never a mixture. On any exception (a full disk,
+    Ctrl-C) the temporary file is removed and ``path`` is left untouched. ``suffix`` defaults
+    to the final file's suffix, so libraries that infer a format from the name (``.mrcs``,
+    ``.npy``) still do. ``fsync``: flush the new file to the disk before the rename (so a
+    power cut cannot leave an empty file under the final name).
+
+    An ``OSError`` raised inside the block without a file name (``write()`` on a full disk
+    says only "No space left on device") is re-raised naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,12 +40,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            if fsync:
+                _fsync(tmp_path)
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if getattr(e, "filename", None) in (None, str(tmp_path), tmp):
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+            raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _fsync(p: Path) -> None:
+    """fsync a regular file (a no-op where it is not possible, e.g. a folder or a FIFO)."""
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno == errno.ENOSPC or e.errno == errno.EIO:
+            raise
+    finally:
+        os.close(fd)
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **kw):

@@ -43,11 +43,8 @@ def command(input, outdir, datadir, box, do_normalize, do_invert, do_phase_flip,
         raise InputError(f"{input}: no such file")
     logger = utils.setup_logging(outdir, "preprocess.log")
     logger.info("command: %s", utils.command_line())
-    try:
-        res = preprocess(input, outdir, box=box, normalize=do_normalize, invert=do_invert,
-                         phase_flip=do_phase_flip, datadir=datadir, apix=apix,
-                         chunk=chunk_size, workers=workers)
-    except Exception as e:  # noqa: BLE001 - logged, then handed to the CLI's one-line printer
-        logger.error("failed: %s", e)
-        raise
+    # a failure is written to preprocess.log and printed once by the CLI (cryolatent.cli)
+    res = preprocess(input, outdir, box=box, normalize=do_normalize, invert=do_invert,
+                     phase_flip=do_phase_flip, datadir=datadir, apix=apix,
+                     chunk=chunk_size, workers=workers)
     click.echo(f"{res.n} particles, box {res.box}, {res.apix:.4g} A/px -> {res.star}")

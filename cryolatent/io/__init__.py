@@ -1,7 +1,9 @@
 """Particle I/O: RELION STAR, cryoSPARC .cs and MRC stacks.
 
     ps = load_particles("particles.star", datadir=None, apix=None)   # .star / .cs / .mrcs
-    ps.images(idx)            # float32 (n, box, box), memory-mapped batched reads
+    ps.images(idx)            # float32 (n, box, box), memory-mapped batched reads; a
+                              #   particle with NaN/Inf pixels raises InputError naming it
+    ps.release(idx)           # drop those particles' mapped pages from this process
     write_star(path, particles_df, optics_df)   # RELION 3.1 layout, atomic
     read_star(path)           # {block name: DataFrame}
     with MRCStackWriter(path, box, apix) as w: w.write(batch)
@@ -9,10 +11,11 @@
 """
 
 from .cs import cs_to_relion, read_cs, write_cs
-from .mrc import MRCStackWriter, check_finite, read_header, read_images, write_mrcs
+from .mrc import (MRCStackWriter, check_finite, read_header, read_images, release_pages,
+                  write_mrcs)
 from .particles import ParticleSet, load_particles
 from .star import read_star, upgrade_relion30, write_star, write_star_blocks
 
 __all__ = ["load_particles", "ParticleSet", "read_star", "write_star", "write_star_blocks",
            "upgrade_relion30", "MRCStackWriter", "write_mrcs", "read_header", "read_images",
-           "check_finite", "read_cs", "write_cs", "cs_to_relion"]
+           "release_pages", "check_finite", "read_cs", "write_cs", "cs_to_relion"]

@@ -27,8 +27,8 @@ import numpy as np
 from ..errors import InputError
 from ..utils import atomic_path
 
-__all__ = ["MRCHeader", "read_header", "open_stack", "read_images", "MRCStackWriter",
-           "write_mrcs", "check_finite", "clear_cache"]
+__all__ = ["MRCHeader", "read_header", "open_stack", "read_images", "release_pages",
+           "MRCStackWriter", "write_mrcs", "check_finite", "clear_cache"]
 
 _MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
 _MAX_DIM = 1 << 16
@@ -166,6 +166,44 @@ def read_images(path: str | os.PathLike, indices, header: MRCHeader | None = Non
         block = mm[sidx]
     out[order] = block  # converts to float32 (and native byte order)
     return out
+
+
+def release_pages(path: str | os.PathLike, indices, header: MRCHeader | None = None) -> bool:
+    """Drop the memory-mapped pages of sections ``indices`` (0-based) from this process.
+
+    ``madvise(MADV_DONTNEED)`` on the span ``min(indices) .. max(indices)`` of the stack's
+    memory map: the data stay in the kernel's page cache (a later read is cheap), but they no
+    longer count in this process's resident set, so one pass over a stack larger than the RAM
+    does not grow the process to the size of the stack. The map is read-only, so nothing is
+    lost. Returns True when pages were released, False when the platform cannot (no
+    ``MADV_DONTNEED``, an empty or non-mapped stack); never raises for that reason.
+    """
+    import mmap as _mmap
+
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    adv = getattr(_mmap, "MADV_DONTNEED", None)
+    if adv is None or len(idx) == 0:
+        return False
+    mm, _ = open_stack(path, header)
+    m = getattr(mm, "_mmap", None)  # numpy keeps the mmap object of a memmap here
+    if not isinstance(m, _mmap.mmap) or mm.shape[0] == 0:
+        return False
+    lo_i, hi_i = int(idx.min()), int(idx.max())
+    if lo_i < 0 or hi_i >= mm.shape[0]:
+        return False
+    sec = int(mm.strides[0])
+    # numpy maps from the allocation-granularity boundary below the data offset
+    start = int(mm.offset) % _mmap.ALLOCATIONGRANULARITY
+    page = _mmap.PAGESIZE
+    lo = ((start + lo_i * sec) // page) * page
+    hi = min(len(m), start + (hi_i + 1) * sec)
+    if hi <= lo:
+        return False
+    try:
+        m.madvise(adv, lo, hi - lo)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def check_finite(images: np.ndarray, indices, source) -> None:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .cs import cs_to_relion, read_cs
-from .mrc import MRCHeader, read_header, read_images
+from .mrc import MRCHeader, check_finite, read_header, read_images, release_pages
 from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
 
 __all__ = ["ParticleSet", "load_particles"]
@@ -156,21 +156,24 @@ class ParticleSet:
             raise IndexError(f"particle indices out of range for {n} particles")
         return a % n if len(a) else a, False
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx, check: bool = True) -> np.ndarray:
         """float32 ``(n, box, box)`` images of particles ``idx`` (int, slice, array, mask).
 
         An int gives ``(1, box, box)``. Reads are batched per stack, sorted by section.
+        ``check``: raise :class:`InputError` naming the first particle whose pixels contain
+        NaN or Inf (the default; one vectorised pass over the batch). ``check=False`` returns
+        them as stored.
         """
         ii, _ = self._as_indices(idx)
-        return self._read(ii)
+        return self._read(ii, check)
 
     def __getitem__(self, idx) -> np.ndarray:
         """Like :meth:`images`, but an int gives one ``(box, box)`` image (NumPy style)."""
         ii, scalar = self._as_indices(idx)
-        out = self._read(ii)
+        out = self._read(ii, True)
         return out[0] if scalar else out
 
-    def _read(self, ii: np.ndarray) -> np.ndarray:
+    def _read(self, ii: np.ndarray, check: bool = True) -> np.ndarray:
         out = np.empty((len(ii), self.box, self.box), dtype=np.float32)
         if len(ii) == 0:
             return out
@@ -183,15 +186,36 @@ class ParticleSet:
             sel = ii[pos]
             out[pos] = read_images(self.stack_paths[s], self.image_index[sel],
                                    self._headers[s], names=self.names[sel])
+        if check:
+            check_finite(out, ii, self)
         return out
 
-    def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(indices (n,), images (n, box, box) float32)`` in order, n <= batch_size."""
+    def release(self, idx) -> None:
+        """Release the memory-mapped pages holding particles ``idx`` from this process.
+
+        For one streaming pass over a set larger than the RAM (``cryolatent preprocess``):
+        after a chunk has been read, its pages are dropped from the process's resident set
+        (they stay in the kernel's page cache, nothing is lost, later reads still work). A
+        no-op where the platform cannot do it. See :func:`cryolatent.io.mrc.release_pages`.
+        """
+        ii, _ = self._as_indices(idx)
+        if len(ii) == 0:
+            return
+        st = self.stack_index[ii]
+        for s in np.unique(st):
+            release_pages(self.stack_paths[int(s)], self.image_index[ii[st == s]],
+                          self._headers[int(s)])
+
+    def iter_batches(self, batch_size: int, indices=None,
+                     check: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(indices (n,), images (n, box, box) float32)`` in order, n <= batch_size.
+
+        ``check`` as in :meth:`images`."""
         ii = np.arange(len(self)) if indices is None else self._as_indices(indices)[0]
         bs = max(1, int(batch_size))
         for s in range(0, len(ii), bs):
             sel = ii[s:s + bs]
-            yield sel, self._read(sel)
+            yield sel, self._read(sel, check)
 
 
 # ------------------------------------------------------------------------------------ helpers
