@@ -647,6 +647,9 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)
             labels = cluster_latents(np.asarray(res.z), clusters, cluster_method, seed=seed)
         cols = relion_columns(psi, origin, res.z, labels)
+        for j, ax in enumerate("XY"):   # stale pixel origins (relion_project-style 3.1 files)
+            if f"rlnOrigin{ax}" in ps.table.columns:
+                cols[f"rlnOrigin{ax}"] = origin[:, j] / _apix_per_particle(ps)
         del res.z  # close the memmap before the rename
         _warn_kept_columns(ps.table, clusters is not None)
         table = _add_columns(ps.table, cols)

@@ -325,6 +325,21 @@ def test_embed_adapter_reproduces_the_preprocessed_images(sim):
                                geom.particles.images(idx), atol=1e-4)
 
 
+def test_embed_updates_stale_pixel_origins(sim, standin, tmp_path):
+    """A 3.1 STAR that also carries rlnOriginX/Y in pixels (relion_project writes them): they
+    are kept as columns but made consistent with the new origins in Å."""
+    from cryolatent.inference import embed
+    from cryolatent.io import read_star, write_star
+
+    b = read_star(sim["dir"] / "raw.star")
+    write_star(sim["dir"] / "px.star", b["particles"].assign(rlnOriginX=0.0, rlnOriginY=0.0),
+               b["optics"])
+    p = read_star(embed(standin, sim["dir"] / "px.star", tmp_path / "px_out.star"))["particles"]
+    np.testing.assert_allclose(p["rlnOriginX"], sim["shift"][:, 0], atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginY"], sim["shift"][:, 1], atol=1e-6)
+    np.testing.assert_allclose(p["rlnOriginXAngst"], sim["shift"][:, 0] * APIX_RAW, atol=1e-6)
+
+
 def test_embed_cs_input_writes_cs_loadable_by_cryosparc_tools(sim, standin, tmp_path):
     from cryosparc.dataset import Dataset
 

@@ -26,7 +26,10 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--device", default="auto", show_default=True,
               help="auto (GPU when there is one), cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering.")
-def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed):
+@click.option("--checkpoint", type=click.Choice(("best", "last")), default="best",
+              show_default=True, help="The run's checkpoint: lowest validation loss, or newest.")
+def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed,
+            checkpoint):
     """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
     (.star, .cs or .mrcs) with the trained model of RUNDIR.
 
@@ -41,4 +44,5 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
 
     setup_logging()
     embed(rundir, input, out, clusters=clusters, cluster_method=cluster_method,
-          batch_size=batch_size, device=device, datadir=datadir, seed=seed)
+          batch_size=batch_size, device=device, datadir=datadir, seed=seed,
+          checkpoint=checkpoint)
