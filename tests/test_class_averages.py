@@ -259,3 +259,70 @@ def test_make_class_averages_without_model(tmp_path):
     assert counts["class"].tolist() == [1, 2, 3] and counts["count"].tolist() == [6, 6, 6]
     assert (out / "gallery.png").stat().st_size > 1000
     assert res["counts"].tolist() == [6, 6, 6]
+
+
+def test_cli_classes_full_resolution_with_standin_model(tmp_path, monkeypatch):
+    """`cryolatent classes RUNDIR OUT.star --particles FULL.star`: OUT.star describes a
+    binned copy (rlnImageOriginalName -> the full set); averages come out at full size."""
+    import mrcfile
+
+    import cryolatent.train as train_mod
+    from cryolatent.cli import main
+    from cryolatent.io import read_star
+
+    full, canon, table = make_particles(tmp_path, n_per_class=6, name="full")
+    out = table.copy()
+    out = out.iloc[::-1].reset_index(drop=True)  # another order than the full set
+    out["rlnImageOriginalName"] = out["rlnImageName"]
+    out["rlnImageName"] = [f"{i + 1:06d}@bin/small.mrcs" for i in range(len(out))]
+    rng = np.random.default_rng(3)
+    out["cryolatentZ1"] = (out["rlnClassNumber"] - 2) * 5.0 + rng.normal(0, 0.2, len(out))
+    out["cryolatentZ2"] = rng.normal(0, 1, len(out))
+    optics = read_star(full)["optics"].copy()
+    optics["rlnImageSize"], optics["rlnImagePixelSize"] = D // 2, 2 * APIX
+    from cryolatent.io import write_star
+
+    write_star(tmp_path / "out.star", out, optics)
+    monkeypatch.setattr(train_mod, "load_run", lambda rundir, device="auto", which="best":
+                        (AnalyticModel(24), None))
+    (tmp_path / "run").mkdir()
+    rc = main(["classes", str(tmp_path / "run"), str(tmp_path / "out.star"), "-o",
+               str(tmp_path / "cls"), "--particles", str(full), "--traversal-steps", "5"])
+    assert rc == 0
+    cls = tmp_path / "cls"
+    with mrcfile.open(cls / "aligned_averages.mrcs", permissive=True) as f:
+        assert f.data.shape == (3, D, D)
+        assert float(f.voxel_size.x) == pytest.approx(APIX)
+        for k in range(3):
+            assert rel_err(inner(f.data[k]), inner(canon[k])) < 0.05
+    with mrcfile.open(cls / "denoised_averages.mrcs", permissive=True) as f:
+        assert f.data.shape == (3, 24, 24)
+        assert float(f.voxel_size.x) == pytest.approx(D * APIX / 24)  # same field of view
+        # class 1 has z1 ~ -5: its blob lies left of class 3's
+        assert np.argmax(f.data[0].sum(0)) < np.argmax(f.data[2].sum(0))
+    with mrcfile.open(cls / "traversals.mrcs", permissive=True) as f:
+        assert f.data.shape == (10, 24, 24)
+    for png in ("gallery.png", "traversals.png"):
+        import matplotlib.image as mpimg
+
+        assert mpimg.imread(cls / png)[..., :3].std() > 0.05
+    counts = pd.read_csv(cls / "class_counts.csv")
+    assert counts["count"].tolist() == [6, 6, 6]
+    assert counts["image"].tolist()[0] == "000001@aligned_averages.mrcs"
+
+
+def test_cli_classes_errors(tmp_path, capsys):
+    from cryolatent.cli import main
+
+    star, _, table = make_particles(tmp_path, n_per_class=2)
+    (tmp_path / "run").mkdir()
+    t = table.drop(columns=["rlnClassNumber"])
+    from cryolatent.io import read_star, write_star
+
+    write_star(tmp_path / "nocls.star", t, read_star(star)["optics"])
+    assert main(["classes", str(tmp_path / "run"), str(tmp_path / "nocls.star"), "-o",
+                 str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "rlnClassNumber" in err[-1] and "--clusters" in err[-1]
+    assert main(["classes", str(tmp_path / "nope"), str(star), "-o", str(tmp_path / "c")]) == 1
+    assert "nope" in capsys.readouterr().err

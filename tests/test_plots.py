@@ -138,3 +138,15 @@ def test_cli_plot_errors(tmp_path, capsys):
     assert main(["plot", str(star2), "-o", str(tmp_path / "p"), "--no-umap",
                  "--rundir", str(tmp_path)]) == 1
     assert "log.csv" in capsys.readouterr().err
+
+
+def test_shift_bins_follow_a_grid():
+    grid = 6.67 * np.array([-3, -1, 0, 0, 2, 5, 5])
+    edges = plots._shift_bins(grid, 60)
+    w = np.diff(edges)
+    np.testing.assert_allclose(w, 6.67, rtol=1e-9)
+    counts, _ = np.histogram(grid, edges)
+    # every grid value sits mid-bin: the counts are exact
+    assert counts.tolist() == [1, 0, 1, 2, 0, 1, 0, 0, 2]
+    cont = np.random.default_rng(0).normal(0, 5, 1000)
+    assert len(plots._shift_bins(cont, 40)) == 41

@@ -555,7 +555,13 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
         raise CryolatentError(f"{star}: no particle has a class number >= 1")
 
     # --- aligned averages, at the resolution of the given particle set
-    ps = load_particles(particles if particles is not None else star, datadir=datadir)
+    try:
+        ps = load_particles(particles if particles is not None else star, datadir=datadir)
+    except CryolatentError as e:
+        if particles is None and "not found" in str(e):
+            raise CryolatentError(f"{e}; say where the stacks are with --datadir DIR, or "
+                                  f"give the particle set with --particles INPUT") from None
+        raise
     if particles is None:
         rows = np.arange(len(ps))
         ptable = ps.table

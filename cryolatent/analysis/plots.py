@@ -320,13 +320,32 @@ def plot_latents(z: np.ndarray, classes: np.ndarray | None = None,
     return {"coords": coords, "files": files}
 
 
+def _shift_bins(values: np.ndarray, max_bins: int = 60) -> np.ndarray:
+    """Histogram edges for shifts (Å): ``max_bins`` even bins over the central 99.9 %, or, for
+    shifts on a grid (models with discrete translations), bins centred on the grid values
+    (width a whole number of grid steps), so no bin is empty by aliasing."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    lim = max(float(np.percentile(np.abs(v), 99.9)) if v.size else 1.0, 1e-3)
+    u = np.unique(np.round(v, 4))
+    if 2 <= len(u) <= 4 * max_bins:
+        d = np.diff(u)
+        q = float(d.min())
+        if q > 0 and np.all(np.abs(d / q - np.round(d / q)) < 1e-2):
+            w = q * max(1, int(np.ceil((u[-1] - u[0]) / q / max_bins)))
+            n = int(np.ceil((u[-1] - u[0]) / w - 1e-9)) + 1
+            return u[0] + (np.arange(n + 1) - 0.5) * w
+    return np.linspace(-lim, lim, max_bins + 1)
+
+
 def plot_pose_histograms(psi_deg: np.ndarray | None, shift_A: np.ndarray | None,
                          out_dir: str | Path = ".", fmt: Sequence[str] = ("png",),
                          name: str = "pose_histograms") -> list[Path]:
     """Histograms of the in-plane angle and the shifts.
 
     psi_deg: (N,) degrees (wrapped to [0, 360)); shift_A: (N, 2) (rlnOriginXAngst,
-    rlnOriginYAngst) in Å. Either may be None. Panels: ψ (5° bins), x and y shift (Å),
+    rlnOriginYAngst) in Å. Either may be None. Panels: ψ (10° bins, 5° from 5,000
+    particles), x and y shift (Å; up to 60 bins, aligned to the grid of discrete shifts),
     2-D shift density (Å × Å). Writes ``out_dir/<name>.<fmt>``; returns the paths.
     """
     _, plt = _mpl()
@@ -336,6 +355,7 @@ def plot_pose_histograms(psi_deg: np.ndarray | None, shift_A: np.ndarray | None,
     if shift_A is not None:
         shift_A = np.asarray(shift_A, dtype=np.float64).reshape(-1, 2)
         panels += ["shift", "shift2d"]
+        nb = int(np.clip(2 * np.sqrt(len(shift_A)), 10, 60))  # bins per shift axis
     if not panels:
         raise CryolatentError("no pose columns to plot (rlnAnglePsi, rlnOriginXAngst/YAngst)")
     with style():
@@ -344,31 +364,30 @@ def plot_pose_histograms(psi_deg: np.ndarray | None, shift_A: np.ndarray | None,
         for ax, p in zip(axes[0], panels):
             if p == "psi":
                 psi = np.mod(np.asarray(psi_deg, dtype=np.float64), 360.0)
-                ax.hist(psi, bins=np.arange(0, 365, 5), color="#0072B2")
+                step = 5 if len(psi) >= 5000 else 10
+                ax.hist(psi, bins=np.arange(0, 360 + step, step), color="#0072B2")
                 ax.set_xlim(0, 360)
                 ax.set_xticks([0, 90, 180, 270, 360])
                 ax.set_xlabel("in-plane angle ψ (°)")
                 ax.set_ylabel("particles")
                 ax.set_title(f"ψ (N = {len(psi):,})")
             elif p == "shift":
-                lim = float(np.nanpercentile(np.abs(shift_A), 99.9)) if len(shift_A) else 1.0
-                lim = max(lim, 1e-3)
-                bins = np.linspace(-lim, lim, 61)
+                bins = _shift_bins(shift_A, nb)
                 ax.hist(shift_A[:, 0], bins=bins, histtype="step", lw=1.5, color="#E69F00",
                         label="x (rlnOriginXAngst)")
                 ax.hist(shift_A[:, 1], bins=bins, histtype="step", lw=1.5, color="#56B4E9",
                         label="y (rlnOriginYAngst)")
                 ax.set_xlabel("shift (Å)")
                 ax.set_ylabel("particles")
+                ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend
                 ax.legend(loc="upper right")
                 sd = shift_A.std(axis=0)
                 ax.set_title(f"shifts (sd x {sd[0]:.1f} Å, y {sd[1]:.1f} Å)")
             else:
-                lim = float(np.nanpercentile(np.abs(shift_A), 99.9)) if len(shift_A) else 1.0
-                lim = max(lim, 1e-3)
-                h = ax.hist2d(shift_A[:, 0], shift_A[:, 1], bins=60,
-                              range=[[-lim, lim], [-lim, lim]], cmap="viridis", cmin=1,
-                              rasterized=True)
+                nb2 = int(np.clip(np.sqrt(len(shift_A)), 10, 60))
+                bx, by = _shift_bins(shift_A[:, 0], nb2), _shift_bins(shift_A[:, 1], nb2)
+                h = ax.hist2d(shift_A[:, 0], shift_A[:, 1], bins=[bx, by], cmap="viridis",
+                              cmin=1, rasterized=True)
                 cb = fig.colorbar(h[3], ax=ax, fraction=0.046, pad=0.03)
                 cb.set_label("particles per bin")
                 ax.set_aspect("equal")
@@ -380,7 +399,8 @@ def plot_pose_histograms(psi_deg: np.ndarray | None, shift_A: np.ndarray | None,
 
 
 #: log.csv columns that are not curves to plot against the epoch
-_NOT_CURVES = {"epoch", "images", "step", "time", "seconds", "wall_s", "elapsed", "elapsed_s"}
+_NOT_CURVES = {"epoch", "images", "step", "time", "seconds", "wall_s", "elapsed", "elapsed_s",
+               "skipped_steps"}
 
 
 def _curve_groups(columns: Sequence[str]) -> dict[str, dict[str, str]]:
