@@ -6,6 +6,7 @@
     ps.release(idx)           # drop those particles' mapped pages from this process
     write_star(path, particles_df, optics_df)   # RELION 3.1 layout, atomic
     read_star(path)           # {block name: DataFrame}
+    read_particle_table(path) # (particles, optics) checked, without opening the stacks
     with MRCStackWriter(path, box, apix) as w: w.write(batch)
     write_mrcs(path, images, apix); write_cs(path, structured_array)
 """
@@ -13,9 +14,9 @@
 from .cs import cs_to_relion, read_cs, write_cs
 from .mrc import (MRCStackWriter, check_finite, read_header, read_images, release_pages,
                   write_mrcs)
-from .particles import ParticleSet, load_particles
+from .particles import ParticleSet, load_particles, read_particle_table
 from .star import read_star, upgrade_relion30, write_star, write_star_blocks
 
-__all__ = ["load_particles", "ParticleSet", "read_star", "write_star", "write_star_blocks",
+__all__ = ["load_particles", "ParticleSet", "read_particle_table", "read_star", "write_star", "write_star_blocks",
            "upgrade_relion30", "MRCStackWriter", "write_mrcs", "read_header", "read_images",
            "release_pages", "check_finite", "read_cs", "write_cs", "cs_to_relion"]

@@ -29,7 +29,7 @@ from .cs import cs_to_relion, read_cs
 from .mrc import MRCHeader, check_finite, read_header, read_images, release_pages
 from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
 
-__all__ = ["ParticleSet", "load_particles"]
+__all__ = ["ParticleSet", "load_particles", "read_particle_table"]
 
 log = logging.getLogger("cryolatent")
 
@@ -242,15 +242,63 @@ def _name_of(table: pd.DataFrame, j: int) -> str:
     return f"#{j + 1}"
 
 
-def _check_numeric(df: pd.DataFrame, source, what: str) -> None:
+def _is_numeric_label(c: str) -> bool:
+    return c in NUMERIC_COLUMNS or (c.startswith("cryolatentZ") and c[11:].isdigit())
+
+
+def _check_numeric(df: pd.DataFrame, source, what: str, extra=()) -> None:
+    """InputError naming the column, particle (row) and value of the first non-number in a
+    column that must hold numbers (RELION's numeric labels, cryolatentZ*, ``extra``)."""
     for c in df.columns:
-        if c in NUMERIC_COLUMNS and not pd.api.types.is_numeric_dtype(df[c].dtype):
+        if (_is_numeric_label(c) or c in extra) and \
+                not pd.api.types.is_numeric_dtype(df[c].dtype):
             vals = pd.to_numeric(df[c], errors="coerce")
             j = int(np.nonzero(vals.isna().to_numpy() & df[c].notna().to_numpy())[0][0]) \
                 if (vals.isna() & df[c].notna()).any() else 0
             raise InputError(f"{source}: column {c} in {what} must be numeric, but "
                              f"{_name_of(df, j) if what == 'particles' else f'row {j + 1}'} "
                              f"has {df[c].iloc[j]!r}")
+
+
+def read_particle_table(path: str | os.PathLike, numeric=(), allow_empty: bool = False,
+                        unique: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``(particles, optics)`` of a particle STAR without opening any image stack.
+
+    For commands that need only the metadata (select, evaluate, plot, classes): the particle
+    table is ``data_particles`` (else ``data_images``, ``data_``, or the first block with
+    rlnImageName); ``optics`` is ``data_optics`` or None (RELION 3.0). Checked, each with an
+    :class:`InputError` naming the file and the particle/column: a missing file, no particle
+    table, zero rows (unless ``allow_empty``), a non-number in a numeric column (RELION's
+    numeric labels, ``cryolatentZ*`` and the labels in ``numeric``), and with ``unique`` a
+    duplicate rlnImageName (pass ``unique=False`` where names are not used to match rows:
+    a symmetry-expanded set legitimately repeats them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    blocks = read_star(path)
+    table = None
+    for name in ("particles", "images", ""):
+        if name in blocks and len(blocks[name].columns):
+            table, key = blocks[name], name
+            break
+    if table is None:
+        for name, df in blocks.items():
+            if name != "optics" and "rlnImageName" in df.columns:
+                table, key = df, name
+                break
+    if table is None:
+        raise InputError(f"{path}: no particle table (no data_particles block)")
+    if len(table) == 0 and not allow_empty:
+        raise InputError(f"{path}: data_{key} has no particles (empty loop)")
+    table = table.reset_index(drop=True)
+    _check_numeric(table, path, "particles", extra=tuple(numeric))
+    optics = blocks.get("optics")
+    if optics is not None:
+        _check_numeric(optics, path, "data_optics")
+    if unique and "rlnImageName" in table.columns:
+        _check_unique(table["rlnImageName"].astype(str).to_numpy(dtype=object), path)
+    return table, optics
 
 
 def _resolve(rel: str, source: Path, datadir) -> Path | None:
