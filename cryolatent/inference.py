@@ -423,8 +423,12 @@ def run_model(model, ps, adapter: Callable[[np.ndarray, np.ndarray], torch.Tenso
     z = np.lib.format.open_memmap(z_out, mode="w+", dtype=np.float32, shape=(n, z_dim))
     pin = device.type == "cuda"
 
+    release = getattr(ps, "release", None)
+
     def batches():
         for idx, imgs in ps.iter_batches(batch_size):
+            if release is not None:   # one pass: drop the batch's mapped pages (bounded RSS)
+                release(idx)
             x = adapter(imgs, idx)
             if pin:
                 x = x.pin_memory()
@@ -432,20 +436,30 @@ def run_model(model, ps, adapter: Callable[[np.ndarray, np.ndarray], torch.Tenso
 
     from .utils import progress
 
+    def store(idx, inf, bar):
+        zb = inf.z_mean.detach().float().cpu().numpy()
+        if zb.ndim != 2 or zb.shape[1] != z_dim:
+            raise CryolatentError(f"the model returned latents of shape {tuple(zb.shape)}, "
+                                  f"expected (batch, {z_dim})")
+        z[idx] = zb
+        psi[idx] = inf.psi_deg.detach().double().cpu().numpy()
+        shift[idx] = inf.shift_px.detach().double().cpu().numpy().reshape(-1, 2)
+        conf[idx] = inf.confidence.detach().float().cpu().numpy()
+        bar.update(len(idx))
+
     model.eval()
     t0 = time.perf_counter()
     with torch.inference_mode(), progress(total=n, desc="embed", unit="particle") as bar:
+        # the host copy of batch i waits until batch i+1 has been queued on the device,
+        # so a GPU never idles on the device->host copy
+        pending = None
         for idx, x in _prefetch(batches()):
             inf = model.infer(x.to(device, non_blocking=True))
-            zb = inf.z_mean.detach().float().cpu().numpy()
-            if zb.ndim != 2 or zb.shape[1] != z_dim:
-                raise CryolatentError(f"the model returned latents of shape {tuple(zb.shape)}, "
-                                      f"expected (batch, {z_dim})")
-            z[idx] = zb
-            psi[idx] = inf.psi_deg.detach().double().cpu().numpy()
-            shift[idx] = inf.shift_px.detach().double().cpu().numpy()
-            conf[idx] = inf.confidence.detach().float().cpu().numpy()
-            bar.update(len(idx))
+            if pending is not None:
+                store(*pending, bar)
+            pending = (idx, inf)
+        if pending is not None:
+            store(*pending, bar)
     dt = time.perf_counter() - t0
     log.info("embedded %d particles in %.1f s (%.0f particles/s)", n, dt, n / max(dt, 1e-9))
     if not (np.isfinite(psi).all() and np.isfinite(shift).all()):
