@@ -379,7 +379,9 @@ class IRLINR(LatentModel):
         """(B, N, N) -> z (B, d), rot (B, 2) unit (cos, sin), tau (B, 2) internal units."""
         x = images.unsqueeze(1)
         if x.is_cuda:
-            if not self._channels_last:
+            # NHWC convolutions (tensor cores); parameters are converted in place, once, outside
+            # inference mode (inference tensors could not be trained afterwards)
+            if not self._channels_last and not torch.is_inference_mode_enabled():
                 self.encoder.to(memory_format=torch.channels_last)
                 self._channels_last = True
             x = x.contiguous(memory_format=torch.channels_last)
