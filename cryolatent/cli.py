@@ -110,8 +110,10 @@ def main(argv=None) -> int:
             raise
         return _fail(str(e), e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _log_to_files("interrupted (Ctrl-C)")
-        click.echo("interrupted", err=True)
+        msg = ("interrupted (Ctrl-C): files already written are complete and unfinished "
+               "ones were removed; a training run continues with --resume")
+        _log_to_files(msg)
+        click.echo(msg, err=True)
         return 130
     except click.ClickException as e:
         e.show()
