@@ -16,8 +16,10 @@ Two measurements, each in its own child process (so the peak RSS is that of embe
     1000-image stack (so 10^6 distinct particle names point at 10^6 distinct (file, section)
     pairs while only 4 MB are on disk: a real 128-px set of 10^6 would need 65 GB), a tiny
     TARGET-VAE (z = 8) trained for 0 epochs. The child runs ``embed(..., clusters=10)`` and
-    reports its peak RSS (``ru_maxrss``) and the RSS after importing torch + cryolatent
-    (``baseline``), plus the wall time. The box and model are small on purpose: what grows
+    reports its peak RSS (``ru_maxrss``) and the RSS after importing torch, scikit-learn and
+    cryolatent (``baseline``), plus the wall time. The model is a trivial stand-in
+    LatentModel (intensity centroid, second-moment axis, 8 moments as z; defined in the
+    child), so that 10^6 particles take minutes on a CPU instead of hours of network compute. The box and model are small on purpose: what grows
     with N is the table, the poses, z and the STAR writing, not the images, which are
     streamed in batches.
 
@@ -110,6 +112,8 @@ import json, resource, sys, time
 args = json.loads(sys.argv[1])
 import numpy as np, torch
 import cryolatent.inference as inf
+import sklearn.cluster, cryolatent.io, cryolatent.preprocess
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if args.get("light_model"):
     # a trivial LatentModel (intensity centroid and second-moment axis, z = a few moments):
     # embed's own memory and speed at 10^6 rows without hours of network compute on a CPU
@@ -136,10 +140,7 @@ if args.get("light_model"):
             return Inference(psi, torch.stack([-mx, -my], 1), z, torch.ones_like(z),
                              torch.ones(b))
     cfg = TrainConfig(input=args["input"], z_dim=args["light_model"], batch_size=args["batch_size"])
-    from cryolatent.io import load_particles
-    _box = load_particles(args["input"]).box
-    inf._load_run = lambda rundir, device, checkpoint="best": (Moments(_box, cfg.z_dim).to(device), cfg)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    inf._load_run = lambda rundir, device, checkpoint="best": (Moments(args["box"], cfg.z_dim).to(device), cfg)
 t0 = time.perf_counter()
 inf.embed(args["run"], args["input"], args["out"], clusters=args.get("clusters"),
           batch_size=args["batch_size"], device=args["device"])
@@ -224,7 +225,7 @@ def memory(a) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     res = _child({"run": str(run), "input": str(star), "out": str(work / "mem_out.star"),
                   "batch_size": a.batch_size, "device": a.device, "clusters": 10,
-                  "light_model": 8})
+                  "light_model": 8, "box": a.box})
     out_mb = (work / "mem_out.star").stat().st_size / 2**20
     return {"measure": "memory", "n": a.n, "box": a.box, "batch_size": a.batch_size,
             "clusters": 10, "z_dim": 8, "peak_rss_mb": res["peak_rss_mb"],

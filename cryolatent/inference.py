@@ -195,11 +195,11 @@ class TrainingGeometry:
     particles: Any = None
 
 
-def training_geometry(cfg, model=None) -> TrainingGeometry:
+def training_geometry(cfg, model=None, particles=None) -> TrainingGeometry:
     """Box, pixel size, normalisation and phase flipping of the run's training images.
 
-    Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``).
-    When it cannot be opened any more, falls back to what the run recorded (``cfg.extra``
+    Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``),
+    or from ``particles`` when that is the training set already opened. When it cannot be opened any more, falls back to what the run recorded (``cfg.extra``
     keys ``box``/``apix``/``normalized``/``phase_flipped``) or the model's ``box`` attribute,
     and warns.
     """
@@ -207,7 +207,9 @@ def training_geometry(cfg, model=None) -> TrainingGeometry:
 
     extra = dict(getattr(cfg, "extra", {}) or {})
     try:
-        tps = load_particles(cfg.input, datadir=cfg.datadir)
+        # ``particles``: the training set, already open (INPUT is the training set)
+        tps = particles if particles is not None else load_particles(cfg.input,
+                                                                     datadir=cfg.datadir)
         n = min(len(tps), 64)
         idx = np.unique(np.linspace(0, len(tps) - 1, n).round().astype(np.int64))
         normalized = _looks_normalized(tps.images(idx)) if n else False
@@ -642,10 +644,11 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         raise CryolatentError(f"--clusters {clusters}: more classes than particles ({n})")
 
     model, cfg = _load_run(rundir, dev, checkpoint)
-    geom = training_geometry(cfg, model)
     same = _is_training_set(ps, cfg)
+    geom = training_geometry(cfg, model, particles=ps if same else None)
     adapter = InputAdapter(ps, geom, same_as_training=same)
     adapter.calibrate()
+    geom.particles = None          # free the training set's tables before the long loop
     bs = int(batch_size or getattr(cfg, "batch_size", 0) or 256)
     z_dim = int(getattr(cfg, "z_dim", 0) or getattr(model, "z_dim"))
     log.info("embed: %d particles of %s (box %d, %.4g Å/px) with %s model of %s on %s, "
