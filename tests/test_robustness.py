@@ -557,3 +557,29 @@ def test_property_star_line_ends_bom_nan(tmp_path, vals, crlf, bom, blank):
     p.write_bytes(b)
     back = read_star(p)["particles"]
     pd.testing.assert_frame_equal(back, ref)
+
+
+def test_images_out_and_fast_path_equal_general_path(tmp_path):
+    """images(idx, out=...) fills the given buffer; single float32 stack (fast gather) and
+    a big-endian int16 stack (general path) give the same values; NaN named either way."""
+    from cryolatent.errors import InputError
+    from cryolatent.io.mrc import clear_cache
+
+    inp = make_set(tmp_path / "in", n=12)
+    ps = load_particles(inp)
+    idx = np.array([7, 2, 2, 11, 0])
+    ref = ps.images(idx, check=False)
+    buf = np.full((5, 16, 16), -1.0, np.float32)
+    got = ps.images(idx, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, ref)
+    raw = np.fromfile(tmp_path / "in" / "stack.mrcs", dtype="<f4", offset=1024)
+    np.testing.assert_array_equal(ref, raw.reshape(12, 16, 16)[idx])
+    with pytest.raises(ValueError):
+        ps.images(idx, out=np.zeros((4, 16, 16), np.float32))
+    a = raw.reshape(12, 16, 16).copy()
+    a[2, 0, 0] = np.nan
+    write_mrcs(tmp_path / "in" / "stack.mrcs", a, 2.0)
+    clear_cache()
+    with pytest.raises(InputError, match=r"000003@stack.mrcs \(#3\) has NaN"):
+        load_particles(inp).images(idx, out=buf)

@@ -26,7 +26,8 @@ import pandas as pd
 
 from ..errors import InputError
 from .cs import cs_to_relion, read_cs
-from .mrc import MRCHeader, check_finite, read_header, read_images, release_pages
+from .mrc import (MRCHeader, check_finite, open_stack, read_header, read_images,
+                  release_pages)
 from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
 
 __all__ = ["ParticleSet", "load_particles", "read_particle_table"]
@@ -156,16 +157,18 @@ class ParticleSet:
             raise IndexError(f"particle indices out of range for {n} particles")
         return a % n if len(a) else a, False
 
-    def images(self, idx, check: bool = True) -> np.ndarray:
+    def images(self, idx, check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``(n, box, box)`` images of particles ``idx`` (int, slice, array, mask).
 
         An int gives ``(1, box, box)``. Reads are batched per stack, sorted by section.
         ``check``: raise :class:`InputError` naming the first particle whose pixels contain
         NaN or Inf (the default; one vectorised pass over the batch). ``check=False`` returns
-        them as stored.
+        them as stored. ``out``: a C-contiguous float32 ``(n, box, box)`` array to fill and
+        return (no allocation; a single native float32 stack is gathered straight from its
+        memory map, the fastest path for training batches).
         """
         ii, _ = self._as_indices(idx)
-        return self._read(ii, check)
+        return self._read(ii, check, out)
 
     def __getitem__(self, idx) -> np.ndarray:
         """Like :meth:`images`, but an int gives one ``(box, box)`` image (NumPy style)."""
@@ -173,10 +176,24 @@ class ParticleSet:
         out = self._read(ii, True)
         return out[0] if scalar else out
 
-    def _read(self, ii: np.ndarray, check: bool = True) -> np.ndarray:
-        out = np.empty((len(ii), self.box, self.box), dtype=np.float32)
+    def _read(self, ii: np.ndarray, check: bool = True,
+              out: np.ndarray | None = None) -> np.ndarray:
+        shape = (len(ii), self.box, self.box)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} "
+                             f"{out.shape}")
         if len(ii) == 0:
             return out
+        if len(self.stack_paths) == 1:
+            mm, _ = open_stack(self.stack_paths[0], self._headers[0])
+            rows = self.image_index[ii]
+            if mm.dtype == np.float32 and mm.dtype.isnative and rows.max() < mm.shape[0]:
+                np.take(mm, rows, axis=0, out=out)
+                if check:
+                    check_finite(out, ii, self)
+                return out
         st = self.stack_index[ii]
         order = np.argsort(st, kind="stable")
         sst = st[order]
