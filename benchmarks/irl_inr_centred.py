@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cryolatent.metrics import circular_corr, rotation_corr_per_class
-from cryolatent.models.irl_inr import IRLINR, symmetry_targets
+from cryolatent.models.irl_inr import IRLINR, moment_targets, symmetry_targets
 
 
 def make_objects(k: int, box: int, rng: np.random.Generator) -> list[list[tuple]]:
@@ -105,6 +105,10 @@ def main() -> None:
         out["rule"][rule] = {
             "rotation_corr_per_class": round(rotation_corr_per_class(ang, psi, cls), 4),
             "rotation_corr": round(circular_corr(ang, psi), 4)}
+
+    e2 = moment_targets(imgs)["e2"]      # the axis alone (2 theta), before the skewness bit
+    out["rule"]["moments_axis_2theta"] = {
+        "rotation_corr_per_class": round(rotation_corr_per_class(angle(e2), 2 * psi, cls), 4)}
 
     for rule in a.rules.split(",") if a.steps > 0 else ():
         torch.manual_seed(a.seed)

@@ -61,17 +61,19 @@ def centred(blobs):
 
 
 def mixture_skew_x(blobs) -> float:
-    """Third central moment along x of an (untruncated) Gaussian mixture, analytically."""
+    """<d_x |d|^2> = mu30 + mu12 of an (untruncated) axis-aligned Gaussian mixture with all
+    centres on the x axis, analytically (the rule's 180° tie-breaker)."""
     w = np.array([a * sx * sy for a, _, _, sx, sy in blobs])
     mu = np.array([b[1] for b in blobs])
-    var = np.array([b[3] ** 2 for b in blobs])
+    vx = np.array([b[3] ** 2 for b in blobs])
+    vy = np.array([b[4] ** 2 for b in blobs])
     mu = mu - (w * mu).sum() / w.sum()
-    return float((w * (mu ** 3 + 3 * mu * var)).sum() / w.sum())
+    return float((w * (mu ** 3 + 3 * mu * vx + mu * vy)).sum() / w.sum())
 
 
-# "tadpole": major axis along +x, a small far bump at +x making the x-skew positive (a bump
-# *inside* the body would make it negative: the long tail is then on the other side),
-# centre of mass at 0
+# "tadpole": major axis along +x, a small far bump at +x making the third moment along x
+# positive (a bump *inside* the body can make it negative: the long tail is then on the
+# other side), centre of mass at 0
 EGG = centred([(1.0, 0.0, 0.0, 3.0, 2.0), (0.7, 8.0, 0.0, 1.5, 1.5)])
 assert mixture_skew_x(EGG) > 0
 

@@ -27,7 +27,7 @@ Symmetry breaking (``cfg.rotation_rule``)
   for centred particles.
 * ``"moments"`` — ours: ``tau* = -centroid`` and the canonical orientation puts the
   principal axis of the second central moments along +x, the 180° ambiguity resolved by the
-  sign of the third moment (skewness) along that axis. See :func:`moment_targets`.
+  sign of a third moment along that axis, ``<(v.d)|d|^2>``. See :func:`moment_targets`.
 
 Speed: everything in :meth:`IRLINR.loss` is batched (one ``bmm`` per INR layer for the whole
 batch, on-device consistency views with ``grid_sample``, moments as batched reductions) and
@@ -161,8 +161,9 @@ def moment_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
     * ``tau``:    (B, 2) ``-m``: the translation that centres the mass.
     * ``c2``:     (B, 2) ``(<dx^2 - dy^2>, <2 dx dy>)``; the principal axis is at angle
       ``alpha = atan2(c2_y, c2_x) / 2`` (defined mod 180°).
-    * ``skew``:   (B,) third moment along the axis ``v = (cos alpha, sin alpha)``, in units of
-      ``<|d|^2>^{3/2}``; the axis is flipped (``v -> -v``) where it is negative.
+    * ``skew``:   (B,) third moment along the axis ``v = (cos alpha, sin alpha)``,
+      ``<(v.d) |d|^2>`` (= mu30 + mu12 in the axis frame) in units of ``<|d|^2>^{3/2}``;
+      the axis is flipped (``v -> -v``) where it is negative.
     * ``e1``:     (B, 2) ``(cos theta*, sin theta*)``, ``theta* = -angle(v)``: rotating by
       ``theta*`` puts the (oriented) axis on +x (full 360° target).
     * ``e2``:     (B, 2) ``(cos 2theta*, sin 2theta*) = (c2_x, -c2_y)/|c2|`` (axis only).
@@ -194,7 +195,10 @@ def moment_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
     ca = torch.sqrt(((1 + c2[:, 0] / mag) / 2).clamp_min(0))
     sa = torch.sqrt(((1 - c2[:, 0] / mag) / 2).clamp_min(0)) * torch.where(c2[:, 1] < 0, -1.0, 1.0)
     proj = dx * ca[:, None] + dy * sa[:, None]
-    skew = (w * proj ** 3).sum(-1) / W / i2.clamp_min(1e-12) ** 1.5
+    # third moment along the axis, <(v.d) |d|^2> = mu30 + mu12 in the axis frame (the axis
+    # projection of the 1-fold moment <zeta |zeta|^2>): measured 0.83/0.70/0.49 rotation corr.
+    # at SNR 100/10/1 (benchmarks/irl_inr_centred.py, 6 objects) vs 0.76/0.48/0.39 for mu30 alone
+    skew = (w * proj * (dx * dx + dy * dy)).sum(-1) / W / i2.clamp_min(1e-12) ** 1.5
     sign = torch.where(skew < 0, -1.0, 1.0)
     vx, vy = ca * sign, sa * sign
     return {
