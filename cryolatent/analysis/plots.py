@@ -185,18 +185,23 @@ def umap_2d(z: np.ndarray, sample: int = UMAP_SAMPLE, seed: int = 0,
     fit_idx = _subsample(n, max(int(sample), 10), seed)
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(fit_idx) - 1),
                         min_dist=min_dist, random_state=seed, transform_seed=seed)
+    import time
+
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         emb_fit = reducer.fit_transform(z[fit_idx])
+        log.info("UMAP fitted on %d particles in %.0f s", len(fit_idx), time.perf_counter() - t0)
         coords = np.empty((n, 2), dtype=np.float64)
         coords[fit_idx] = emb_fit
         if len(fit_idx) < n:
             rest = np.setdiff1d(np.arange(n), fit_idx, assume_unique=True)
-            log.info("UMAP fitted on %d of %d particles; transforming the other %d",
-                     len(fit_idx), n, len(rest))
+            t0 = time.perf_counter()
             for start in range(0, len(rest), 200_000):  # bounded memory
                 part = rest[start:start + 200_000]
                 coords[part] = reducer.transform(z[part])
+            log.info("UMAP transform of %d particles: %.0f s", len(rest),
+                     time.perf_counter() - t0)
     return coords
 
 
@@ -314,6 +319,9 @@ def plot_latents(z: np.ndarray, classes: np.ndarray | None = None,
                            linewidths=0, rasterized=True)
             ax.set_xlabel(labels[0])
             ax.set_ylabel(labels[1])
+            if method == "umap":  # UMAP coordinates have no meaning of their own
+                ax.set_xticks([])
+                ax.set_yticks([])
             ax.set_title(title + "\nparticle density", fontsize=10)
             fig.tight_layout()
             files += save_figure(fig, out_dir, name + ("_density" if panels else ""), fmt)
