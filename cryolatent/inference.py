@@ -195,7 +195,18 @@ class TrainingGeometry:
     particles: Any = None
 
 
-def training_geometry(cfg, model=None, particles=None) -> TrainingGeometry:
+def _training_input(cfg, rundir=None) -> str:
+    """The run's training set path: as recorded, else relative to the run folder's parent
+    (a relative path recorded by a run started in a RELION-style project folder)."""
+    p = Path(cfg.input)
+    if not p.exists() and not p.is_absolute() and rundir is not None:
+        for base in (Path(rundir).parent, Path(rundir)):
+            if (base / p).exists():
+                return str(base / p)
+    return str(cfg.input)
+
+
+def training_geometry(cfg, model=None, particles=None, rundir=None) -> TrainingGeometry:
     """Box, pixel size, normalisation and phase flipping of the run's training images.
 
     Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``),
@@ -208,8 +219,8 @@ def training_geometry(cfg, model=None, particles=None) -> TrainingGeometry:
     extra = dict(getattr(cfg, "extra", {}) or {})
     try:
         # ``particles``: the training set, already open (INPUT is the training set)
-        tps = particles if particles is not None else load_particles(cfg.input,
-                                                                     datadir=cfg.datadir)
+        tps = particles if particles is not None else load_particles(
+            _training_input(cfg, rundir), datadir=cfg.datadir)
         n = min(len(tps), 64)
         idx = np.unique(np.linspace(0, len(tps) - 1, n).round().astype(np.int64))
         normalized = _looks_normalized(tps.images(idx)) if n else False
@@ -644,8 +655,8 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         raise CryolatentError(f"--clusters {clusters}: more classes than particles ({n})")
 
     model, cfg = _load_run(rundir, dev, checkpoint)
-    same = _is_training_set(ps, cfg)
-    geom = training_geometry(cfg, model, particles=ps if same else None)
+    same = _is_training_set(ps, cfg, rundir)
+    geom = training_geometry(cfg, model, particles=ps if same else None, rundir=rundir)
     adapter = InputAdapter(ps, geom, same_as_training=same)
     adapter.calibrate()
     geom.particles = None          # free the training set's tables before the long loop
@@ -693,8 +704,9 @@ def _apix_per_particle(ps) -> np.ndarray:
     return np.full(len(ps), float(ps.apix))
 
 
-def _is_training_set(ps, cfg) -> bool:
-    return bool(getattr(cfg, "input", "")) and _same_file(ps.source, cfg.input)
+def _is_training_set(ps, cfg, rundir=None) -> bool:
+    return bool(getattr(cfg, "input", "")) and _same_file(ps.source,
+                                                          _training_input(cfg, rundir))
 
 
 def _warn_kept_columns(df, clustering: bool) -> None:

@@ -475,3 +475,26 @@ def test_end_to_end_simulate_train_embed_original_and_training_set(tmp_path, sha
     assert set(a["rlnClassNumber"]) == {1, 2, 3}
     z = np.load(tmp_path / "o1.z.npy")
     np.testing.assert_array_equal(z[:, 1], a["cryolatentZ2"].to_numpy(np.float32))
+
+
+def test_embed_when_the_training_set_is_gone(sim, tmp_path, monkeypatch, caplog):
+    """The run's training set moved away: the model's box is used (with a warning), the
+    originals are still cropped to it and the origins are still right in Å."""
+    import logging
+
+    import cryolatent.inference as inf
+    from cryolatent.config import TrainConfig
+    from cryolatent.io import read_star
+
+    cfg = TrainConfig(input=str(tmp_path / "moved" / "particles.star"), z_dim=2, batch_size=8)
+    monkeypatch.setattr(inf, "_load_run", lambda rundir, device, checkpoint="best":
+                        (sim["model"], cfg))
+    logger = logging.getLogger("cryolatent")
+    logger.addHandler(caplog.handler)          # works whether or not it propagates
+    try:
+        out = inf.embed(tmp_path, sim["dir"] / "raw.star", tmp_path / "gone.star")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "cannot be opened" in caplog.text
+    p = read_star(out)["particles"]
+    np.testing.assert_allclose(p["rlnOriginXAngst"], sim["truth"]["rlnOriginXAngst"], atol=1e-6)
