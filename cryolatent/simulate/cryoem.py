@@ -211,7 +211,8 @@ def mask_disc(box: int, radius_px: float) -> np.ndarray:
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2
 
 
-def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.PathLike] | None = None,
+def simulate_cryoem(outdir: str | os.PathLike,
+                    structures: Sequence[str | os.PathLike | Structure] | None = None,
                     n: int = 1000, box: int = 128, apix: float | None = None,
                     snr: float | None = 0.1, seed: int = 0, views: int | None = None,
                     shift_sd: float = 3.0, defocus_min: float = 10000.0,
@@ -220,7 +221,9 @@ def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.Pat
                     device: str | None = "cpu") -> Path:
     """Write projections of atomic models with their ground truth; returns particles.star.
 
-    structures: PDB/mmCIF paths, one class each (rlnClassNumber = 1 + index); default the
+    structures: PDB/mmCIF paths or :class:`Structure` objects (e.g. the built-in
+    :func:`cryolatent.simulate.synthetic.hinge_pair`), one class each (rlnClassNumber =
+    1 + index); default the
     GluA3 NTD pair 3O21 / 3P3W. apix: default so that the largest structure's diameter spans
     70 % of the box. snr: None or inf = no noise. views: K fixed directions
     (column cryolatentViewNumber = 1..K) instead of uniform random ones.
@@ -246,8 +249,8 @@ def simulate_cryoem(outdir: str | os.PathLike, structures: Sequence[str | os.Pat
                               f"{defocus_max}")
     if astigmatism < 0:
         raise CryolatentError(f"--astigmatism must be >= 0, got {astigmatism}")
-    paths = [Path(p) for p in structures] if structures else default_structures()
-    models = [load_structure(p) for p in paths]
+    sources = list(structures) if structures else default_structures()
+    models = [p if isinstance(p, Structure) else load_structure(Path(p)) for p in sources]
     r_max = max(m.radius for m in models)
     if apix is None:
         apix = math.ceil(2.0 * r_max / (0.7 * box) * 1000.0) / 1000.0
