@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, progress bars, seeding.
+"""Small shared helpers: atomic file writes, progress bars, seeding, device choice.
 
 Everything that writes a user-visible file goes through :func:`atomic_path`, so an interrupted
 or failing write never leaves a half-written file under the final name.
@@ -26,7 +26,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None,
     Ctrl-C) the temporary file is removed and ``path`` is left untouched. ``suffix`` defaults
     to the final file's suffix, so libraries that infer a format from the name (``.mrcs``,
     ``.npy``) still do. ``fsync``: flush the new file to the disk before the rename (so a
-    power cut cannot leave an empty file under the final name).
+    power cut cannot leave an empty file under the final name). The new file gets the
+    permissions ``open(path, "w")`` would give it (those of the file it replaces, else
+    0o666 & ~umask), not mkstemp's private 0o600.
 
     An ``OSError`` raised inside the block without a file name (``write()`` on a full disk
     says only "No space left on device") is re-raised naming ``path``.
@@ -42,6 +44,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None,
     try:
         try:
             yield tmp_path
+            _default_mode(tmp_path, path)
             if fsync:
                 _fsync(tmp_path)
             os.replace(tmp_path, path)
@@ -53,6 +56,40 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None,
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask: from /proc (Linux) when possible, since ``os.umask`` can only be
+    read by setting it, which would race with other threads creating files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(tmp: Path, final: Path) -> None:
+    """Give the new file the permissions a plain ``open(final, "w")`` would, instead of
+    mkstemp's 0o600: those of the file it replaces, else 0o666 & ~umask. Folders, links
+    and special files are left alone."""
+    import stat
+
+    try:
+        if not tmp.is_file() or tmp.is_symlink():
+            return
+        try:
+            st = os.stat(final)
+            mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            mode = None
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
+    except OSError:
+        pass
 
 
 def _fsync(p: Path) -> None:
@@ -91,6 +128,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_device(device="auto"):
+    """The ``torch.device`` for a ``--device`` value (a string, or a ``torch.device`` as is).
+
+    ``"auto"`` (or None / "") -> ``cuda`` when a GPU is available, else ``cpu``; a CUDA
+    device without CUDA, or a name torch does not know, is a one-line CryolatentError.
+    """
+    import torch
+
+    from .errors import CryolatentError
+
+    if isinstance(device, torch.device):
+        dev = device
+    elif device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise CryolatentError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") \
+                from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CryolatentError(f"--device {device}: no CUDA GPU is available here")
+    return dev
 
 
 def command_line() -> str:

@@ -1,0 +1,54 @@
+"""cryolatent.utils: atomic_path permissions, resolve_device."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from cryolatent.errors import CryolatentError
+from cryolatent.utils import atomic_path, resolve_device
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_path_gives_the_mode_open_would(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        ref = tmp_path / "ref.txt"
+        with open(ref, "w") as f:        # the reference: a plain open()
+            f.write("x")
+        new = tmp_path / "new.txt"
+        with atomic_path(new) as tmp:
+            tmp.write_text("x")
+        assert _mode(new) == _mode(ref) == 0o666 & ~mask
+    finally:
+        os.umask(old)
+
+
+def test_atomic_path_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    p = tmp_path / "out.star"
+    p.write_text("old")
+    os.chmod(p, 0o640)
+    with atomic_path(p) as tmp:
+        tmp.write_text("new")
+    assert p.read_text() == "new" and _mode(p) == 0o640
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CryolatentError, match=r"--device 'gpu0'") as e:
+        resolve_device("gpu0")
+    assert "\n" not in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(CryolatentError, match=r"--device cuda: no CUDA GPU"):
+            resolve_device("cuda")
+        with pytest.raises(CryolatentError, match=r"--device cuda:1: no CUDA GPU"):
+            resolve_device("cuda:1")
