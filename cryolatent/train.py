@@ -9,7 +9,9 @@ Run folder: ``config.json`` (every option, seed, command line), ``log.csv`` (one
 epoch), ``run.log``, ``checkpoints/last.pt`` (newest complete epoch) and ``best.pt`` (lowest
 validation loss). Checkpoints hold only plain types and tensors, so they load with
 ``torch.load(weights_only=True)``; they contain the model, optimiser and scheduler states,
-the RNG states, the epoch, the early-stopping state and the configuration.
+the RNG states, the epoch, the early-stopping state, the configuration and the log.csv rows
+up to that epoch (``--resume`` rebuilds log.csv from them, so every epoch appears exactly
+once whatever moment a SIGKILL landed in).
 
 Speed: data resident on the GPU when they fit (:mod:`cryolatent.data`), bf16 autocast on
 CUDA with float32 master weights, TF32 matrix products, optional ``torch.compile``, fused
@@ -46,7 +48,7 @@ from .data import Batches, ParticleData, split_indices
 from .distributed import DistContext, LossModule, fingerprint, rank_seed, setup
 from .errors import CryolatentError
 from .models import build_model
-from .utils import atomic_path, progress, seed_everything, setup_logging
+from .utils import atomic_path, progress, resolve_device, seed_everything, setup_logging
 
 log = logging.getLogger("cryolatent")
 
@@ -165,7 +167,12 @@ class _Writer:
                 torch.save(state, tmp)
 
     def log_row(self, row: dict) -> None:
+        """Add one epoch's row and rewrite log.csv (atomically)."""
         self.rows.append(row)
+        self.write_log()
+
+    def write_log(self) -> None:
+        """log.csv from ``rows`` (atomic rename: a kill leaves the old or the new file)."""
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
@@ -177,11 +184,25 @@ class _Writer:
         with atomic_path(self.rundir / "log.csv") as tmp:
             tmp.write_text(buf.getvalue())
 
-    def load_rows(self, upto_epoch: int) -> None:
-        p = self.rundir / "log.csv"
-        if p.exists():
-            with p.open() as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= upto_epoch]
+    def resume_rows(self, ck: dict) -> None:
+        """On --resume: the rows of the epochs the checkpoint holds, each exactly once.
+
+        The checkpoint carries the rows up to its epoch (``log_rows``), so log.csv is
+        rebuilt from it whatever moment a kill landed in: a row written after the
+        checkpoint is dropped (that epoch is trained again), a row lost after the checkpoint
+        was renamed comes back. Older checkpoints without rows: log.csv cut to the rows of
+        epochs <= the checkpoint's epoch."""
+        upto = int(ck["epoch"])
+        rows = ck.get("log_rows")
+        if rows is not None:
+            self.rows = [dict(r) for r in rows if int(r["epoch"]) <= upto]
+        else:
+            p = self.rundir / "log.csv"
+            self.rows = []
+            if p.exists():
+                with p.open() as f:
+                    self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= upto]
+        self.write_log()
 
 
 def _fmt(v):
@@ -191,12 +212,33 @@ def _fmt(v):
 
 
 def _load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint's dict, loaded with ``weights_only=True`` (tensors and plain values only).
+
+    Every reader of cryolatent checkpoints goes through here. A file holding other Python
+    objects (which unpickling could run as code) is refused with one line; torch's own
+    message, which advises ``weights_only=False``, is never passed on.
+    """
+    import pickle
+    import zipfile
+
+    path = Path(path)
     if not path.exists():
         raise CryolatentError(f"{path}: no checkpoint to resume from")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt file: one line
-        raise CryolatentError(f"{path}: cannot read the checkpoint ({e})")
+    except pickle.UnpicklingError as e:
+        inner = str(e.__context__ or "")
+        if zipfile.is_zipfile(path) or "global" in inner.lower():
+            raise CryolatentError(
+                f"{path}: refused: the checkpoint holds Python objects other than tensors "
+                "and plain values (it could run code); not loaded") from None
+        raise CryolatentError(f"{path}: cannot read the checkpoint (not a PyTorch checkpoint, "
+                              "or a damaged file)") from None
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt file: one short line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split(". ")[0][:160]
+        raise CryolatentError(f"{path}: cannot read the checkpoint (damaged or incomplete "
+                              f"file: {first})") from None
 
 
 def _rng_state(device: torch.device | None = None) -> dict:
@@ -327,7 +369,7 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         state = {"epoch": int(ck["epoch"]), "best": float(ck["best"]),
                  "bad_epochs": int(ck["bad_epochs"])}
         if main:
-            writer.load_rows(state["epoch"])
+            writer.resume_rows(ck)
         log.info("resumed from epoch %d", state["epoch"])
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.3g M parameters", model.name, n_params / 1e6)
@@ -349,7 +391,8 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
               "scheduler": sched.state_dict(),
               "rng": rng_ranks[0] if rng_ranks else _rng_state(), "epoch": epoch,
               "best": state["best"], "bad_epochs": state["bad_epochs"],
-              "config": cfg.to_dict(), "val_idx": torch.from_numpy(val_idx)}
+              "config": cfg.to_dict(), "val_idx": torch.from_numpy(val_idx),
+              "log_rows": [dict(r) for r in writer.rows]}
         if dist.enabled and rng_ranks:
             st["rng_ranks"] = rng_ranks
             st["world_size"] = dist.world_size
@@ -408,8 +451,6 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         else:
             state["bad_epochs"] += 1
         rng_ranks = dist.gather_objects(_rng_state(device)) if dist.enabled else None
-        if main:
-            writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
         row = {"epoch": epoch + 1, "images": n_seen}
         row.update({f"train_{k}": v for k, v in train_means.items()})
         row.update({f"val_{k}": v for k, v in val_means.items()})
@@ -417,7 +458,11 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
                     "images_per_s": n_seen / max(t_train, 1e-9),
                     "seconds": time.perf_counter() - t0, "skipped_steps": n_bad})
         if main:
-            writer.log_row(row)
+            # the row travels in the checkpoint; log.csv follows it (resume_rows rebuilds
+            # log.csv from the checkpoint, so a kill between the two loses nothing)
+            writer.rows.append(row)
+            writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
+            writer.write_log()
         log.info("epoch %d/%d: train %.6g, val %s, lr %.3g, %.0f images/s%s", epoch + 1,
                  cfg.epochs, train_means.get("loss", math.nan),
                  f"{val_means['loss']:.6g}" if "loss" in val_means else "-",
@@ -491,9 +536,7 @@ def load_run(rundir, device="auto", which: str = "best"):
     path = ckdir / f"{which}.pt"
     if which == "best" and not path.exists():
         path = ckdir / "last.pt"
-    from .data import resolve_device
-
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dev = resolve_device(device)
     ck = _load_checkpoint(path, device="cpu")
     cfg = TrainConfig.from_dict(ck["config"])
     model = build_model(cfg, int(ck["box"]))

@@ -134,9 +134,6 @@ def test_sigkill_keeps_last_complete_checkpoint_and_resume_logs_each_epoch_once(
     assert int(load_ckpt(last)["epoch"]) == E
 
 
-@pytest.mark.xfail(strict=True, reason="train.py writes checkpoints/last.pt before the log.csv "
-                   "row; a kill between the two loses that epoch's row on --resume "
-                   "(TVAE: write the row first, or keep the rows in the checkpoint)")
 def test_kill_between_checkpoint_and_log_row_keeps_every_epoch(tmp_path):
     """The state SIGKILL leaves when it lands after last.pt was renamed but before the
     log.csv row was written: resume must still log every epoch exactly once."""
@@ -148,6 +145,40 @@ def test_kill_between_checkpoint_and_log_row_keeps_every_epoch(tmp_path):
     assert main(["train", str(inp), "-o", str(run), "--resume", "--epochs", "4",
                  "--device", "cpu"]) == 0
     assert log_epochs(run) == [1, 2, 3, 4]
+
+
+def test_kill_after_log_row_before_checkpoint_logs_the_redone_epoch_once(tmp_path):
+    """The opposite moment: log.csv already has the row of an epoch whose checkpoint never
+    landed; resume trains that epoch again and its row must appear once (the resumed
+    run's), and a damaged checkpoint is refused in one short line."""
+    import shutil
+
+    inp = make_set(tmp_path / "in")
+    run = tmp_path / "run"
+    assert main(["train", str(inp), "-o", str(run), *TINY, "--epochs", "2"]) == 0
+    shutil.copy(run / "checkpoints" / "last.pt", tmp_path / "epoch2.pt")
+    assert main(["train", str(inp), "-o", str(run), "--resume", "--epochs", "3",
+                 "--device", "cpu"]) == 0
+    shutil.copy(tmp_path / "epoch2.pt", run / "checkpoints" / "last.pt")  # epoch 3 not saved
+    assert log_epochs(run) == [1, 2, 3]
+    assert main(["train", str(inp), "-o", str(run), "--resume", "--epochs", "4",
+                 "--device", "cpu"]) == 0
+    assert log_epochs(run) == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in load_ckpt(run / "checkpoints" / "last.pt")["log_rows"]] \
+        == [1, 2, 3, 4]
+
+    from cryolatent.errors import CryolatentError
+    from cryolatent.train import _load_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:2000])                 # truncated
+    with pytest.raises(CryolatentError, match=r"last\.pt: cannot read the checkpoint") as e:
+        _load_checkpoint(last)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CryolatentError, match=r"last\.pt: cannot read the checkpoint") as e:
+        _load_checkpoint(last)
+    assert "weights_only" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- SIGINT
@@ -432,9 +463,6 @@ def test_release_drops_mapped_pages_and_keeps_data(tmp_path):
     ps.release([])
 
 
-@pytest.mark.xfail(strict=True, reason="train._load_checkpoint passes torch's paragraph on "
-                   "(which advises weights_only=False, i.e. running the payload); it should "
-                   "say the file holds Python objects and was refused (TVAE: train.py)")
 def test_malicious_checkpoint_message_is_short_and_safe(trained, tmp_path, capsys):
     import shutil
 
