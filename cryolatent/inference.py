@@ -26,6 +26,7 @@ INPUT is refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -41,7 +42,7 @@ import torch
 from .errors import CryolatentError, InputError
 
 __all__ = [
-    "embed", "model_pose_to_input", "output_paths", "EmbedOutputs", "InputAdapter",
+    "embed", "model_pose_to_input", "crop_centre_offset", "output_paths", "EmbedOutputs", "InputAdapter",
     "TrainingGeometry", "resolve_device", "relion_columns", "cs_with_alignments",
     "background_stats",
 ]
@@ -54,32 +55,38 @@ POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 # ============================================================================ pose units
 
-def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_input
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_input,
+                        centre_offset_px: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Pose from the model's input pixels to RELION columns of INPUT (degrees, Å).
 
     The models return the pose in RELION's convention (``Inference``: ``psi_deg`` (N,),
     ``shift_px`` (N, 2) = (rlnOriginX, rlnOriginY) in pixels of the ``box_model`` × ``box_model``
-    image they were given). When INPUT's images (box ``box_input``, pixel size ``apix_input``)
-    were Fourier-cropped to ``box_model`` on the way in, the model saw pixels of size
+    image they were given). When INPUT's images (box D = ``box_input``, pixel size
+    ``apix_input``) were Fourier-cropped to d = ``box_model`` on the way in, the model saw
+    pixels of size
 
-        apix_model = apix_input × box_input / box_model
+        apix_model = apix_input × D / d
 
-    and Fourier cropping keeps the physical image: the rotation centre (N//2, N//2) of the
-    cropped image is the same point of the specimen as that of the original (both are the
-    phase origin of the centred FFT), and the axes are the same. So
+    and a Fourier crop keeps the physical image and its axes. With x the coordinate relative
+    to the original rotation centre (D//2, D//2) and x' the one relative to the cropped
+    centre (d//2, d//2), the crop maps x' = x·d/D + δ, where δ = ``centre_offset_px`` is where
+    the original centre lands in the cropped image (0 for a crop whose phase origin is the
+    rotation centre, and for any crop between even boxes; see :func:`crop_centre_offset`).
+    The model's statement aligned(R(ψ)(x' + t)) = cropped(x') then reads, in the original's
+    coordinates, A(R(ψ)(x + (t + δ)·D/d)) = particle(x) with A the (rescaled) canonical image.
+    So, exactly:
 
-        rlnAnglePsi      = psi_deg                      (unchanged)
-        rlnOriginXYAngst = shift_px × apix_model        (the same physical shift in Å)
+        rlnAnglePsi      = psi_deg                              (unchanged)
+        rlnOriginXYAngst = (shift_px + δ) × apix_model           (= t_in × apix_input)
 
-    which, read with INPUT's pixel size, is ``shift_px × box_input / box_model`` pixels of the
-    unbinned particle: the pose stays right for the original particles. When there was no
-    crop (``box_input == box_model``) this is just ``shift_px × apix_input``.
+    i.e. the same physical shift: read with INPUT's pixel size it is (t + δ)·D/d pixels of the
+    unbinned particle, so the pose stays right for the original particles. Without a crop
+    (D == d, δ = 0) this is just ``shift_px × apix_input``.
 
     psi_deg: (N,) degrees; shift_px: (N, 2); apix_input: scalar or (N,) (per-particle pixel
-    size, e.g. from several optics groups). Returns ``psi_deg`` (N,) float64 wrapped to
-    (-180, 180] as RELION writes it, and ``origin_angst`` (N, 2) float64 =
-    (rlnOriginXAngst, rlnOriginYAngst).
+    size, e.g. from several optics groups); centre_offset_px: δ in model pixels (same for x
+    and y). Returns ``psi_deg`` (N,) float64 wrapped to (-180, 180] as RELION writes it, and
+    ``origin_angst`` (N, 2) float64 = (rlnOriginXAngst, rlnOriginYAngst).
     """
     psi = np.asarray(psi_deg, dtype=np.float64).reshape(-1)
     shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
@@ -88,10 +95,39 @@ def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_
     if box_model < 1 or box_input < 1:
         raise ValueError("boxes must be >= 1")
     apix_model = np.asarray(apix_input, dtype=np.float64) * (box_input / box_model)
-    origin = shift * (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
+    origin = (shift + float(centre_offset_px)) * \
+        (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
     from .pose import wrap_deg_180
 
     return np.asarray(wrap_deg_180(psi), dtype=np.float64), origin
+
+
+@functools.lru_cache(maxsize=32)
+def crop_centre_offset(box_input: int, box_model: int) -> float:
+    """δ: where the rotation centre of a ``box_input`` image lands, relative to the rotation
+    centre (d//2, d//2) of its ``box_model`` Fourier crop (``cryolatent.preprocess.fourier_crop``),
+    in cropped pixels.
+
+    Measured, not assumed: a centred, band-limited Gaussian is cropped and the phase of the
+    cropped image's first Fourier coefficient gives its position exactly. A crop whose phase
+    origin is the rotation centre gives 0; a crop with the phase origin at pixel 0 (the plain
+    FFT) maps pixel p to p·d/D, so δ = (D//2)·d/D − d//2 (0 between even boxes; e.g. 1/3 for
+    129 → 43, 1/2 for 130 → 65).
+    """
+    from .preprocess import fourier_crop
+
+    D, d = int(box_input), int(box_model)
+    if D == d:
+        return 0.0
+    c = np.arange(D) - D // 2
+    sigma = D / 12.0
+    g = np.exp(-(c[:, None] ** 2 + c[None, :] ** 2) / (2 * sigma ** 2))
+    out = np.asarray(fourier_crop(g[None].astype(np.float64), d))[0]
+    prof = out.sum(0)                                   # along x (columns)
+    f1 = np.sum(prof * np.exp(-2j * np.pi * np.arange(d) / d))
+    pos = -np.angle(f1) * d / (2 * np.pi)               # centre, in cropped pixels mod d
+    delta = (pos - d // 2 + d / 2) % d - d / 2
+    return 0.0 if abs(delta) < 1e-6 else float(delta)
 
 
 # ============================================================================ output files
@@ -279,6 +315,8 @@ class InputAdapter:
             raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
                                   f"{self.box}")
         self.crop = self.box_in != self.box
+        #: δ of :func:`model_pose_to_input` for the crop done here (0 without a crop)
+        self.centre_offset = crop_centre_offset(self.box_in, self.box) if self.crop else 0.0
         self.apix_model = _apix_per_particle(ps) * (self.box_in / self.box)
         self.flip = (not same_as_training) and geom.phase_flipped and not _phase_flipped(ps)
         self.ctf = None
@@ -669,7 +707,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     with atomic_path(outs.z) as ztmp:
         res = run_model(model, ps, adapter, ztmp, z_dim, bs, dev)
         psi, origin = model_pose_to_input(res.psi, res.shift, adapter.box, ps.box,
-                                          _apix_per_particle(ps))
+                                          _apix_per_particle(ps), adapter.centre_offset)
         labels = None
         if clusters is not None:
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)

@@ -44,17 +44,34 @@ def centroid(img: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- pose units
-@pytest.mark.parametrize("n_in,d", [(128, 64), (129, 43), (96, 96), (100, 64)])
-def test_fourier_crop_keeps_the_physical_centre_so_shift_angstrom_is_invariant(n_in, d):
-    """A blob at -t (px of the original) sits at -t·d/n_in in the cropped image; the model
-    reports t·d/n_in cropped pixels and model_pose_to_input gives back t·apix_in Å."""
+def _pp_crop(img, d):
+    from cryolatent.preprocess import fourier_crop
+
+    return np.asarray(fourier_crop(img[None].astype(np.float64), d))[0]
+
+
+@pytest.mark.parametrize("crop", ["reference", "preprocess"])
+@pytest.mark.parametrize("n_in,d", [(128, 64), (129, 43), (130, 65), (101, 50), (96, 96),
+                                    (100, 64)])
+def test_origin_angstrom_is_the_physical_shift_after_a_crop(n_in, d, crop):
+    """A blob at -t (px of the original) seen by an exact model in the d-px crop: the model
+    reports -centroid (cropped px); model_pose_to_input with the crop's measured centre
+    offset gives back t·apix_in Å, for the centre-origin reference crop (offset 0) and for
+    cryolatent.preprocess.fourier_crop (offset (D//2)·d/D − d//2 for odd boxes)."""
+    from cryolatent.inference import crop_centre_offset
+
     apix_in = 1.3
     t = np.array([5.0, -7.5])                      # true origin in original pixels
     img = gaussian(n_in, -t[0], -t[1], sigma=4.0)  # particle centre at -t (RELION)
-    cropped = np_fourier_crop(img, d)
+    cropped = np_fourier_crop(img, d) if crop == "reference" else _pp_crop(img, d)
     shift_model_px = -centroid(cropped)            # what an exact model would report
-    np.testing.assert_allclose(shift_model_px, t * d / n_in, atol=1e-3)
-    psi, origin = model_pose_to_input([33.0], shift_model_px[None], d, n_in, apix_in)
+    if crop == "reference":
+        delta = 0.0
+        np.testing.assert_allclose(shift_model_px, t * d / n_in, atol=1e-3)
+    else:
+        delta = crop_centre_offset(n_in, d)
+        assert delta == pytest.approx((n_in // 2) * d / n_in - d // 2, abs=1e-9)
+    psi, origin = model_pose_to_input([33.0], shift_model_px[None], d, n_in, apix_in, delta)
     np.testing.assert_allclose(origin[0], t * apix_in, atol=2e-3 * apix_in)
     assert psi[0] == 33.0
 
@@ -72,6 +89,9 @@ def test_model_pose_to_input_formula_and_wrapping():
     np.testing.assert_allclose(o, [[1, 1], [2, 2]])
     with pytest.raises(ValueError):
         model_pose_to_input([0, 0], [[1, 1]], 64, 64, 1.0)
+    # the centre offset of an odd crop enters before the scaling
+    _, o = model_pose_to_input([0], [[1.0, -2.0]], 43, 129, 1.0, centre_offset_px=1 / 3)
+    np.testing.assert_allclose(o, [[4.0, -5.0]])
 
 
 def test_pose_after_crop_aligns_the_unbinned_particle():
