@@ -25,6 +25,18 @@ Two measurements, each in its own child process (so the peak RSS is that of embe
 
     /work/venv/bin/python benchmarks/embed_bench.py throughput --n 256
     /work/venv/bin/python benchmarks/embed_bench.py memory --n 1000000
+
+Measured 2026-11-22 on the development VM (2 x86_64 cores shared with other jobs, no GPU,
+torch 2.13.0+cpu, 2 threads); CPU smoke figures only, no H100 was available to this task:
+
+    throughput --n 64 --batch-size 16 (TARGET-VAE default size, 128 px, randomly initialised)
+        embed end to end 1.13 images/s, model loop 1.30 images/s, peak RSS 830 MB;
+        host crop+normalise 256 -> 128 px: 250 images/s
+    throughput --model irl-inr --n 64 --batch-size 16 (IRL-INR default size, 128 px)
+        embed end to end 1.21 images/s, model loop 1.02 images/s, peak RSS 1513 MB
+    memory --n 1000000 (32 px, trivial stand-in model, --clusters 10, batch 1024)
+        peak RSS 1029 MB, of which 513 MB after importing torch/sklearn/cryolatent;
+        270 s wall (embed + k-means + writing a 225 MB OUT.star and 32 MB OUT.z.npy)
 """
 
 from __future__ import annotations
