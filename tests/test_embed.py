@@ -518,3 +518,42 @@ def test_embed_when_the_training_set_is_gone(sim, tmp_path, monkeypatch, caplog)
     assert "cannot be opened" in caplog.text
     p = read_star(out)["particles"]
     np.testing.assert_allclose(p["rlnOriginXAngst"], sim["truth"]["rlnOriginXAngst"], atol=1e-6)
+
+
+def test_adapter_reproduces_a_phase_flipped_inverted_training_set(tmp_path):
+    """Training set = preprocess(raw, box 32, phase flip, invert, normalise): the adapter
+    turns the raw 64-px particles into the same images (flip with each particle's CTF at the
+    cropped pixel size; the inversion is found by calibration)."""
+    import pandas as pd
+
+    from cryolatent.config import TrainConfig
+    from cryolatent.inference import InputAdapter, training_geometry
+    from cryolatent.io import load_particles, write_mrcs, write_star
+    from cryolatent.preprocess import preprocess
+
+    rng = np.random.default_rng(3)
+    n, box = 12, 64
+    imgs = np.stack([gaussian(box, *rng.normal(0, 4, 2), 6) for _ in range(n)])
+    imgs = (imgs + rng.normal(0, 0.3, imgs.shape)).astype(np.float32)
+    write_mrcs(tmp_path / "raw.mrcs", imgs, 1.2)
+    t = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@raw.mrcs" for i in range(n)],
+                      "rlnDefocusU": rng.uniform(8000, 20000, n),
+                      "rlnDefocusV": rng.uniform(8000, 20000, n),
+                      "rlnDefocusAngle": rng.uniform(0, 180, n),
+                      "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
+    o = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["og"],
+                      "rlnImagePixelSize": [1.2], "rlnImageSize": [box],
+                      "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                      "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    write_star(tmp_path / "raw.star", t, o)
+    preprocess(tmp_path / "raw.star", tmp_path / "prep", box=32, phase_flip=True, invert=True)
+    geom = training_geometry(TrainConfig(input=str(tmp_path / "prep" / "particles.star")))
+    assert geom.phase_flipped and geom.normalized and geom.box == 32
+    ps = load_particles(tmp_path / "raw.star")
+    ad = InputAdapter(ps, geom)
+    assert ad.flip and not ad.invert
+    ad.calibrate()
+    assert ad.invert and ad.calibration > 0.999
+    idx = np.arange(n)[::-1].copy()
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), geom.particles.images(idx),
+                               atol=2e-3)
