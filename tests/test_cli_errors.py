@@ -151,19 +151,8 @@ CASES = {
 }
 _PARAMS = [(c, k) for k, (cmds, _) in CASES.items() for c in cmds]
 
-# known failures in code other helpers own (reported to the lead; see the final report)
-_FIX = ("read the table with cryolatent.io.read_particle_table(path, numeric=[...]), "
-        "which names the file, column, particle and value")
-XFAIL: dict[tuple[str, str], str] = {
-    ("evaluate", "empty_loop"): "evaluate prints n=0 and nulls for a PRED with no particles "
-                                "(SIM: commands/evaluate.py); " + _FIX,
-    ("evaluate", "wrong_type"): "evaluate silently reports rotation_corr null when rlnAnglePsi "
-                                "holds text (SIM: commands/evaluate.py, metrics.py); " + _FIX,
-    ("classes", "wrong_type"): "class_averages._poses: np.asarray(.., float) ValueError -> "
-                               "internal error (VIS); " + _FIX,
-    ("plot", "wrong_type"): "plots: to_numpy(float64) ValueError -> internal error (VIS); "
-                            + _FIX,
-}
+# known failures (command, case) -> reason, marked xfail(strict=True); none at present
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _outputs(out: Path) -> list[str]:
@@ -258,11 +247,7 @@ def test_crlf_bom_star_through_every_command(base, tmp_path, capsys, cmd):
 
 
 # ---------------------------------------------------------------- the error is printed once
-@pytest.mark.parametrize("cmd", [
-    pytest.param(c, marks=[pytest.mark.xfail(
-        strict=True, reason="commands/classes.py logs 'failed: ...' to stderr before the CLI "
-                            "prints the error line (VIS helper)")] if c == "classes" else [])
-    for c in IMAGE_CMDS])
+@pytest.mark.parametrize("cmd", IMAGE_CMDS)
 def test_error_printed_once_and_logged(base, tmp_path, capsys, cmd):
     inp = make_set(tmp_path / "in", "nan_particle")
     out = tmp_path / "out"
@@ -305,3 +290,18 @@ def test_missing_input_file_every_command(base, tmp_path, capsys):
         err = capsys.readouterr().err
         check_one_error_line(rc, err, r"nope\.star.*(no such file|not found|does not exist)")
     assert _outputs(tmp_path / "out") == []
+
+
+def test_classes_bad_checkpoint_leaves_no_output(base, tmp_path, capsys):
+    """The model is loaded before anything is written: a damaged checkpoint leaves no
+    aligned_averages.mrcs behind that could be taken for a result."""
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    for p in (run / "checkpoints").glob("*.pt"):
+        p.write_bytes(p.read_bytes()[:1000])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["classes", str(run), str(base / "good" / "in.star"), "-o", str(out),
+               "--device", "cpu", "--traversal-steps", "2"])
+    check_one_error_line(rc, capsys.readouterr().err, r"\.pt: cannot read the checkpoint")
+    assert _outputs(out) == [] and _temps(tmp_path) == []

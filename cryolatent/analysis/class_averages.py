@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import CryolatentError
-from ..utils import atomic_path, progress
+from ..utils import atomic_path, progress, resolve_device
 
 log = logging.getLogger("cryolatent")
 
@@ -64,7 +65,7 @@ def class_labels(table, source: str = "table") -> np.ndarray:
     if "rlnClassNumber" not in table:
         raise CryolatentError(f"{source}: no rlnClassNumber column; run `cryolatent embed "
                               f"--clusters K` to assign classes")
-    lab = np.asarray(table["rlnClassNumber"], dtype=np.float64)
+    lab = _numbers(table["rlnClassNumber"])
     bad = ~np.isfinite(lab) | (lab != np.round(lab))
     if bad.any():
         raise CryolatentError(f"{source}: rlnClassNumber of particle {int(np.flatnonzero(bad)[0])} "
@@ -72,18 +73,23 @@ def class_labels(table, source: str = "table") -> np.ndarray:
     return lab.astype(np.int64)
 
 
+def _numbers(col) -> np.ndarray:
+    """(N,) float64 of a table column; text becomes NaN (reported by the caller)."""
+    return pd.to_numeric(pd.Series(col), errors="coerce").to_numpy(dtype=np.float64)
+
+
 def _poses(table, source: str) -> tuple[np.ndarray, np.ndarray]:
     """psi (N,) degrees and shift (N, 2) Å from the pose columns."""
     for c in POSE_COLUMNS:
         if c not in table:
             raise CryolatentError(f"{source}: no {c} column; run `cryolatent embed` first")
-    psi = np.asarray(table["rlnAnglePsi"], dtype=np.float64)
-    shift = np.stack([np.asarray(table["rlnOriginXAngst"], dtype=np.float64),
-                      np.asarray(table["rlnOriginYAngst"], dtype=np.float64)], axis=1)
+    psi = _numbers(table["rlnAnglePsi"])
+    shift = np.stack([_numbers(table["rlnOriginXAngst"]),
+                      _numbers(table["rlnOriginYAngst"])], axis=1)
     bad = ~(np.isfinite(psi) & np.isfinite(shift).all(axis=1))
     if bad.any():
         raise CryolatentError(f"{source}: pose of particle {int(np.flatnonzero(bad)[0])} "
-                              f"(0-based) is not finite")
+                              f"(0-based) is not a finite number")
     return psi, shift
 
 
@@ -536,17 +542,14 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
     by axis), ``class_counts.csv``, ``gallery.png`` and ``traversals.png``.
     Returns ``{"files": [...], "counts": (K,), "aligned": ..., "denoised": ...}``.
     """
-    from ..io import load_particles, read_star, write_mrcs
+    from ..io import load_particles, read_particle_table, write_mrcs
     from .plots import latent_columns
 
     out_dir = Path(out_dir)
     star = Path(star)
-    if not star.exists():
-        raise CryolatentError(f"{star}: no such file")
-    blocks = read_star(star)
-    table = blocks.get("particles")
-    if table is None or len(table) == 0:
-        raise CryolatentError(f"{star}: no particle table")
+    # a missing file, no particles, text in a pose / class column, a duplicate name:
+    # one line naming the file, column and particle
+    table, optics = read_particle_table(star, numeric=POSE_COLUMNS + ("rlnClassNumber",))
     labels = class_labels(table, str(star))
     _poses(table, str(star))
     zcols = latent_columns(table)
@@ -569,7 +572,16 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
         rows = match_table(ps.names, table, str(star))
         ptable = table.iloc[np.where(rows >= 0, rows, 0)].reset_index(drop=True).copy()
         ptable.loc[rows < 0, "rlnClassNumber"] = 0  # unmatched: left out
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
+    model = None
+    if rundir is not None:  # before anything is written: a bad run leaves no partial output
+        if not zcols:
+            raise CryolatentError(f"{star}: no cryolatentZ columns; run `cryolatent embed` "
+                                  f"first")
+        from ..train import load_run
+
+        model, _cfg = load_run(rundir, dev)
+        model.eval()
     log.info("aligning %d particles of box %d px (%.4g Å/px) into %d classes",
              int((rows >= 0).sum()), ps.box, ps.apix, K)
     aligned, counts = aligned_class_averages(ps, ptable, n_classes=K, batch_size=batch_size,
@@ -585,16 +597,9 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
     if zcols:
         z = table[zcols].to_numpy(dtype=np.float64)
         centres, _ = class_centres(z, labels, K)
-    if rundir is not None:
-        if not zcols:
-            raise CryolatentError(f"{star}: no cryolatentZ columns; run `cryolatent embed` "
-                                  f"first")
-        from ..train import load_run
-
-        model, _cfg = load_run(rundir, dev)
-        model.eval()
+    if model is not None:
         size = int(getattr(model, "box", 0)) or int(ps.box)
-        d_apix = _field_of_view(blocks, table, ps) / size
+        d_apix = _field_of_view(optics, ps) / size
         denoised = denoised_class_averages(model, z, labels, size=size, n_classes=K)
         write_mrcs(out_dir / "denoised_averages.mrcs", denoised, d_apix)
         files.append(out_dir / "denoised_averages.mrcs")
@@ -612,22 +617,9 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
             "traversal": trav}
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CryolatentError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CryolatentError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-def _field_of_view(blocks: dict, table, ps) -> float:
-    """Box edge in Å of the images the model saw: the ``embed`` input's optics
+def _field_of_view(optics, ps) -> float:
+    """Box edge in Å of the images the model saw: the ``embed`` input's optics table
     (rlnImageSize × rlnImagePixelSize) when the STAR has them, else the averaged set's."""
-    optics = blocks.get("optics")
     try:
         if optics is not None and len(optics) and {"rlnImageSize", "rlnImagePixelSize"} <= \
                 set(optics.columns):

@@ -506,25 +506,22 @@ def latent_columns(table) -> list[str]:
     return sorted(cols, key=lambda c: int(str(c)[len("cryolatentZ"):]))
 
 
+#: columns plotted as numbers besides cryolatentZ* (checked only where present)
+PLOT_NUMERIC = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber")
+
+
 def read_embedding(star: str | Path):
     """Read the particle table of an ``embed`` output STAR (``OUT.star``).
 
     Returns the particles DataFrame; raises :class:`CryolatentError` when the file cannot be
     read or has no ``cryolatentZ`` columns (then ``cryolatent embed`` has not been run on it).
     """
-    star = Path(star)
-    if not star.exists():
-        raise CryolatentError(f"{star}: no such file")
-    from ..io import read_star
+    from ..io import read_particle_table
 
-    blocks = read_star(star)
-    table = blocks.get("particles")
-    if table is None:
-        # a single-block STAR (RELION 3.0 style): take the block with rows
-        cands = [b for b in blocks.values() if hasattr(b, "columns") and len(b)]
-        table = cands[-1] if cands else None
-    if table is None or len(table) == 0:
-        raise CryolatentError(f"{star}: no particle table")
+    star = Path(star)
+    # a missing file, no particles, text in cryolatentZ* / pose / class columns: one line
+    # naming the file, column and particle (names may repeat: a symmetry-expanded set)
+    table, _optics = read_particle_table(star, numeric=PLOT_NUMERIC, unique=False)
     if not latent_columns(table):
         raise CryolatentError(f"{star}: no cryolatentZ columns; run `cryolatent embed RUNDIR "
                               f"INPUT -o {star.name}` first and plot its output")

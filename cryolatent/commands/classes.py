@@ -53,15 +53,10 @@ def command(rundir, star, outdir, particles, datadir, batch_size, device, use_ct
         raise InputError(f"{rundir}: no such run folder")
     logger = utils.setup_logging(outdir, "classes.log")
     logger.info("command: %s", utils.command_line())
-    try:
-        res = make_class_averages(rundir, star, outdir, particles=particles, datadir=datadir,
-                                  batch_size=batch_size, device=device, wiener_snr=wiener_snr,
-                                  ctf="auto" if use_ctf else False, n_axes=traversal_axes,
-                                  steps=traversal_steps,
-                                  fmt=("png", "pdf") if pdf else ("png",))
-    except Exception as e:  # noqa: BLE001 - logged, then handed to the CLI's one-line printer
-        logger.error("failed: %s", e)
-        raise
+    res = make_class_averages(rundir, star, outdir, particles=particles, datadir=datadir,
+                              batch_size=batch_size, device=device, wiener_snr=wiener_snr,
+                              ctf="auto" if use_ctf else False, n_axes=traversal_axes,
+                              steps=traversal_steps, fmt=("png", "pdf") if pdf else ("png",))
     counts = res["counts"]
     click.echo(f"{int((counts > 0).sum())} classes, {int(counts.sum())} particles -> {outdir}")
     for f in res["files"]:

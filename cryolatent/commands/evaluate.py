@@ -9,21 +9,17 @@ from pathlib import Path
 import click
 
 
-def _particles_table(path: Path, label: str):
-    from ..errors import InputError
-    from ..io import read_star
+#: columns the metrics read as numbers (checked only where present)
+NUMERIC = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber")
 
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    blocks = read_star(path)
-    for name in ("particles", "images", ""):
-        if name in blocks:
-            return blocks[name]
-    # RELION <= 3.0 files may name the block anything: take the one with rlnImageName
-    for df in blocks.values():
-        if "rlnImageName" in getattr(df, "columns", ()):
-            return df
-    raise InputError(f"{path}: no particle table (data_particles with rlnImageName) in {label}")
+
+def _particles_table(path: Path, extra: tuple[str, ...] = ()):
+    """The particle table of ``path`` (PRED or TRUTH), checked by
+    :func:`cryolatent.io.read_particle_table`: a missing file, no particles, a non-number in
+    a pose / class column or a duplicate name is a one-line InputError naming the file."""
+    from ..io import read_particle_table
+
+    return read_particle_table(path, numeric=NUMERIC + tuple(extra))[0]
 
 
 def evaluate_files(pred: str | Path, truth: str | Path,
@@ -32,8 +28,8 @@ def evaluate_files(pred: str | Path, truth: str | Path,
     from ..metrics import evaluate_tables
 
     pred, truth = Path(pred), Path(truth)
-    P = _particles_table(pred, "PRED")
-    T = _particles_table(truth, "TRUTH")
+    P = _particles_table(pred)
+    T = _particles_table(truth, (class_column,))
     return evaluate_tables(P, T, class_column=class_column, pred_label=str(pred),
                            truth_label=str(truth))
 
