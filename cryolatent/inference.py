@@ -718,6 +718,12 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
                 cols[f"rlnOrigin{ax}"] = origin[:, j] / _apix_per_particle(ps)
         del res.z  # close the memmap before the rename
         _warn_kept_columns(ps.table, clusters is not None)
+        if ps.kind == "mrcs":
+            # a bare stack has no original names: point at it by absolute path, so OUT.star
+            # works from any folder (RELION resolves relative names from its working folder)
+            stack = Path(ps.stack_paths[0]).resolve()
+            cols["rlnImageName"] = np.array([f"{i + 1:06d}@{stack}"
+                                             for i in np.asarray(ps.image_index)], dtype=object)
         table = _add_columns(ps.table, cols)
 
         write_star_chunked(outs.star, table, ps.optics)

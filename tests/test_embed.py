@@ -557,3 +557,16 @@ def test_adapter_reproduces_a_phase_flipped_inverted_training_set(tmp_path):
     idx = np.arange(n)[::-1].copy()
     np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), geom.particles.images(idx),
                                atol=2e-3)
+
+
+def test_embed_bare_mrcs_input(sim, standin, tmp_path):
+    """A bare .mrcs INPUT: OUT.star names the stack by absolute path (it opens from any
+    folder) and carries the poses in Å of the stack's pixel size."""
+    from cryolatent.inference import embed
+    from cryolatent.io import load_particles, read_star
+
+    out = embed(standin, sim["dir"] / "particles.mrcs", tmp_path / "sub" / "m.star")
+    p = read_star(out)["particles"]
+    assert p["rlnImageName"][0] == f"000001@{(sim['dir'] / 'particles.mrcs').resolve()}"
+    assert len(load_particles(out)) == len(sim["cls"])
+    np.testing.assert_allclose(p["rlnOriginYAngst"], sim["truth"]["rlnOriginYAngst"], atol=1e-6)
