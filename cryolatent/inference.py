@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import queue
 import threading
 import time
@@ -169,17 +168,10 @@ def output_paths(out: str | Path, input_path: str | Path, input_kind: str) -> Em
 # ============================================================================ devices
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CryolatentError(f"--device {device}: no CUDA GPU is available here")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CryolatentError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    """``"auto"`` -> CUDA when available, else CPU (:func:`cryolatent.utils.resolve_device`)."""
+    from .utils import resolve_device as _resolve
+
+    return _resolve(device)
 
 
 # ============================================================================ preprocessing
