@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import CryolatentError, InputError
+from .utils import resolve_device  # re-exported (the one --device resolver)
 
 log = logging.getLogger("cryolatent")
 
@@ -134,33 +135,21 @@ class ParticleData:
         return np.asarray(self._particles().images(np.asarray(idx)), dtype=np.float32)
 
     def read_into(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Images of sorted ``idx`` written into ``out`` (n, box, box) float32.
+        """Images of sorted ``idx`` written into ``out`` (n, box, box) float32 C-contiguous.
 
-        Fast path (one copy, no temporary): a single float32 stack in native byte order is
-        gathered straight from its memory map (``np.take(..., out=out)``), about 3x faster
-        than :meth:`images` on 128-px particles; anything else (several stacks, other modes,
-        non-finite pixels) goes through :meth:`images` (which validates and converts).
+        A ParticleSet fills ``out`` itself (:meth:`cryolatent.io.ParticleSet.images` with
+        ``out=``: a single native float32 stack is gathered straight from its memory map,
+        one copy, no temporary; NaN/Inf pixels raise an InputError naming the particle).
         """
         if self._array is not None:
             np.take(self._array, idx, axis=0, out=out)
             return out
-        ps = self._particles()
-        try:
-            from .io.mrc import open_stack
+        from .io import ParticleSet
 
-            paths = ps.stack_paths
-            if len(paths) == 1 and len(idx):
-                mm, _ = open_stack(paths[0], ps._headers[0])
-                rows = np.asarray(ps.image_index)[idx]
-                if (mm.dtype == np.dtype(np.float32) and mm.dtype.isnative
-                        and rows.min() >= 0 and rows.max() < mm.shape[0]):
-                    np.take(mm, rows, axis=0, out=out, mode="clip")
-                    if np.isfinite(out).all():
-                        return out
-                    # NaN/Inf pixels: the general path names the particle (or passes them)
-        except (AttributeError, IndexError, TypeError):  # io internals differ: general path
-            pass
-        out[...] = self.images(idx)
+        ps = self._particles()
+        if isinstance(ps, ParticleSet):
+            return ps.images(np.asarray(idx), out=out)
+        out[...] = self.images(idx)    # another object with images(idx): one more copy
         return out
 
     def ctf(self, idx, device=None) -> torch.Tensor | None:
@@ -226,9 +215,25 @@ class _BatchDataset(torch.utils.data.Dataset):
         x = torch.empty((len(idx), b, b), dtype=torch.float32)
         if torch.utils.data.get_worker_info() is not None:
             x.share_memory_()  # read straight into shared memory: no copy on the way back
-        self.data.read_into(idx, x.numpy())
-        c = self.data.ctf(idx) if self.with_ctf else torch.empty(0)
+        try:
+            self.data.read_into(idx, x.numpy())
+            c = self.data.ctf(idx) if self.with_ctf else torch.empty(0)
+        except CryolatentError as e:
+            # handed back as a value: DataLoader would re-raise it with the worker's
+            # traceback folded into the message; Batches raises it as it was
+            return _WorkerError(type(e), str(e))
         return x, c
+
+
+class _WorkerError:
+    """A user error (CryolatentError) met while reading a batch, carried back from a
+    DataLoader worker as a value (its class and one-line message)."""
+
+    def __init__(self, cls: type, message: str):
+        self.cls, self.message = cls, message
+
+    def raise_(self):
+        raise self.cls(self.message)
 
 
 def _free_memory(device: torch.device) -> int:
@@ -344,7 +349,10 @@ class Batches:
             return
         loader = self._streamed_loader()
         loader.sampler.chunks = chunks
-        for x, c in loader:
+        for item in loader:
+            if isinstance(item, _WorkerError):
+                item.raise_()
+            x, c = item
             x = x.to(self.device, non_blocking=True)
             c = c.to(self.device, non_blocking=True) if self.with_ctf else None
             yield x, c
@@ -361,16 +369,5 @@ class Batches:
                 sampler=_ChunkSampler(), num_workers=nw, pin_memory=cuda,
                 persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
         return self._loader
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; checks that a requested GPU exists."""
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CryolatentError(f"--device {name}: no CUDA GPU is available here")
-    return dev
-
 
 __all__ = ["ParticleData", "Batches", "split_indices", "shard_bounds", "resolve_device"]

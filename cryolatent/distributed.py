@@ -197,7 +197,7 @@ def setup(device_name: str = "auto") -> DistContext:
 
     Device: under DDP ``auto``/``cuda`` become ``cuda:LOCAL_RANK``; ``cpu`` uses gloo.
     """
-    from .data import resolve_device
+    from .utils import resolve_device
 
     ws, rank, lrank, lws = env_world()
     force = os.environ.get("CRYOLATENT_FORCE_DDP", "") not in ("", "0")

@@ -154,6 +154,26 @@ def test_streamed_batches_equal_resident(images):
     np.testing.assert_array_equal(res.epoch_order(4), st.epoch_order(4))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_bad_particle_error_is_the_original_line(tmp_path, workers):
+    """A NaN particle met by a DataLoader worker: the InputError that reaches the trainer is
+    io's own one line (no "Caught InputError in DataLoader worker", no traceback)."""
+    from cryolatent.errors import InputError
+    from cryolatent.io import write_mrcs
+
+    x = bars(40)
+    x[13, 2, 3] = np.nan
+    write_mrcs(tmp_path / "p.mrcs", x, 1.0)
+    data = ParticleData.from_source(str(tmp_path / "p.mrcs"))
+    st = Batches(data, np.arange(40), np.arange(0), 40, torch.device("cpu"), seed=0,
+                 num_workers=workers, resident=False)
+    with pytest.raises(InputError) as e:
+        list(st.train(0))
+    msg = str(e.value)
+    assert "#14" in msg and "NaN or Inf" in msg and msg.startswith(str(tmp_path / "p.mrcs"))
+    assert "Traceback" not in msg and "worker" not in msg and len(msg) < 200, msg
+
+
 def test_cli_refuses_nonempty_and_resolves_model_defaults(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

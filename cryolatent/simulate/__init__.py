@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from ..errors import CryolatentError
+from ..utils import resolve_device  # noqa: F401  (used by mnist.py / cryoem.py)
 
 log = logging.getLogger("cryolatent")
 
@@ -96,21 +96,6 @@ def rng_streams(seed: int, k: int) -> list[np.random.Generator]:
 def chunk_slices(n: int, chunk: int) -> Iterator[slice]:
     for a in range(0, n, chunk):
         yield slice(a, min(n, a + chunk))
-
-
-def resolve_device(device: str | None):
-    """'auto' -> cuda when available else cpu; otherwise torch.device(device)."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError as e:
-        raise CryolatentError(f"--device {device!r}: {e}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise CryolatentError("--device cuda requested but no CUDA device is available")
-    return d
 
 
 from .mnist import simulate_mnist  # noqa: E402
