@@ -24,7 +24,8 @@ from torch import nn
 class Inference:
     """Per-particle output of :meth:`LatentModel.infer` (all tensors on the model's device).
 
-    psi_deg:    (B,)   in-plane angle, RELION convention, degrees in [0, 360)
+    psi_deg:    (B,)   in-plane angle, RELION convention, degrees (written to STAR in
+                       (-180, 180], as RELION writes it)
     shift_px:   (B, 2) (rlnOriginX, rlnOriginY) in pixels of the model's input images
     z_mean:     (B, D) latent mean (the representation written to cryolatentZ*)
     z_std:      (B, D) latent standard deviation (ones where a model has none)
