@@ -277,3 +277,25 @@ def test_upgrade_several_optics_groups(shared_data):
     np.testing.assert_allclose(parts["rlnOriginXAngst"], df["rlnOriginX"] * ap.to_numpy())
     assert "rlnOriginX" not in parts and "rlnVoltage" not in parts
     assert list(parts.columns[-3:]) == ["rlnOpticsGroup", "rlnOriginXAngst", "rlnOriginYAngst"]
+
+
+def test_write_star_emits_no_warning(tmp_path):
+    """A write (strings needing quotes, bytes, None/NaN, bools, ints, floats, optics) runs
+    clean under ``-W error`` (no pandas "pattern has match groups" UserWarning)."""
+    import warnings
+
+    n = 6
+    parts = pd.DataFrame({
+        "rlnImageName": pd.Series([f"{i + 1:06d}@s t.mrcs" for i in range(n)], dtype=str),
+        "rlnX": np.arange(n, dtype=np.float32), "rlnY": np.arange(n, dtype=np.float64) / 3,
+        "rlnClassNumber": np.arange(n), "rlnFlag": [True] * n,
+        "rlnMicrographName": ["_a", "#b", None, b"c", np.nan, "data_x"],
+        "rlnOpticsGroup": np.ones(n, np.int64)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [1.5]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_star(tmp_path / "w.star", parts, optics)
+        back = read_star(tmp_path / "w.star")
+    assert back["particles"]["rlnImageName"].tolist() == parts["rlnImageName"].tolist()
+    assert back["particles"]["rlnMicrographName"].tolist()[:2] == ["_a", "#b"]

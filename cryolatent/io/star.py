@@ -345,7 +345,7 @@ class _LineCounter:
 
 
 # -------------------------------------------------------------------------------------- write
-_NEEDS_QUOTE = re.compile(r"""(\s|^$|^["'_#;$]|^data_|^loop_|^save_|^global_|^stop_)""")
+_NEEDS_QUOTE = re.compile(r"""(?:\s|^$|^["'_#;$]|^data_|^loop_|^save_|^global_|^stop_)""")
 
 
 def _quote(v: str) -> str:
@@ -354,7 +354,7 @@ def _quote(v: str) -> str:
     if "\n" in v or "\r" in v:
         raise InputError(f"STAR value {v!r} contains a line break and cannot be written")
     for q in ('"', "'"):
-        if not re.search(re.escape(q) + r"(\s|$)", v):
+        if not re.search(re.escape(q) + r"(?:\s|$)", v):
             return f"{q}{v}{q}"
     raise InputError(f"STAR value {v!r} contains both quote characters before whitespace and "
                      "cannot be written")
