@@ -389,6 +389,15 @@ def latent_traversal(model, z: np.ndarray, n_axes: int = 2, steps: int = 7,
 
 
 # ----------------------------------------------------------------------------- pictures
+def _bare_axes(ax) -> None:
+    """An image panel: axes on (a label still shows), no ticks, no frame."""
+    ax.set_axis_on()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for sp in ax.spines.values():
+        sp.set_visible(False)
+
+
 def _display_range(img: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
@@ -459,11 +468,7 @@ def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.nd
                 img = imgs[k]
                 lo, hi = _display_range(img)
                 ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-                ax.set_axis_on()
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for sp in ax.spines.values():
-                    sp.set_visible(False)
+                _bare_axes(ax)
                 if r == 0:
                     ax.set_title(f"class {k + 1}\nn = {int(counts[k]):,}", fontsize=8)
                 if col == 0:
@@ -491,10 +496,7 @@ def plot_traversal(out_path: str | Path, trav: Traversal, apix: float | None = N
                 ax = axes[a, s]
                 ax.imshow(trav.images[a, s], cmap="gray", vmin=lo, vmax=hi,
                           interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for sp in ax.spines.values():
-                    sp.set_visible(False)
+                _bare_axes(ax)
                 ax.set_title(f"{trav.offsets[a, s]:+.1f} sd", fontsize=8)
                 if s == 0:
                     ax.set_ylabel(f"PC {a + 1}\n({100 * trav.explained[a]:.0f} %)", fontsize=8)
