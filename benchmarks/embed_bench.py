@@ -163,7 +163,8 @@ res = {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).r
        "baseline_rss_mb": base}
 if args.get("model_loop"):
     from cryolatent.io import load_particles
-    dev = inf.resolve_device(args["device"])
+    from cryolatent.utils import resolve_device
+    dev = resolve_device(args["device"])
     model, cfg = inf._load_run(args["run"], dev)
     ps = load_particles(args["input"])
     n = min(len(ps), args["model_loop"])

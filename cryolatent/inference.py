@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from .errors import CryolatentError, InputError
+from .utils import resolve_device
 
 __all__ = [
     "embed", "model_pose_to_input", "crop_centre_offset", "output_paths", "EmbedOutputs", "InputAdapter",
-    "TrainingGeometry", "resolve_device", "relion_columns", "cs_with_alignments",
+    "TrainingGeometry", "relion_columns", "cs_with_alignments",
     "background_stats",
 ]
 
@@ -163,15 +164,6 @@ def output_paths(out: str | Path, input_path: str | Path, input_kind: str) -> Em
             raise CryolatentError(f"-o {out}: would overwrite the input {input_path}; "
                                   "choose another output name")
     return res
-
-
-# ============================================================================ devices
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU (:func:`cryolatent.utils.resolve_device`)."""
-    from .utils import resolve_device as _resolve
-
-    return _resolve(device)
 
 
 # ============================================================================ preprocessing
