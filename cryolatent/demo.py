@@ -51,7 +51,7 @@ def run_demo(outdir: str | Path, settings: DemoSettings | None = None, echo=prin
     dict with the paths written and the evaluation against the truth."""
     from .analysis.class_averages import make_class_averages
     from .analysis.plots import plot_all
-    from .commands.evaluate import evaluate_files
+    from .metrics import evaluate_files
     from .config import TrainConfig
     from .inference import embed
     from .preprocess import preprocess

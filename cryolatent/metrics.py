@@ -19,6 +19,8 @@ Particles are matched by name, never by row order (:func:`match_particles`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 import re
 from pathlib import PurePosixPath
@@ -199,3 +201,26 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
         out["nmi"] = float(normalized_mutual_info_score(tcls, pcls))
         out["ari"] = float(adjusted_rand_score(tcls, pcls))
     return out
+
+
+#: columns the metrics read as numbers (checked only where present)
+NUMERIC = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber")
+
+
+def _particles_table(path: Path, extra: tuple[str, ...] = ()):
+    """The particle table of ``path`` (PRED or TRUTH), checked by
+    :func:`cryolatent.io.read_particle_table`: a missing file, no particles, a non-number in
+    a pose / class column or a duplicate name is a one-line InputError naming the file."""
+    from .io import read_particle_table
+
+    return read_particle_table(path, numeric=NUMERIC + tuple(extra))[0]
+
+
+def evaluate_files(pred: str | Path, truth: str | Path,
+                   class_column: str = "rlnClassNumber") -> dict:
+    """Metrics of :func:`cryolatent.metrics.evaluate_tables` for two STAR files."""
+    pred, truth = Path(pred), Path(truth)
+    P = _particles_table(pred)
+    T = _particles_table(truth, (class_column,))
+    return evaluate_tables(P, T, class_column=class_column, pred_label=str(pred),
+                           truth_label=str(truth))
