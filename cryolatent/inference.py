@@ -595,40 +595,6 @@ def cs_with_alignments(cs: np.ndarray, psi_deg: np.ndarray, origin_angst: np.nda
     return out
 
 
-def write_star_chunked(path: str | Path, particles, optics=None, chunk: int = 20_000) -> Path:
-    """RELION 3.1 particle STAR (``data_optics`` then ``data_particles``), written in row chunks.
-
-    The same text as :func:`cryolatent.io.write_star` (its value formatting and quoting are
-    used), but the rows are formatted ``chunk`` at a time, so writing 10^6 rows × dozens of
-    columns needs a few hundred MB instead of several GB. Atomic. Returns ``path``.
-    """
-    from .io.star import _column_text, write_star_blocks
-    from .utils import atomic_path
-
-    path = Path(path)
-    dup = particles.columns[particles.columns.duplicated()]
-    if len(dup):
-        raise CryolatentError(f"{path}: column {dup[0]} appears twice")
-    with atomic_path(path) as tmp:
-        if optics is not None:
-            write_star_blocks(tmp, {"optics": optics})      # "\n# version 30001 ... optics"
-        with open(tmp, "a" if optics is not None else "w", encoding="utf-8",
-                  newline="\n") as f:
-            if optics is None:
-                f.write("\n")
-            f.write("# version 30001\n\ndata_particles\n\nloop_\n")
-            f.write("".join(f"_{str(c).lstrip('_')} #{i + 1}\n"
-                            for i, c in enumerate(particles.columns)))
-            for s in range(0, len(particles), chunk):
-                part = particles.iloc[s:s + chunk]
-                cols = [_column_text(part[c]) for c in part.columns]
-                f.write("\n".join(map(" ".join, zip(*cols))))
-                f.write("\n")
-                del cols
-            f.write("\n")
-    return path
-
-
 # ============================================================================ entry point
 
 def _same_file(a, b) -> bool:
@@ -653,7 +619,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     "best" (lowest validation loss) or "last".
     """
     from .analysis.cluster import METHODS, cluster_latents
-    from .io import load_particles
+    from .io import load_particles, write_star
     from .utils import atomic_path
 
     if cluster_method not in METHODS:
@@ -710,7 +676,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
                                              for i in np.asarray(ps.image_index)], dtype=object)
         table = _add_columns(ps.table, cols)
 
-        write_star_chunked(outs.star, table, ps.optics)
+        write_star(outs.star, table, ps.optics)       # bounded memory (row chunks)
         if outs.cs is not None:
             from .io import write_cs
 

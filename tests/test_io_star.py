@@ -299,3 +299,31 @@ def test_write_star_emits_no_warning(tmp_path):
         back = read_star(tmp_path / "w.star")
     assert back["particles"]["rlnImageName"].tolist() == parts["rlnImageName"].tolist()
     assert back["particles"]["rlnMicrographName"].tolist()[:2] == ["_a", "#b"]
+
+
+@pytest.mark.parametrize("cells", [1, 5, 14, 1 << 20])
+def test_write_star_text_does_not_depend_on_chunking(tmp_path, monkeypatch, cells):
+    """write_star formats rows a chunk at a time (CHUNK_CELLS values, bounded memory): every
+    chunk size gives the same bytes, equal to a row-by-row text built here."""
+    import cryolatent.io.star as star
+
+    n = 11
+    parts = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@s t.mrcs" for i in range(n)],
+        "rlnAnglePsi": np.arange(n, dtype=np.float64) / 3,
+        "cryolatentZ1": np.linspace(-1, 1, n, dtype=np.float32),
+        "rlnClassNumber": np.arange(n, dtype=np.int64) + 1,
+        "rlnOpticsGroup": np.ones(n, np.int64)})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [1.5]})
+    monkeypatch.setattr(star, "CHUNK_CELLS", cells)
+    write_star(tmp_path / "c.star", parts, optics)
+    rows = [f'"{a}" {b!r} {c} {d} {e}' for a, b, c, d, e in
+            zip(parts.rlnImageName, parts.rlnAnglePsi.tolist(), parts.cryolatentZ1.astype(str),
+                parts.rlnClassNumber, parts.rlnOpticsGroup)]
+    expect = ("\n# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n"
+              "_rlnOpticsGroupName #2\n_rlnImagePixelSize #3\n1 opticsGroup1 1.5\n\n"
+              "# version 30001\n\ndata_particles\n\nloop_\n"
+              + "".join(f"_{c} #{i + 1}\n" for i, c in enumerate(parts.columns))
+              + "\n".join(rows) + "\n\n")
+    assert (tmp_path / "c.star").read_bytes() == expect.encode()

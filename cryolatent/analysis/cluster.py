@@ -188,7 +188,7 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
                                   "--clusters K on it first)")
         number = arr[field].astype(np.int64) + 1
     else:
-        from ..io import read_star
+        from ..io import read_star, write_star
 
         blocks = read_star(input)
         if "particles" in blocks:
@@ -225,9 +225,7 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
     if kind == ".cs":
         write_cs(out, arr[keep])
     else:
-        from ..inference import write_star_chunked
-
-        write_star_chunked(out, table.iloc[np.flatnonzero(keep)], optics)
+        write_star(out, table.iloc[np.flatnonzero(keep)], optics)
     log.info("%s: kept %d of %d particles (%s classes %s) -> %s", input, nk, len(keep),
              "dropped" if invert else "kept", ",".join(map(str, classes)), out)
     return out

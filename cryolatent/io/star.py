@@ -391,16 +391,28 @@ def _column_text(s: pd.Series) -> list[str]:
     return out
 
 
-def _write_loop(f, name: str, df: pd.DataFrame, chunk: int = 65536) -> None:
-    """Write one block as a loop, formatting ``chunk`` rows at a time (bounded memory)."""
+#: values formatted at once by :func:`_write_loop` (~130 bytes of Python text each: a chunk
+#: of 2^20 cells, e.g. 25k rows × 41 columns, peaks near 80–140 MB whatever the table's size)
+CHUNK_CELLS = 1 << 20
+
+
+def _write_loop(f, name: str, df: pd.DataFrame, chunk: int | None = None) -> None:
+    """Write one block as a loop, formatting ``chunk`` rows at a time (bounded memory).
+
+    ``chunk`` defaults to :data:`CHUNK_CELLS` // number of columns; the text does not depend
+    on it.
+    """
     f.write(f"# version 30001\n\ndata_{name}\n\nloop_\n")
     f.write("".join(f"_{str(c).lstrip('_')} #{i + 1}\n" for i, c in enumerate(df.columns)))
     if len(df.columns):
+        if chunk is None:
+            chunk = max(1, CHUNK_CELLS // len(df.columns))
         for s in range(0, len(df), chunk):
             part = df.iloc[s:s + chunk]
             cols = [_column_text(part[c]) for c in df.columns]
             f.write("\n".join(map(" ".join, zip(*cols))))
             f.write("\n")
+            del part, cols     # before the next chunk is formatted
     f.write("\n")
 
 
