@@ -1,4 +1,4 @@
-"""Shared fixtures: the read-only data folder beside the repo and RELION's binaries."""
+"""Shared fixtures: the read-only data folder beside the repo, RELION's binaries, a test PDB."""
 
 from __future__ import annotations
 
@@ -64,3 +64,40 @@ def relion():
         return res
 
     return run
+
+
+#: a small asymmetric object: five atoms of different elements (Å)
+TEST_ATOMS = [("C", (0, 0, 0)), ("S", (8, 2, 0)), ("O", (-4, 6, 3)), ("N", (2, -9, -2)),
+              ("P", (-7, -5, 4))]
+
+
+def write_test_pdb(path, atoms=None) -> Path:
+    """Write ``atoms`` [(element, (x, y, z) Å), ...] (default :data:`TEST_ATOMS`) as a PDB
+    file, one UNK residue per atom in chain A; returns ``path``."""
+    import gemmi
+
+    st = gemmi.Structure()
+    model = gemmi.Model("1")
+    ch = gemmi.Chain("A")
+    for i, (el, xyz) in enumerate(atoms or TEST_ATOMS):
+        res = gemmi.Residue()
+        res.name = "UNK"
+        res.seqid = gemmi.SeqId(i + 1, " ")
+        at = gemmi.Atom()
+        at.name = el
+        at.element = gemmi.Element(el)
+        at.pos = gemmi.Position(*map(float, xyz))
+        at.occ = 1.0
+        res.add_atom(at)
+        ch.add_residue(res)
+    model.add_chain(ch)
+    st.add_model(model)
+    st.setup_entities()
+    st.write_pdb(str(path))
+    return Path(path)
+
+
+@pytest.fixture
+def write_pdb():
+    """:func:`write_test_pdb`: ``write_pdb(path, atoms=None) -> path``."""
+    return write_test_pdb

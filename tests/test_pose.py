@@ -144,32 +144,6 @@ def test_batched_equals_one_by_one_and_keeps_dtype():
         pose.align_particles(imgs, [1.0, 2.0], ts)
 
 
-def write_test_pdb(path):
-    """A small asymmetric test object: five atoms of different elements (Å)."""
-    import gemmi
-
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    ch = gemmi.Chain("A")
-    for i, (el, xyz) in enumerate([("C", (0, 0, 0)), ("S", (8, 2, 0)), ("O", (-4, 6, 3)),
-                                   ("N", (2, -9, -2)), ("P", (-7, -5, 4))]):
-        res = gemmi.Residue()
-        res.name = "UNK"
-        res.seqid = gemmi.SeqId(i + 1, " ")
-        at = gemmi.Atom()
-        at.name = el
-        at.element = gemmi.Element(el)
-        at.pos = gemmi.Position(*map(float, xyz))
-        at.occ = 1.0
-        res.add_atom(at)
-        ch.add_residue(res)
-    model.add_chain(ch)
-    st.add_model(model)
-    st.setup_entities()
-    st.write_pdb(str(path))
-    return path
-
-
 def _write_relion_set(folder, particles, psi, t_px, apix):
     import pandas as pd
 
@@ -213,7 +187,7 @@ def test_relion_stack_create_agrees(relion, tmp_path, D):
 
 
 @pytest.mark.relion
-def test_relion_aligns_simulated_cryoem(relion, tmp_path):
+def test_relion_aligns_simulated_cryoem(relion, tmp_path, write_pdb):
     """`simulate cryoem` (noiseless, no CTF) + RELION aligning with the truth columns of its
     own particles.star recovers the canonical projection (psi = 0, t = 0)."""
     import mrcfile
@@ -222,7 +196,7 @@ def test_relion_aligns_simulated_cryoem(relion, tmp_path):
     from cryolatent.simulate import simulate_cryoem
     from cryolatent.simulate.cryoem import load_structure, render_projections
 
-    pdb = write_test_pdb(tmp_path / "obj.pdb")
+    pdb = write_pdb(tmp_path / "obj.pdb")
 
     out = tmp_path / "sim"
     simulate_cryoem(out, [pdb], n=6, box=48, apix=1.0, snr=None, seed=3, ctf=False,

@@ -18,33 +18,6 @@ from cryolatent.simulate.cryoem import (apply_ctf, euler_matrix, fibonacci_views
 from cryolatent.simulate.mnist import pad_digits
 
 
-def write_test_pdb(path, atoms=None):
-    """A small asymmetric test object: a few atoms of different elements (Å)."""
-    import gemmi
-
-    atoms = atoms or [("C", (0, 0, 0)), ("S", (8, 2, 0)), ("O", (-4, 6, 3)),
-                      ("N", (2, -9, -2)), ("P", (-7, -5, 4))]
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    ch = gemmi.Chain("A")
-    for i, (el, xyz) in enumerate(atoms):
-        res = gemmi.Residue()
-        res.name = "UNK"
-        res.seqid = gemmi.SeqId(i + 1, " ")
-        at = gemmi.Atom()
-        at.name = el
-        at.element = gemmi.Element(el)
-        at.pos = gemmi.Position(*map(float, xyz))
-        at.occ = 1.0
-        res.add_atom(at)
-        ch.add_residue(res)
-    model.add_chain(ch)
-    st.add_model(model)
-    st.setup_entities()
-    st.write_pdb(str(path))
-    return path
-
-
 def _read(out):
     import mrcfile
 
@@ -174,10 +147,10 @@ def test_single_atom_lands_where_the_convention_says():
         assert np.isclose(img[i].sum(), 6.0, rtol=1e-3)  # weight = integral (Z)
 
 
-def test_projection_matches_analytic_inplane_rotation(tmp_path):
+def test_projection_matches_analytic_inplane_rotation(tmp_path, write_pdb):
     """Rendering at (rot, tilt, psi, t) == transform_to_particle of the canonical projection
     at (rot, tilt, 0, 0): the truth psi/t are RELION's for what was drawn."""
-    st = load_structure(write_test_pdb(tmp_path / "obj.pdb"))
+    st = load_structure(write_pdb(tmp_path / "obj.pdb"))
     D, apix, blur = 48, 1.0, 2.5
     rot = np.array([20.0, 200.0, -45.0])
     tilt = np.array([70.0, 10.0, 120.0])
@@ -200,10 +173,10 @@ def test_projection_matches_analytic_inplane_rotation(tmp_path):
     assert np.array_equal(st.weights, [6, 16, 8, 7, 15])
 
 
-def test_cryoem_end_to_end_truth_classes_views(tmp_path):
-    a = write_test_pdb(tmp_path / "a.pdb")
-    b = write_test_pdb(tmp_path / "b.pdb", [("S", (5, 5, 0)), ("S", (-5, -5, 0)),
-                                             ("C", (0, 9, 1))])
+def test_cryoem_end_to_end_truth_classes_views(tmp_path, write_pdb):
+    a = write_pdb(tmp_path / "a.pdb")
+    b = write_pdb(tmp_path / "b.pdb", [("S", (5, 5, 0)), ("S", (-5, -5, 0)),
+                                       ("C", (0, 9, 1))])
     out = tmp_path / "sim"
     simulate_cryoem(out, [a, b], n=40, box=40, apix=1.0, snr=None, seed=2, views=3,
                     ctf=False, shift_sd=2.0, blur=2.0)
@@ -227,10 +200,10 @@ def test_cryoem_end_to_end_truth_classes_views(tmp_path):
         assert (aligned[i] - k * can).abs().max() / (k * can).abs().max() < 0.05
 
 
-def test_cryoem_ctf_and_snr(tmp_path):
+def test_cryoem_ctf_and_snr(tmp_path, write_pdb):
     from cryolatent.ctf import CTFParams
 
-    pdb = write_test_pdb(tmp_path / "obj.pdb")
+    pdb = write_pdb(tmp_path / "obj.pdb")
     kw = dict(n=30, box=32, apix=1.2, seed=4, shift_sd=1.0, defocus_min=8000.0,
               defocus_max=12000.0, astigmatism=300.0, blur=2.0)
     simulate_cryoem(tmp_path / "clean", [pdb], snr=math.inf, **kw)
@@ -260,10 +233,10 @@ def test_cryoem_ctf_and_snr(tmp_path):
     assert abs(clean[:, mask].var(axis=1).mean() - 1.0) < 1e-3
 
 
-def test_cli_simulate_and_errors(tmp_path, mnist_file):
+def test_cli_simulate_and_errors(tmp_path, mnist_file, write_pdb):
     from cryolatent.cli import main
 
-    pdb = write_test_pdb(tmp_path / "obj.pdb")
+    pdb = write_pdb(tmp_path / "obj.pdb")
     rc = main(["simulate", "cryoem", "-o", str(tmp_path / "c"), "--n", "5", "--box", "32",
                "--structure", str(pdb), "--views", "2", "--snr", "1", "--seed", "1",
                "--device", "cpu"])
