@@ -26,7 +26,6 @@ INPUT is refused.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -42,7 +41,7 @@ from .errors import CryolatentError, InputError
 from .utils import resolve_device
 
 __all__ = [
-    "embed", "model_pose_to_input", "crop_centre_offset", "output_paths", "EmbedOutputs", "InputAdapter",
+    "embed", "model_pose_to_input", "output_paths", "EmbedOutputs", "InputAdapter",
     "TrainingGeometry", "relion_columns", "cs_with_alignments",
     "background_stats",
 ]
@@ -55,8 +54,8 @@ POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 # ============================================================================ pose units
 
-def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_input,
-                        centre_offset_px: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int,
+                        apix_input) -> tuple[np.ndarray, np.ndarray]:
     """Pose from the model's input pixels to RELION columns of INPUT (degrees, Å).
 
     The models return the pose in RELION's convention (``Inference``: ``psi_deg`` (N,),
@@ -67,26 +66,25 @@ def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_
 
         apix_model = apix_input × D / d
 
-    and a Fourier crop keeps the physical image and its axes. With x the coordinate relative
-    to the original rotation centre (D//2, D//2) and x' the one relative to the cropped
-    centre (d//2, d//2), the crop maps x' = x·d/D + δ, where δ = ``centre_offset_px`` is where
-    the original centre lands in the cropped image (0 for a crop whose phase origin is the
-    rotation centre, and for any crop between even boxes; see :func:`crop_centre_offset`).
-    The model's statement aligned(R(ψ)(x' + t)) = cropped(x') then reads, in the original's
-    coordinates, A(R(ψ)(x + (t + δ)·D/d)) = particle(x) with A the (rescaled) canonical image.
-    So, exactly:
+    and a Fourier crop keeps the physical image, its axes and its centre
+    (``cryolatent.preprocess.fourier_crop`` maps the rotation centre (D//2, D//2) onto
+    (d//2, d//2) for even and odd boxes). With x the coordinate relative to the original
+    centre and x' the one relative to the cropped centre, the crop maps x' = x·d/D. The
+    model's statement aligned(R(ψ)(x' + t)) = cropped(x') then reads, in the original's
+    coordinates, A(R(ψ)(x + t·D/d)) = particle(x) with A the (rescaled) canonical image. So,
+    exactly:
 
         rlnAnglePsi      = psi_deg                              (unchanged)
-        rlnOriginXYAngst = (shift_px + δ) × apix_model           (= t_in × apix_input)
+        rlnOriginXYAngst = shift_px × apix_model                (= t_in × apix_input)
 
-    i.e. the same physical shift: read with INPUT's pixel size it is (t + δ)·D/d pixels of the
+    i.e. the same physical shift: read with INPUT's pixel size it is t·D/d pixels of the
     unbinned particle, so the pose stays right for the original particles. Without a crop
-    (D == d, δ = 0) this is just ``shift_px × apix_input``.
+    (D == d) this is just ``shift_px × apix_input``.
 
     psi_deg: (N,) degrees; shift_px: (N, 2); apix_input: scalar or (N,) (per-particle pixel
-    size, e.g. from several optics groups); centre_offset_px: δ in model pixels (same for x
-    and y). Returns ``psi_deg`` (N,) float64 wrapped to (-180, 180] as RELION writes it, and
-    ``origin_angst`` (N, 2) float64 = (rlnOriginXAngst, rlnOriginYAngst).
+    size, e.g. from several optics groups). Returns ``psi_deg`` (N,) float64 wrapped to
+    (-180, 180] as RELION writes it, and ``origin_angst`` (N, 2) float64 =
+    (rlnOriginXAngst, rlnOriginYAngst).
     """
     psi = np.asarray(psi_deg, dtype=np.float64).reshape(-1)
     shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
@@ -95,39 +93,10 @@ def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int, apix_
     if box_model < 1 or box_input < 1:
         raise ValueError("boxes must be >= 1")
     apix_model = np.asarray(apix_input, dtype=np.float64) * (box_input / box_model)
-    origin = (shift + float(centre_offset_px)) * \
-        (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
+    origin = shift * (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
     from .pose import wrap_deg_180
 
     return np.asarray(wrap_deg_180(psi), dtype=np.float64), origin
-
-
-@functools.lru_cache(maxsize=32)
-def crop_centre_offset(box_input: int, box_model: int) -> float:
-    """δ: where the rotation centre of a ``box_input`` image lands, relative to the rotation
-    centre (d//2, d//2) of its ``box_model`` Fourier crop (``cryolatent.preprocess.fourier_crop``),
-    in cropped pixels.
-
-    Measured, not assumed: a centred, band-limited Gaussian is cropped and the phase of the
-    cropped image's first Fourier coefficient gives its position exactly. A crop whose phase
-    origin is the rotation centre gives 0; a crop with the phase origin at pixel 0 (the plain
-    FFT) maps pixel p to p·d/D, so δ = (D//2)·d/D − d//2 (0 between even boxes; e.g. 1/3 for
-    129 → 43, 1/2 for 130 → 65).
-    """
-    from .preprocess import fourier_crop
-
-    D, d = int(box_input), int(box_model)
-    if D == d:
-        return 0.0
-    c = np.arange(D) - D // 2
-    sigma = D / 12.0
-    g = np.exp(-(c[:, None] ** 2 + c[None, :] ** 2) / (2 * sigma ** 2))
-    out = np.asarray(fourier_crop(g[None].astype(np.float64), d))[0]
-    prof = out.sum(0)                                   # along x (columns)
-    f1 = np.sum(prof * np.exp(-2j * np.pi * np.arange(d) / d))
-    pos = -np.angle(f1) * d / (2 * np.pi)               # centre, in cropped pixels mod d
-    delta = (pos - d // 2 + d / 2) % d - d / 2
-    return 0.0 if abs(delta) < 1e-6 else float(delta)
 
 
 # ============================================================================ output files
@@ -299,8 +268,6 @@ class InputAdapter:
             raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
                                   f"{self.box}")
         self.crop = self.box_in != self.box
-        #: δ of :func:`model_pose_to_input` for the crop done here (0 without a crop)
-        self.centre_offset = crop_centre_offset(self.box_in, self.box) if self.crop else 0.0
         self.apix_model = _apix_per_particle(ps) * (self.box_in / self.box)
         self.flip = (not same_as_training) and geom.phase_flipped and not _phase_flipped(ps)
         self.ctf = None
@@ -657,7 +624,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     with atomic_path(outs.z) as ztmp:
         res = run_model(model, ps, adapter, ztmp, z_dim, bs, dev)
         psi, origin = model_pose_to_input(res.psi, res.shift, adapter.box, ps.box,
-                                          _apix_per_particle(ps), adapter.centre_offset)
+                                          _apix_per_particle(ps))
         labels = None
         if clusters is not None:
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)

@@ -42,20 +42,31 @@ def _float_np(x) -> np.ndarray:
     return a
 
 
+def _centre_phase(D: int, d: int, k: np.ndarray) -> np.ndarray:
+    """exp(2πi·k·s), s = (D//2)/D − (d//2)/d: the phase that moves the FFT origin of both
+    grids to their centres (RELION's CenterFFT on the D-grid before the crop and on the d-grid
+    after it), so the sample at D//2 lands on d//2. All ones when D and d are both even."""
+    s = (D // 2) / D - (d // 2) / d
+    return np.exp(2j * np.pi * np.asarray(k, dtype=np.float64) * s)
+
+
 @functools.lru_cache(maxsize=16)
 def crop_matrix(D: int, d: int) -> np.ndarray:
     """The 1-D Fourier-crop operator as a real ``(d, D)`` float64 matrix ``A``.
 
     ``A @ v`` keeps the frequencies ``|k| <= d/2`` of the length-D signal v and samples its
-    band-limited interpolant on the d-grid (scaled so a constant stays the same constant); for
-    even d < D the d-grid's Nyquist bin receives ``F[+d/2] + F[-d/2]`` (they alias there).
-    The 2-D crop is separable: ``A @ x @ A.T``.
+    band-limited interpolant f on the d-grid, centre on centre: output j = f(D//2 +
+    (j − d//2)·D/d) (so input position x goes to (x − D//2)·d/D + d//2, for even and odd
+    boxes), scaled so a constant stays the same constant. For even d < D the d-grid's Nyquist
+    bin receives the +d/2 and -d/2 components together (they alias there). The 2-D crop is
+    separable: ``A @ x @ A.T``.
     """
     if not 1 <= d <= D:
         raise ValueError(f"new box {d} must lie in 1..{D}")
     if d == D:
         return np.eye(D)
-    F = np.fft.fft(np.eye(D), axis=0)                      # (D, D): DFT of each unit vector
+    k = np.fft.fftfreq(D, 1.0 / D)                         # signed frequency of each row
+    F = np.fft.fft(np.eye(D), axis=0) * _centre_phase(D, d, k)[:, None]   # (D, D)
     h = d // 2
     G = np.zeros((d, D), dtype=np.complex128)
     if d % 2 == 0:
@@ -65,6 +76,7 @@ def crop_matrix(D: int, d: int) -> np.ndarray:
     else:
         G[:h + 1] = F[:h + 1]
         G[h + 1:] = F[D - h:]
+    # the kept frequencies are conjugate-symmetric, so the samples are real (up to rounding)
     return np.fft.ifft(G, axis=0).real * (d / D)
 
 
@@ -99,13 +111,21 @@ def _crop_torch_fft(x, d: int):
     h = d // 2
     ncol = h + 1 if d % 2 == 0 else (d + 1) // 2
     fy = torch.fft.fft(torch.fft.rfft(x, dim=-1)[..., :ncol], dim=-2)   # (n, D, ncol)
+    if (D % 2, d % 2) != (0, 0):       # centre on centre (no-op between even boxes)
+        ctype = fy.dtype
+        rows = torch.from_numpy(_centre_phase(D, d, np.fft.fftfreq(D, 1.0 / D)))
+        cols = torch.from_numpy(_centre_phase(D, d, np.arange(ncol)))
+        fy = fy * rows.to(fy.device, ctype)[:, None] * cols.to(fy.device, ctype)
     if d % 2 == 0:
         g = torch.cat([fy[:, :h], fy[:, D - h:]], dim=1)              # (n, d, ncol)
         g[:, h] += fy[:, h]      # the d-grid's Nyquist row holds +h and -h (they alias)
-        g[..., h] *= 2           # irfft reads the Nyquist column once; -h = conj(+h)
     else:
         g = torch.cat([fy[:, :h + 1], fy[:, D - h:]], dim=1)
-    return torch.fft.irfft(torch.fft.ifft(g, dim=-2), n=d, dim=-1).mul_((d / D) ** 2)
+    g = torch.fft.ifft(g, dim=-2)
+    if d % 2 == 0:
+        # the Nyquist column holds +h and -h = conj(+h): 2 Re(+h), given to irfft as real
+        g[..., h] = torch.complex(2 * g[..., h].real, torch.zeros_like(g[..., h].real))
+    return torch.fft.irfft(g, n=d, dim=-1).mul_((d / D) ** 2)
 
 
 def fourier_crop(images, new_box: int):
@@ -115,6 +135,10 @@ def fourier_crop(images, new_box: int):
     Keeps the frequencies of the d-grid, so the pixel size becomes ``apix * D / d``; values are
     scaled so a constant image keeps its constant value, and a band-limited image (frequencies
     ``|k| <= d/2`` on the D-grid) comes out equal to the same function sampled on the d-grid.
+    The grids are aligned on RELION's centre: input pixel (D//2, D//2) goes to output pixel
+    (d//2, d//2), and input position x to (x − D//2)·d/D + d//2, for even and odd boxes alike
+    (the phase origin of both FFTs is the image centre, as with RELION's CenterFFT), so a
+    rotation centre and origins in Å stay valid after the crop.
     For even d the d-grid's Nyquist row/column (where +d/2 and -d/2 alias) receives the sum of
     the finer grid's +d/2 and -d/2 components, i.e. the exact sample values. numpy or torch
     in, same out; float32 stays float32, float64 stays float64.

@@ -50,28 +50,42 @@ def _pp_crop(img, d):
     return np.asarray(fourier_crop(img[None].astype(np.float64), d))[0]
 
 
+def _crop_centre_offset(D: int, d: int) -> float:
+    """Where the centre (D//2, D//2) of a D-px image lands relative to (d//2, d//2) after
+    preprocess.fourier_crop, in cropped px: measured from the phase of the first Fourier
+    coefficient of a cropped, centred, band-limited Gaussian (exact for a periodic
+    band-limited image; a pixel-0 phase origin would give (D//2)·d/D − d//2, e.g. 1/3 for
+    129 -> 43)."""
+    g = gaussian(D, 0.0, 0.0, sigma=1.7 * D / d)
+    prof = _pp_crop(g, d).sum(0)                                  # along x (columns)
+    f1 = np.sum(prof * np.exp(-2j * np.pi * np.arange(d) / d))
+    pos = -np.angle(f1) * d / (2 * np.pi)                         # mod d
+    return (pos - d // 2 + d / 2) % d - d / 2
+
+
+def test_crop_centre_offset_is_zero_for_every_box():
+    """The crop maps centre onto centre for even and odd boxes, so embed needs no
+    correction for odd-box crops."""
+    for D, d in [(128, 64), (129, 43), (130, 65), (101, 50), (100, 64), (65, 32), (63, 21),
+                 (64, 33), (97, 97)]:
+        assert abs(_crop_centre_offset(D, d)) < 1e-9, (D, d)
+
+
 @pytest.mark.parametrize("crop", ["reference", "preprocess"])
 @pytest.mark.parametrize("n_in,d", [(128, 64), (129, 43), (130, 65), (101, 50), (96, 96),
                                     (100, 64)])
 def test_origin_angstrom_is_the_physical_shift_after_a_crop(n_in, d, crop):
     """A blob at -t (px of the original) seen by an exact model in the d-px crop: the model
-    reports -centroid (cropped px); model_pose_to_input with the crop's measured centre
-    offset gives back t·apix_in Å, for the centre-origin reference crop (offset 0) and for
-    cryolatent.preprocess.fourier_crop (offset (D//2)·d/D − d//2 for odd boxes)."""
-    from cryolatent.inference import crop_centre_offset
-
+    reports -centroid (cropped px) = t·d/D, for the centre-origin reference crop and for
+    cryolatent.preprocess.fourier_crop alike (odd boxes too); model_pose_to_input gives back
+    t·apix_in Å."""
     apix_in = 1.3
     t = np.array([5.0, -7.5])                      # true origin in original pixels
     img = gaussian(n_in, -t[0], -t[1], sigma=4.0)  # particle centre at -t (RELION)
     cropped = np_fourier_crop(img, d) if crop == "reference" else _pp_crop(img, d)
     shift_model_px = -centroid(cropped)            # what an exact model would report
-    if crop == "reference":
-        delta = 0.0
-        np.testing.assert_allclose(shift_model_px, t * d / n_in, atol=1e-3)
-    else:
-        delta = crop_centre_offset(n_in, d)
-        assert delta == pytest.approx((n_in // 2) * d / n_in - d // 2, abs=1e-9)
-    psi, origin = model_pose_to_input([33.0], shift_model_px[None], d, n_in, apix_in, delta)
+    np.testing.assert_allclose(shift_model_px, t * d / n_in, atol=1e-3)
+    psi, origin = model_pose_to_input([33.0], shift_model_px[None], d, n_in, apix_in)
     np.testing.assert_allclose(origin[0], t * apix_in, atol=2e-3 * apix_in)
     assert psi[0] == 33.0
 
@@ -89,9 +103,9 @@ def test_model_pose_to_input_formula_and_wrapping():
     np.testing.assert_allclose(o, [[1, 1], [2, 2]])
     with pytest.raises(ValueError):
         model_pose_to_input([0, 0], [[1, 1]], 64, 64, 1.0)
-    # the centre offset of an odd crop enters before the scaling
-    _, o = model_pose_to_input([0], [[1.0, -2.0]], 43, 129, 1.0, centre_offset_px=1 / 3)
-    np.testing.assert_allclose(o, [[4.0, -5.0]])
+    # an odd crop: just the pixel-size ratio (the crop keeps the centre)
+    _, o = model_pose_to_input([0], [[1.0, -2.0]], 43, 129, 1.0)
+    np.testing.assert_allclose(o, [[3.0, -6.0]])
 
 
 def test_pose_after_crop_aligns_the_unbinned_particle():

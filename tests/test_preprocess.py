@@ -18,8 +18,9 @@ from cryolatent.preprocess import background_mask, fourier_crop, invert, normali
 
 # ------------------------------------------------------------------------------ fourier crop
 def _bandlimited(n: int, terms) -> np.ndarray:
-    """sum_k a cos(2 pi (kx x + ky y) + phi) sampled on an n x n grid over the unit square."""
-    y, x = np.mgrid[0:n, 0:n] / n
+    """sum_k a cos(2 pi (kx x + ky y) + phi) sampled on an n x n grid over the unit square,
+    pixel n//2 at x = 0 (the grids of any two sizes share their centre, RELION's convention)."""
+    y, x = (np.mgrid[0:n, 0:n] - n // 2) / n
     out = np.zeros((n, n))
     for a, kx, ky, phi in terms:
         out += a * np.cos(2 * np.pi * (kx * x + ky * y) + phi)
@@ -27,14 +28,15 @@ def _bandlimited(n: int, terms) -> np.ndarray:
 
 
 def test_crop_constant_stays_constant():
-    for D, d in [(64, 32), (64, 48), (50, 20), (32, 32)]:
+    for D, d in [(64, 32), (64, 48), (50, 20), (32, 32), (65, 32), (63, 21), (129, 43)]:
         img = np.full((3, D, D), 2.75, dtype=np.float32)
         out = fourier_crop(img, d)
         assert out.shape == (3, d, d) and out.dtype == np.float32
         np.testing.assert_allclose(out, 2.75, rtol=1e-6)
 
 
-@pytest.mark.parametrize("D,d", [(64, 32), (64, 48), (96, 40), (64, 33)])
+@pytest.mark.parametrize("D,d", [(64, 32), (64, 48), (96, 40), (64, 33), (65, 32), (63, 21),
+                                 (129, 43), (130, 65), (65, 33)])
 def test_crop_of_bandlimited_function_equals_sampling_on_the_coarse_grid(D, d):
     h = d // 2
     terms = [(1.3, 0, 0, 0.0), (1.0, 3, 5, 0.0), (0.5, 7, -2, 0.3), (0.8, -h + 1, 4, 1.1),
@@ -67,13 +69,64 @@ def test_crop_matches_numpy_reference_on_noise():
     G = G[:, :d, :d]
     ref = np.fft.ifft2(np.fft.ifftshift(G, axes=(-2, -1))).real * (d / D) ** 2
     np.testing.assert_allclose(fourier_crop(x, d), ref, atol=1e-12)
-    # and with scipy's FFT as a second reference for the plain window (no Nyquist rows)
+    # odd sizes: scipy's FFT with RELION's CenterFFT on both grids
+    for D, d in [(40, 15), (41, 16), (41, 15), (63, 21)]:
+        x = rng.normal(size=(3, D, D))
+        np.testing.assert_allclose(fourier_crop(x, d), _centerfft_crop_reference(x, d),
+                                   atol=1e-12)
+
+
+def _centerfft_crop_reference(x: np.ndarray, d: int) -> np.ndarray:
+    """Fourier crop as RELION does it, with scipy: CenterFFT (roll pixel (D//2, D//2) to
+    (0, 0)), FFT, keep the centred frequencies -d//2 .. (d-1)//2 (for even d the +d/2 row and
+    column folded onto -d/2), inverse FFT, roll (0, 0) back to (d//2, d//2), scale (d/D)^2."""
     import scipy.fft
-    d2 = 15  # odd: no Nyquist, the window is symmetric
-    F2 = scipy.fft.fftshift(scipy.fft.fft2(x), axes=(-2, -1))
-    w = F2[:, c - 7:c + 8, c - 7:c + 8]
-    ref2 = scipy.fft.ifft2(scipy.fft.ifftshift(w, axes=(-2, -1))).real * (d2 / D) ** 2
-    np.testing.assert_allclose(fourier_crop(x, d2), ref2, atol=1e-12)
+
+    D = x.shape[-1]
+    c, h = D // 2, d // 2
+    F = scipy.fft.fftshift(scipy.fft.fft2(np.roll(x, (-c, -c), axis=(-2, -1))), axes=(-2, -1))
+    G = F[:, c - h:c + h + 1, c - h:c + h + 1].copy()     # -h .. +h (odd D: c is frequency 0)
+    if d % 2 == 0:
+        G[:, 0, :] += G[:, -1, :]
+        G[:, :, 0] += G[:, :, -1]
+    G = G[:, :d, :d]
+    y = scipy.fft.ifft2(scipy.fft.ifftshift(G, axes=(-2, -1))).real * (d / D) ** 2
+    return np.roll(y, (h, h), axis=(-2, -1))
+
+
+def _blob(n: int, cx: float, cy: float, sigma: float) -> np.ndarray:
+    """Gaussian centred at (n//2 + cx, n//2 + cy), x = column."""
+    c = np.arange(n) - n // 2
+    return np.exp(-((c[None, :] - cx) ** 2 + (c[:, None] - cy) ** 2) / (2 * sigma ** 2))
+
+
+@pytest.mark.parametrize("D,d", [(65, 32), (63, 21), (129, 43), (130, 65), (64, 33), (101, 50),
+                                 (64, 32), (96, 40)])
+def test_crop_keeps_the_centre_for_odd_and_even_boxes(D, d):
+    """A blob at D//2 + s px lands at d//2 + s·d/D (centroid to 1e-6 px), and the crop is the
+    same Gaussian sampled on the coarse grid (sigma 1.7 cropped px: band-limited on both)."""
+    sigma = 1.7 * D / d
+    for s in [(0.0, 0.0), (2.5, -3.25), (-4.0, 1.5)]:
+        for x in (_blob(D, *s, sigma)[None], torch.from_numpy(_blob(D, *s, sigma)[None])):
+            out = np.asarray(fourier_crop(x, d))[0]
+            c = np.arange(d) - d // 2
+            cen = np.array([(out * c[None, :]).sum(), (out * c[:, None]).sum()]) / out.sum()
+            np.testing.assert_allclose(cen, np.array(s) * d / D, atol=1e-6)
+            np.testing.assert_allclose(out, _blob(d, s[0] * d / D, s[1] * d / D, sigma * d / D),
+                                       atol=1e-6)
+
+
+def test_crop_between_even_boxes_is_the_plain_fft_window():
+    """Between even boxes the centres D/2 and d/2 are the same fraction of the box, so the
+    crop is the plain FFT window (phase origin at pixel 0), unchanged by the centring."""
+    from cryolatent.preprocess import crop_matrix
+
+    for D, d in [(64, 32), (40, 16), (128, 64), (100, 64)]:
+        F = np.fft.fft(np.eye(D), axis=0)
+        h = d // 2
+        G = np.concatenate([F[:h], (F[h] + F[D - h])[None], F[D - h + 1:]])
+        np.testing.assert_allclose(crop_matrix(D, d), np.fft.ifft(G, axis=0).real * d / D,
+                                   atol=1e-14)
 
 
 def test_fft_crop_path_equals_matrix_path():
@@ -81,7 +134,7 @@ def test_fft_crop_path_equals_matrix_path():
     from cryolatent.preprocess import _crop_torch_fft, crop_matrix
 
     rng = np.random.default_rng(5)
-    for D, d in [(40, 16), (40, 15), (64, 48)]:
+    for D, d in [(40, 16), (40, 15), (64, 48), (41, 16), (41, 15), (65, 32), (129, 43)]:
         x = rng.normal(size=(2, D, D))
         A = crop_matrix(D, d)
         ref = A @ x @ A.T
