@@ -42,6 +42,23 @@ def _float_np(x) -> np.ndarray:
     return a
 
 
+def _float_batch(images):
+    """``(x, squeeze, tensor)``: ``images`` (n, D, D) or (D, D) as a floating (n, D, D)
+    tensor (a torch input) or numpy array (anything else; integers become float32), whether a
+    (D, D) input was given a batch axis, and whether x is a tensor. Raises ValueError for
+    non-square images."""
+    tensor = _is_tensor(images)
+    if tensor:
+        x = images if images.is_floating_point() else images.float()
+    else:
+        x = _float_np(images)
+    squeeze = x.ndim == 2
+    x = x[None] if squeeze else x
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"images must be square, got {tuple(x.shape[-2:])}")
+    return x, squeeze, tensor
+
+
 def _centre_phase(D: int, d: int, k: np.ndarray) -> np.ndarray:
     """exp(2πi·k·s), s = (D//2)/D − (d//2)/d: the phase that moves the FFT origin of both
     grids to their centres (RELION's CenterFFT on the D-grid before the crop and on the d-grid
@@ -144,24 +161,14 @@ def fourier_crop(images, new_box: int):
     in, same out; float32 stays float32, float64 stays float64.
     """
     d = int(new_box)
-    if _is_tensor(images):
-        t = images if images.is_floating_point() else images.float()
-        squeeze = t.ndim == 2
-        t = t[None] if squeeze else t
-        if t.shape[-1] != t.shape[-2]:
-            raise ValueError(f"images must be square, got {tuple(t.shape[-2:])}")
-        if not 1 <= d <= t.shape[-1]:
-            raise ValueError(f"new box {d} must lie in 1..{t.shape[-1]}")
-        out = t.clone() if d == t.shape[-1] else _crop_torch(t, d)
-        return out[0] if squeeze else out
-    a = _float_np(images)
-    squeeze = a.ndim == 2
-    a = a[None] if squeeze else a
-    if a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"images must be square, got {a.shape[-2:]}")
-    if not 1 <= d <= a.shape[-1]:
-        raise ValueError(f"new box {d} must lie in 1..{a.shape[-1]}")
-    out = a.copy() if d == a.shape[-1] else _crop_np(a, d)
+    x, squeeze, tensor = _float_batch(images)
+    D = x.shape[-1]
+    if not 1 <= d <= D:
+        raise ValueError(f"new box {d} must lie in 1..{D}")
+    if d == D:
+        out = x.clone() if tensor else x.copy()
+    else:
+        out = _crop_torch(x, d) if tensor else _crop_np(x, d)
     return out[0] if squeeze else out
 
 
@@ -187,26 +194,22 @@ def normalize(images, diameter_fraction: float = 0.75):
     if not mask.any():
         raise ValueError(f"no background pixels outside a circle of diameter "
                          f"{diameter_fraction} x {box}")
-    if _is_tensor(images):
+    x, squeeze, tensor = _float_batch(images)
+    if tensor:
         import torch
 
-        t = images if images.is_floating_point() else images.float()
-        squeeze = t.ndim == 2
-        t = t[None] if squeeze else t
-        bg = t[:, torch.from_numpy(mask).to(t.device)].to(torch.float64)   # (n, m)
+        bg = x[:, torch.from_numpy(mask).to(x.device)].to(torch.float64)   # (n, m)
         mean = bg.mean(dim=1)
         sd = bg.std(dim=1, correction=0)
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-        out = (t - mean.to(t.dtype).view(-1, 1, 1)) / sd.to(t.dtype).view(-1, 1, 1)
-        return out[0] if squeeze else out
-    a = _float_np(images)
-    squeeze = a.ndim == 2
-    a = a[None] if squeeze else a
-    bg = a[:, mask]                                                    # (n, m)
-    mean = bg.mean(axis=1, dtype=np.float64)
-    sd = bg.std(axis=1, dtype=np.float64)
-    sd[~(sd > 0)] = 1.0
-    out = (a - mean.astype(a.dtype)[:, None, None]) * (1.0 / sd).astype(a.dtype)[:, None, None]
+        out = (x - mean.to(x.dtype).view(-1, 1, 1)) / sd.to(x.dtype).view(-1, 1, 1)
+    else:
+        bg = x[:, mask]                                                    # (n, m)
+        mean = bg.mean(axis=1, dtype=np.float64)
+        sd = bg.std(axis=1, dtype=np.float64)
+        sd[~(sd > 0)] = 1.0
+        out = (x - mean.astype(x.dtype)[:, None, None]) * \
+            (1.0 / sd).astype(x.dtype)[:, None, None]
     return out[0] if squeeze else out
 
 
