@@ -5,6 +5,12 @@ operation and its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, whole
 including the Python + pandas baseline, which is reported separately as ``baseline``).
 
     /work/venv/bin/python benchmarks/star_io.py --n 1000000 --workdir /tmp/star_bench
+
+Writer memory of an embed output (26 columns + 15 float32 latents), cryolatent only, with the
+tracemalloc peak of the write itself (tracing makes the write several times slower):
+
+    /work/venv/bin/python benchmarks/star_io.py --n 200000 --latents 15 --ops write \
+        --libs cryolatent [--trace]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 lib, op, path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+latents, trace = int(sys.argv[5]), sys.argv[6] == "1"
 import numpy as np, pandas as pd
 def tables(n):
     rng = np.random.default_rng(0)
@@ -48,6 +55,8 @@ def tables(n):
         "rlnMaxValueProbDistribution": rng.uniform(0, 1, n),
         "rlnNrOfSignificantSamples": rng.integers(1, 100, n), "rlnRandomSubset": rng.integers(1, 3, n),
     }
+    for j in range(latents):
+        cols[f"cryolatentZ{j + 1}"] = rng.standard_normal(n).astype(np.float32)
     return pd.DataFrame(cols), optics
 if lib == "cryolatent":
     from cryolatent.io import read_star, write_star
@@ -57,6 +66,9 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if op == "write":
     parts, optics = tables(n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if trace:
+        import tracemalloc
+        tracemalloc.start()
     t = time.perf_counter()
     if lib == "cryolatent":
         write_star(path, parts, optics)
@@ -64,6 +76,7 @@ if op == "write":
         starfile.write({"optics": optics, "particles": parts}, path)
     dt = time.perf_counter() - t
     nrow = n
+    traced = tracemalloc.get_traced_memory()[1] / 2**20 if trace else None
 else:
     t = time.perf_counter()
     if lib == "cryolatent":
@@ -75,13 +88,15 @@ else:
     assert isinstance(d["particles"]["rlnImageName"].iloc[0], str)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"lib": lib, "op": op, "seconds": dt, "peak_rss_mb": peak / 1024,
-                  "baseline_rss_mb": base / 1024, "rows": nrow}))
+                  "baseline_rss_mb": base / 1024, "rows": nrow,
+                  "traced_peak_mb": traced if op == "write" else None}))
 """
 
 
-def run(lib: str, op: str, path: Path, n: int) -> dict:
+def run(lib: str, op: str, path: Path, n: int, latents: int = 0, trace: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", CHILD, lib, op, str(path), str(n)],
+    out = subprocess.run([sys.executable, "-c", CHILD, lib, op, str(path), str(n), str(latents),
+                          "1" if trace else "0"],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -91,15 +106,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--workdir", default="/tmp/cryolatent_star_bench")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--latents", type=int, default=0, help="add K float32 cryolatentZ columns")
+    ap.add_argument("--libs", default="cryolatent,starfile")
+    ap.add_argument("--ops", default="write,read")
+    ap.add_argument("--trace", action="store_true", help="tracemalloc peak of each write")
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     rows = []
-    for lib in ("cryolatent", "starfile"):
+    for lib in a.libs.split(","):
         path = wd / f"{lib}.star"
-        for op in ("write", "read"):
+        for op in a.ops.split(","):
             for _ in range(a.repeat):
-                r = run(lib, op, path, a.n)
+                r = run(lib, op, path, a.n, a.latents, a.trace)
                 r["file_mb"] = path.stat().st_size / 2**20
                 rows.append(r)
                 print(json.dumps(r), flush=True)
