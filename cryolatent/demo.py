@@ -140,7 +140,10 @@ def format_summary(summary: dict) -> str:
         f"  class averages and gallery   {summary['classes']}/gallery.png",
         "evaluation against the truth (evaluation.json):",
         f"  conformations recovered (cluster accuracy)  {f(m.get('cluster_accuracy'))}",
-        f"  in-plane angle, circular corr per class     {f(m.get('rotation_corr_per_class'))}",
+        f"  in-plane angle: agreement per class (0..1)   "
+        f"{f(m.get('rotation_agreement_per_class'))}, median error "
+        f"{f(m.get('rotation_error_deg_per_class'))}°, J-S corr per class "
+        f"{f(m.get('rotation_corr_per_class'))}",
         f"  shift corr x / y                            {f(m.get('translation_corr_x'))} / "
         f"{f(m.get('translation_corr_y'))}",
         "next: cryolatent select <embedded.star> --classes 1 -o class1.star; "

@@ -9,6 +9,15 @@
   orientation is arbitrary) and -1 when pred = const - truth (a mirrored/negated angle).
 * ``rotation_corr_per_class``: the mean over true classes of the within-class correlation (a
   model may pick a different canonical angle per class).
+* ``rotation_agreement_per_class``: mean over true classes of the resultant length
+  |mean exp(i(pred - true))|: 1 when pred = truth + one constant per class, about 0 for random
+  or mirrored (pred = const - truth) angles. Unlike the circular correlation it does not
+  subtract each set's circular mean, which is ill-defined for uniformly distributed angles
+  (a few wrong particles can then swing ``rotation_corr_per_class`` from +1 to -1 while most
+  angles are right); report both.
+* ``rotation_error_deg_per_class``: median absolute angle error in degrees after removing
+  each true class's constant (the circular mean of pred - true), median over particles, mean
+  over classes.
 * ``translation_corr_x`` / ``_y``: Pearson correlation of ``rlnOriginXAngst`` / ``YAngst``.
 * ``cluster_accuracy``: best one-to-one matching of predicted to true classes (Hungarian,
   :func:`scipy.optimize.linear_sum_assignment`), fraction of particles matched; ``nmi`` and
@@ -19,18 +28,17 @@ Particles are matched by name, never by row order (:func:`match_particles`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from .errors import InputError
 
-__all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class", "pearson",
+__all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class",
+           "rotation_agreement_per_class", "rotation_error_per_class", "pearson",
            "cluster_accuracy", "match_particles", "evaluate_tables"]
 
 
@@ -65,6 +73,32 @@ def rotation_corr_per_class(pred_deg, true_deg, true_class) -> float | None:
         r = circular_corr(pred_deg[m], true_deg[m])
         if r is not None:
             vals.append(r)
+    return float(np.mean(vals)) if vals else None
+
+
+def _per_class_differences(pred_deg, true_deg, true_class):
+    """Yield (pred - true) in radians for each true class with >= 2 particles."""
+    pred_deg, true_deg, true_class = map(np.asarray, (pred_deg, true_deg, true_class))
+    for c in np.unique(true_class):
+        m = true_class == c
+        if m.sum() >= 2:
+            yield np.radians(pred_deg[m].astype(np.float64) - true_deg[m].astype(np.float64))
+
+
+def rotation_agreement_per_class(pred_deg, true_deg, true_class) -> float | None:
+    """Mean over true classes of |mean exp(i (pred - true))| (resultant length, in [0, 1])."""
+    vals = [float(np.abs(np.exp(1j * d).mean())) for d in
+            _per_class_differences(pred_deg, true_deg, true_class)]
+    return float(np.mean(vals)) if vals else None
+
+
+def rotation_error_per_class(pred_deg, true_deg, true_class) -> float | None:
+    """Mean over true classes of the median |pred - true - c_k| in degrees, c_k the class's
+    circular mean of pred - true (the learned constant), differences wrapped to (-180, 180]."""
+    vals = []
+    for d in _per_class_differences(pred_deg, true_deg, true_class):
+        r = d - circular_mean(d)
+        vals.append(float(np.median(np.abs(np.degrees(np.angle(np.exp(1j * r)))))))
     return float(np.mean(vals)) if vals else None
 
 
@@ -168,8 +202,9 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
                     pred_label: str = "PRED", truth_label: str = "TRUTH") -> dict:
     """All metrics for two particle tables; keys missing from either table give None.
 
-    Returns {rotation_corr, rotation_corr_per_class, translation_corr_x, translation_corr_y,
-    cluster_accuracy, nmi, ari, n}. ``class_column`` names the truth's class column (the
+    Returns {rotation_corr, rotation_corr_per_class, rotation_agreement_per_class,
+    rotation_error_deg_per_class, translation_corr_x, translation_corr_y, cluster_accuracy,
+    nmi, ari, n}. ``class_column`` names the truth's class column (the
     prediction's classes are always ``rlnClassNumber``).
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -178,7 +213,8 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
     P = pred.iloc[pi].reset_index(drop=True)
     T = truth.iloc[ti].reset_index(drop=True)
     out: dict = {k: None for k in ("rotation_corr", "rotation_corr_per_class",
-                                   "translation_corr_x", "translation_corr_y",
+                                   "rotation_agreement_per_class",
+                                   "rotation_error_deg_per_class", "translation_corr_x", "translation_corr_y",
                                    "cluster_accuracy", "nmi", "ari")}
     out["n"] = int(len(P))
 
@@ -191,6 +227,8 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
         out["rotation_corr"] = circular_corr(ppsi, tpsi)
         if ok(tcls):
             out["rotation_corr_per_class"] = rotation_corr_per_class(ppsi, tpsi, tcls)
+            out["rotation_agreement_per_class"] = rotation_agreement_per_class(ppsi, tpsi, tcls)
+            out["rotation_error_deg_per_class"] = rotation_error_per_class(ppsi, tpsi, tcls)
     for ax in ("X", "Y"):
         a, b = _col(P, f"rlnOrigin{ax}Angst"), _col(T, f"rlnOrigin{ax}Angst")
         if ok(a, b):

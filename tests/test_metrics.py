@@ -65,6 +65,39 @@ def test_per_class_offsets(rng):
     assert np.isclose(metrics.rotation_corr_per_class(pred, a, cls), 1.0)
 
 
+def test_rotation_agreement_and_error_against_loops(rng):
+    """Resultant length and median error per class against plain-loop computations; robust
+    where the J-S correlation is not (uniform angles, a few wrong particles)."""
+    n = 400
+    cls = np.repeat([1, 2], n // 2)
+    true = rng.uniform(0, 360, n)
+    err = rng.normal(0, 5, n)
+    const = np.where(cls == 1, 40.0, -100.0)
+    pred = true + const + err
+    wrong = rng.choice(n, 30, replace=False)          # 7.5 % of particles anywhere
+    pred[wrong] = rng.uniform(0, 360, 30)
+
+    def loops(c):
+        d = [math.radians(p - t) for p, t, k in zip(pred, true, cls) if k == c]
+        C, S = sum(math.cos(v) for v in d) / len(d), sum(math.sin(v) for v in d) / len(d)
+        m = math.atan2(S, C)
+        res = [abs(math.degrees(math.atan2(math.sin(v - m), math.cos(v - m)))) for v in d]
+        return math.hypot(C, S), float(np.median(res))
+
+    ref = [loops(1), loops(2)]
+    agree = metrics.rotation_agreement_per_class(pred, true, cls)
+    error = metrics.rotation_error_per_class(pred, true, cls)
+    assert agree == pytest.approx(np.mean([r[0] for r in ref]), abs=1e-12)
+    assert error == pytest.approx(np.mean([r[1] for r in ref]), abs=1e-9)
+    assert agree > 0.85 and error < 6.0                 # mostly right: both metrics say so
+    # mirrored or random angles: agreement near 0
+    assert metrics.rotation_agreement_per_class(100 - true, true, cls) < 0.15
+    assert metrics.rotation_agreement_per_class(rng.uniform(0, 360, n), true, cls) < 0.15
+    # exact up to a per-class constant: 1 and 0
+    assert metrics.rotation_agreement_per_class(true + const, true, cls) == pytest.approx(1.0)
+    assert metrics.rotation_error_per_class(true + const, true, cls) == pytest.approx(0, abs=1e-9)
+
+
 def test_pearson_and_cluster_accuracy(rng):
     x = rng.normal(size=200)
     y = 0.5 * x + rng.normal(size=200)
@@ -163,8 +196,10 @@ def test_cli_evaluate_json(tmp_path, rng, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     res = json.loads(out[0])
-    assert set(res) == {"rotation_corr", "rotation_corr_per_class", "translation_corr_x",
-                        "translation_corr_y", "cluster_accuracy", "nmi", "ari", "n"}
+    assert set(res) == {"rotation_corr", "rotation_corr_per_class",
+                        "rotation_agreement_per_class", "rotation_error_deg_per_class",
+                        "translation_corr_x", "translation_corr_y", "cluster_accuracy", "nmi",
+                        "ari", "n"}
     assert res["n"] == 120 and res["cluster_accuracy"] is None and res["rotation_corr"] > 0.9
     assert main(["evaluate", str(tmp_path / "nope.star"), "--truth",
                  str(tmp_path / "truth.star")]) == 1
