@@ -28,7 +28,12 @@ def _rot_z(deg: float) -> np.ndarray:
 
 
 def _centred(name: str, xyz: np.ndarray) -> Structure:
+    """Centred on the centre of mass, with the arm's swing plane (built as x-y) turned to face
+    the beam along x: (x, y, z) -> (z, x, y), a proper rotation. Along x is the direction of
+    the single view of ``simulate --views 1`` (rot 0, tilt 90), so that view shows the two
+    conformations side by side rather than edge-on."""
     w = np.full(len(xyz), 6.0)
+    xyz = xyz[:, [2, 0, 1]]
     return Structure(name=name, coords=xyz - xyz.mean(0), weights=w)
 
 
@@ -37,8 +42,9 @@ def hinge_pair(angle: float = 70.0, atoms: int = 3000, seed: int = 7) -> list[St
 
     The body (two thirds of the atoms: a flattened ellipsoid plus a small knob that breaks its
     symmetry) is the same in both; the arm (an elongated ellipsoid) turns by ``angle`` degrees
-    about a hinge at the body's edge, mostly in the x-y plane, so a view along z shows the
-    difference. Both are centred on their own centre of mass.
+    about a hinge at the body's edge; the swing plane faces the beam of the view along x
+    (rot 0, tilt 90: ``simulate --views 1``), which shows the difference best. Both are
+    centred on their own centre of mass.
     """
     rng = np.random.default_rng(seed)
     n_body = atoms * 2 // 3
