@@ -105,6 +105,59 @@ def _rotation_gather(k: int, rotations: int) -> tuple[torch.Tensor, torch.Tensor
     return idx, w
 
 
+def _transpose_gather(idx: torch.Tensor, w: torch.Tensor, n_src: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of the sampling table ``out[d] = sum_q src[idx[d, q]] * w[d, q]``
+    (idx, w (n_dst, Q)) as a gather table over the destinations: ``tidx`` (n_src, M) long and
+    ``tw`` (n_src, M) float64 with ``grad_src[s] = sum_m grad_out[tidx[s, m]] * tw[s, m]``;
+    rows are padded with index n_dst (a zero slot appended to grad_out) and weight 0. Entries
+    with weight 0 are left out; M is the largest number of taps reading one source pixel."""
+    n_dst, q = idx.shape
+    dst = torch.arange(n_dst).repeat_interleave(q)
+    src, wt = idx.reshape(-1), w.reshape(-1)
+    keep = wt != 0
+    dst, src, wt = dst[keep], src[keep], wt[keep]
+    order = torch.argsort(src * n_dst + dst)           # by source, then destination: fixed
+    dst, src, wt = dst[order], src[order], wt[order]
+    counts = torch.bincount(src, minlength=n_src)
+    m = max(1, int(counts.max())) if len(src) else 1
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(src)) - start[src]
+    tidx = torch.full((n_src, m), n_dst, dtype=torch.long)
+    tw = torch.zeros((n_src, m), dtype=torch.float64)
+    tidx[src, slot] = dst
+    tw[src, slot] = wt
+    return tidx, tw
+
+
+def _gather_sum(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (C, n_in), idx / w (n_out, Q) -> (C, n_out): out[:, d] = sum_q x[:, idx[d, q]] w[d, q],
+    summed in the order q = 0, 1, ... (gathered (C, Q, n_out): the sum runs over a
+    non-innermost axis, which vectorises)."""
+    c, (n, q) = x.shape[0], idx.shape
+    g = x.index_select(1, idx.t().reshape(-1)).view(c, q, n)
+    return (g * w.t().to(x.dtype)).sum(1)
+
+
+class _RotateBank(torch.autograd.Function):
+    """weight (C, k*k) -> rotated bank (C, R*k*k): a weighted gather whose backward is a
+    weighted gather too (the transposed table), not autograd's scatter-add. PyTorch's CPU
+    ``index_put_(accumulate=True)`` (the backward of ``weight[:, idx]``) adds with atomics
+    from several threads, so its float sums came out in a different order from run to run
+    (non-reproducible training with >1 thread); this backward sums in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, weight, idx, w, tidx, tw):
+        ctx.save_for_backward(tidx, tw)
+        return _gather_sum(weight, idx, w)                             # (C, R*k*k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tidx, tw = ctx.saved_tensors
+        g = F.pad(grad, (0, 1))                                        # zero slot for padding
+        return _gather_sum(g, tidx, tw), None, None, None, None
+
+
 class GroupConvP(nn.Module):
     """Lifting P_r group convolution: C learned k x k filters applied at r rotations.
 
@@ -114,8 +167,9 @@ class GroupConvP(nn.Module):
     across rotations (needed for equivariance). Filters are masked to the inscribed disc so
     that rotated supports agree.
 
-    The rotated bank (R*C, 1, k, k) is built with one gather per call (training) or taken from
-    a cache keyed on the weight's version (``cache=True``; inference).
+    The rotated bank (R*C, 1, k, k) is built with one gather per call (training; its backward
+    is the transposed gather, deterministic, see :class:`_RotateBank`) or taken from a cache
+    keyed on the weight's version (``cache=True``; inference).
     """
 
     def __init__(self, channels: int, kernel: int, rotations: int):
@@ -132,15 +186,18 @@ class GroupConvP(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         idx, w = _rotation_gather(kernel, rotations)
         w = w * disc.reshape(-1)[idx]  # mask the source taps: rotate a disc-masked filter
-        self.register_buffer("_idx", idx, persistent=False)
-        self.register_buffer("_w", w.float(), persistent=False)
+        tidx, tw = _transpose_gather(idx.reshape(-1, 4), w.reshape(-1, 4), kernel * kernel)
+        self.register_buffer("_idx", idx.reshape(-1, 4), persistent=False)   # (R*k*k, 4)
+        self.register_buffer("_w", w.reshape(-1, 4).float(), persistent=False)
+        self.register_buffer("_tidx", tidx, persistent=False)                # (k*k, M)
+        self.register_buffer("_tw", tw.float(), persistent=False)
         self._cache: tuple | None = None
 
     def filter_bank(self) -> torch.Tensor:
         """(R*C, 1, k, k) rotated filters, rotation-major (channel r*C + c)."""
-        g = self.weight[:, self._idx]                      # (C, R, k*k, 4)
-        bank = (g * self._w.to(g.dtype)).sum(-1)           # (C, R, k*k)
+        bank = _RotateBank.apply(self.weight, self._idx, self._w, self._tidx, self._tw)
         k = self.kernel
+        bank = bank.reshape(self.channels, self.rotations, k * k)        # (C, R, k*k)
         return bank.transpose(0, 1).reshape(self.rotations * self.channels, 1, k, k)
 
     def cached_bank(self) -> torch.Tensor:
