@@ -48,7 +48,8 @@ from .data import Batches, ParticleData, split_indices
 from .distributed import DistContext, LossModule, fingerprint, rank_seed, setup
 from .errors import CryolatentError
 from .models import build_model
-from .utils import atomic_path, progress, resolve_device, seed_everything, setup_logging
+from .utils import (atomic_path, defer_sigint, progress, resolve_device, seed_everything,
+                    setup_logging)
 
 log = logging.getLogger("cryolatent")
 
@@ -461,8 +462,9 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
             # the row travels in the checkpoint; log.csv follows it (resume_rows rebuilds
             # log.csv from the checkpoint, so a kill between the two loses nothing)
             writer.rows.append(row)
-            writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
-            writer.write_log()
+            with defer_sigint():          # Ctrl-C waits until both are on disk
+                writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
+                writer.write_log()
         log.info("epoch %d/%d: train %.6g, val %s, lr %.3g, %.0f images/s%s", epoch + 1,
                  cfg.epochs, train_means.get("loss", math.nan),
                  f"{val_means['loss']:.6g}" if "loss" in val_means else "-",

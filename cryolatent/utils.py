@@ -189,3 +189,26 @@ def setup_logging(folder: str | os.PathLike | None = None, name: str = "run.log"
         logger.addHandler(fh)
     logger.propagate = False
     return logger
+
+
+@contextlib.contextmanager
+def defer_sigint() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+
+    For writes that belong together (a checkpoint and its log row): an interrupt arriving in
+    between would leave them out of step. Outside the main thread it does nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -52,3 +52,22 @@ def test_resolve_device():
             resolve_device("cuda")
         with pytest.raises(CryolatentError, match=r"--device cuda:1: no CUDA GPU"):
             resolve_device("cuda:1")
+
+
+def test_defer_sigint_holds_ctrl_c_until_the_block_ends():
+    import os
+    import signal
+
+    from cryolatent.utils import defer_sigint
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with defer_sigint():
+            os.kill(os.getpid(), signal.SIGINT)   # delivered now, held by the handler
+            done.append("first write")
+            done.append("second write")
+    assert done == ["first write", "second write"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with defer_sigint():                           # no signal: nothing raised
+        done.append("third")
+    assert done[-1] == "third"
