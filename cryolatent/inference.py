@@ -154,15 +154,7 @@ def _looks_normalized(images: np.ndarray) -> bool:
 
 
 def _median_apix(ps) -> float:
-    return float(np.median(_apix_per_particle(ps)))
-
-
-def _phase_flipped(ps) -> bool:
-    try:
-        v = np.asarray(ps.optics_value("rlnCtfDataArePhaseFlipped"), dtype=np.float64)
-    except (KeyError, ValueError, TypeError):
-        return False
-    return bool(len(v) and np.nanmax(v) > 0)
+    return float(np.median(ps.apix_per_particle))
 
 
 @dataclass
@@ -214,7 +206,7 @@ def training_geometry(cfg, model=None, particles=None, rundir=None) -> TrainingG
         idx = np.unique(np.linspace(0, len(tps) - 1, n).round().astype(np.int64))
         normalized = _looks_normalized(tps.images(idx)) if n else False
         return TrainingGeometry(box=int(tps.box), apix=_median_apix(tps),
-                                normalized=normalized, phase_flipped=_phase_flipped(tps),
+                                normalized=normalized, phase_flipped=bool(tps.optics_flag("rlnCtfDataArePhaseFlipped").any()),
                                 source=str(tps.source), particles=tps)
     except (CryolatentError, OSError) as e:
         box = extra.get("box") or getattr(model, "box", None)
@@ -268,8 +260,8 @@ class InputAdapter:
             raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
                                   f"{self.box}")
         self.crop = self.box_in != self.box
-        self.apix_model = _apix_per_particle(ps) * (self.box_in / self.box)
-        self.flip = (not same_as_training) and geom.phase_flipped and not _phase_flipped(ps)
+        self.apix_model = ps.apix_per_particle * (self.box_in / self.box)
+        self.flip = (not same_as_training) and geom.phase_flipped and not ps.optics_flag("rlnCtfDataArePhaseFlipped").any()
         self.ctf = None
         if self.flip:
             self.ctf = ps.ctf()
@@ -624,7 +616,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     with atomic_path(outs.z) as ztmp:
         res = run_model(model, ps, adapter, ztmp, z_dim, bs, dev)
         psi, origin = model_pose_to_input(res.psi, res.shift, adapter.box, ps.box,
-                                          _apix_per_particle(ps))
+                                          ps.apix_per_particle)
         labels = None
         if clusters is not None:
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)
@@ -632,7 +624,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         cols = relion_columns(psi, origin, res.z, labels)
         for j, ax in enumerate("XY"):   # stale pixel origins (relion_project-style 3.1 files)
             if f"rlnOrigin{ax}" in ps.table.columns:
-                cols[f"rlnOrigin{ax}"] = origin[:, j] / _apix_per_particle(ps)
+                cols[f"rlnOrigin{ax}"] = origin[:, j] / ps.apix_per_particle
         del res.z  # close the memmap before the rename
         _warn_kept_columns(ps.table, clusters is not None)
         if ps.kind == "mrcs":
@@ -650,19 +642,10 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
             if ps.cs_array is None:
                 raise CryolatentError(f"{input}: the original .cs fields are not available")
             write_cs(outs.cs, cs_with_alignments(ps.cs_array, psi, origin,
-                                                 _apix_per_particle(ps), labels,
+                                                 ps.apix_per_particle, labels,
                                                  res.confidence))
     log.info("wrote %s, %s%s", outs.star, outs.z, f", {outs.cs}" if outs.cs else "")
     return outs.star
-
-
-def _apix_per_particle(ps) -> np.ndarray:
-    a = getattr(ps, "apix_per_particle", None)
-    if a is not None:
-        a = np.asarray(a, np.float64).reshape(-1)
-        if len(a) == len(ps):
-            return a
-    return np.full(len(ps), float(ps.apix))
 
 
 def _is_training_set(ps, cfg, rundir=None) -> bool:

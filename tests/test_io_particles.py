@@ -214,3 +214,16 @@ def test_bad_inputs(tmp_path, shared_data):
     # unknown file type
     (tmp_path / "x.txt").write_text("1")
     _expect(r"x.txt: unknown particle file type", load_particles, tmp_path / "x.txt")
+
+
+def test_optics_flag_and_apix_per_particle(tmp_path):
+    parts, optics, _ = _make_set(tmp_path)
+    star = tmp_path / "p.star"
+    write_star(star, parts, optics)
+    ps = load_particles(star)
+    assert ps.apix_per_particle.dtype == np.float64 and ps.apix_per_particle.shape == (6,)
+    assert not ps.optics_flag("rlnCtfDataArePhaseFlipped").any()          # absent -> False
+    optics["rlnCtfDataArePhaseFlipped"] = [1]
+    write_star(star, parts, optics)
+    flag = load_particles(star).optics_flag("rlnCtfDataArePhaseFlipped")
+    assert flag.dtype == bool and flag.all() and flag.shape == (6,)

@@ -154,24 +154,6 @@ def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
 
 
 # ------------------------------------------------------------------- aligned averages
-def _apix_per_particle(ps) -> np.ndarray:
-    a = getattr(ps, "apix_per_particle", None)
-    if a is None:
-        return np.full(len(ps), float(ps.apix))
-    return np.asarray(a, dtype=np.float64).reshape(-1)
-
-
-def _optics_flag(ps, col: str) -> np.ndarray | None:
-    """(N,) bool from an optics column (e.g. rlnCtfDataArePhaseFlipped), or None if absent."""
-    try:
-        optics = ps.optics
-        if optics is None or col not in optics:
-            return None
-        return np.asarray(ps.optics_value(col), dtype=np.float64) > 0.5
-    except Exception:  # noqa: BLE001 - an absent flag means 'no'
-        return None
-
-
 def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = None,
                            batch_size: int = 256, ctf: bool | str = "auto",
                            wiener_snr: float = WIENER_SNR, device: str | torch.device = "cpu",
@@ -197,7 +179,7 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
     src = str(getattr(particle_set, "source", "particles"))
     labels = class_labels(table, src)
     psi, shift_A = _poses(table, src)
-    shift_px = shift_A / _apix_per_particle(particle_set)[:, None]
+    shift_px = shift_A / particle_set.apix_per_particle[:, None]
     K = int(n_classes if n_classes is not None else max(int(labels.max(initial=0)), 0))
     if K < 1:
         raise CryolatentError(f"{src}: no particle has a class number >= 1")
@@ -214,8 +196,8 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
     if params is not None:
         if wiener_snr <= 0:
             raise CryolatentError("--wiener-snr must be > 0")
-        flipped = _optics_flag(particle_set, "rlnCtfDataArePhaseFlipped")
-        premult = _optics_flag(particle_set, "rlnCtfDataAreCtfPremultiplied")
+        flipped = particle_set.optics_flag("rlnCtfDataArePhaseFlipped")
+        premult = particle_set.optics_flag("rlnCtfDataAreCtfPremultiplied")
         log.info("CTF-corrected class averages (Wiener, 1/SNR = %g)", 1.0 / wiener_snr)
         from ..ctf import compute_ctf
 

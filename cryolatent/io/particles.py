@@ -40,7 +40,7 @@ class ParticleSet:
 
     Attributes: ``table`` (particle rows, RELION 3.1 columns, input order), ``optics`` (one
     row per optics group), ``names`` (N,) str, ``box`` int, ``apix`` float (common value),
-    ``apix_per_particle`` (N,) float, ``source`` Path, ``kind`` "star" | "cs" | "mrcs",
+    ``apix_per_particle`` (N,) float64, ``source`` Path, ``kind`` "star" | "cs" | "mrcs",
     ``cs_array`` (structured array for .cs input, else None), ``stack_paths`` (resolved
     stack files), ``stack_index`` (N,) which stack, ``image_index`` (N,) 0-based section.
     """
@@ -56,7 +56,7 @@ class ParticleSet:
         self._headers = headers
         self.stack_index = stack_index
         self.image_index = image_index
-        self.apix_per_particle = apix_per_particle
+        self.apix_per_particle = np.asarray(apix_per_particle, dtype=np.float64).reshape(-1)
         self.source = Path(source)
         self.kind = kind
         self.cs_array = cs_array
@@ -91,6 +91,15 @@ class ParticleSet:
         if self.optics is None or col not in self.optics.columns:
             raise KeyError(col)
         return _lookup_optics(self.table, self.optics, col, self.source)
+
+    def optics_flag(self, col: str) -> np.ndarray:
+        """``(N,)`` bool of a 0/1 flag column such as rlnCtfDataArePhaseFlipped or
+        rlnCtfDataAreCtfPremultiplied (particle table or optics); all False when absent."""
+        try:
+            v = pd.to_numeric(pd.Series(self.optics_value(col)), errors="coerce").to_numpy()
+        except KeyError:
+            return np.zeros(len(self), dtype=bool)
+        return np.nan_to_num(v.astype(np.float64), nan=0.0) > 0.5
 
     def shifts_angst(self) -> np.ndarray:
         """``(N, 2)`` float64 origin (rlnOriginXAngst, rlnOriginYAngst) in Å.
