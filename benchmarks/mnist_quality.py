@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=500, help="maximum total epochs [500]")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--eval-batch", type=int, default=None, help="[500 on CUDA, 100 on CPU]")
+    p.add_argument("--eval-batch", type=int, default=None, help="[250 on CUDA, 100 on CPU]")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--no-kmeans", action="store_true", help="skip the k-means companion")
     p.add_argument("--outdir", required=True, help="work folder (run, timeline, predictions)")
@@ -289,7 +289,7 @@ def run(args) -> dict:
     variant = args.dataset[-1]
     cfg = make_config(args, rundir)
     targets = TARGETS[(args.model, args.dataset)]
-    eval_batch = args.eval_batch or (500 if device.type == "cuda" else 100)
+    eval_batch = args.eval_batch or (250 if device.type == "cuda" else 100)
 
     t0 = time.perf_counter()
     x_tr, _, _, _ = make_mnist(variant, "train", args.n_train, cfg.seed, args.mnist,
