@@ -72,7 +72,9 @@ TARGETS = {
 _OWN = {"input", "outdir", "datadir", "command", "extra", "device", "epochs", "model"}
 METRIC_KEYS = ("rotation_corr", "rotation_corr_per_class", "rotation_agreement_per_class",
                "rotation_error_deg_per_class", "translation_corr_x", "translation_corr_y",
-               "cluster_accuracy", "nmi", "ari", "cluster_accuracy_kmeans")
+               "cluster_accuracy", "nmi", "ari", "cluster_accuracy_kmeans",
+               "rotation_agreement_mod180_per_class", "flip_frac_per_class",
+               "psi_on_grid_frac_P4", "psi_on_grid_frac_P8", "psi_on_grid_frac_P16")
 
 
 # ----------------------------------------------------------------------------- data
@@ -145,10 +147,45 @@ def score(pred: dict[str, np.ndarray], psi_true, shift_true, labels, k: int = 10
                       "rlnOriginXAngst": shift_true[:, 0], "rlnOriginYAngst": shift_true[:, 1],
                       "rlnClassNumber": np.asarray(labels) + 1})
     m = evaluate_tables(P, T)
+    m.update(rotation_diagnostics(pred["psi"], psi_true, labels))
     if kmeans:
         m["cluster_accuracy_kmeans"] = cluster_accuracy(
             cluster_latents(pred["z"], k, "kmeans", seed=seed), labels)
     return m, cl, t_cluster
+
+
+def rotation_diagnostics(psi_pred, psi_true, labels, grid: tuple[int, ...] = (4, 8, 16)
+                         ) -> dict:
+    """Diagnostics beside the SPEC metrics (not targets).
+
+    ``rotation_agreement_mod180_per_class``: mean over classes of |mean exp(2i(pred - true))|:
+    1 when pred = true + c_k or true + c_k + 180° (a 180° flip, the ambiguity of 0, 1, 8 the
+    TARGET-VAE paper notes); compare with ``rotation_agreement_per_class``.
+    ``flip_frac_per_class``: share of particles on the minority branch of pred - true (0° or
+    180° from the class's constant, found mod 180), mean over classes (0.5: no structure).
+    ``psi_on_grid_frac_P{R}``: share of predicted angles within 1° of a multiple of 360°/R
+    (TARGET-VAE: the continuous angle theta unused beyond the discrete rotation r).
+    """
+    d = np.radians(np.asarray(psi_pred, float) - np.asarray(psi_true, float))
+    labels = np.asarray(labels)
+    agree2, flips = [], []
+    for c in np.unique(labels):
+        dc = d[labels == c]
+        if len(dc) < 2:
+            continue
+        m2 = np.exp(2j * dc).mean()
+        agree2.append(float(abs(m2)))
+        ck = np.angle(m2) / 2                       # constant mod 180
+        r = np.angle(np.exp(1j * (dc - ck)))        # in (-pi, pi]
+        f = float(np.mean(np.abs(r) > np.pi / 2))
+        flips.append(min(f, 1.0 - f))              # the minority branch is the flipped one
+    out = {"rotation_agreement_mod180_per_class": float(np.mean(agree2)) if agree2 else None,
+           "flip_frac_per_class": float(np.mean(flips)) if flips else None}
+    for R in grid:
+        step = 360.0 / R
+        off = np.abs((np.asarray(psi_pred, float) + step / 2) % step - step / 2)
+        out[f"psi_on_grid_frac_P{R}"] = float(np.mean(off < 1.0))
+    return out
 
 
 def targets_met(metrics: dict, targets: dict) -> dict[str, bool]:
@@ -401,6 +438,7 @@ def run(args) -> dict:
               f"{row['images_seen']:9d} img  rot {_fmt(m['rotation_corr'])}  "
               f"rot/class {_fmt(m['rotation_corr_per_class'])}  "
               f"agree {_fmt(m['rotation_agreement_per_class'])}  "
+              f"agree180 {_fmt(m['rotation_agreement_mod180_per_class'])}  "
               f"tx {_fmt(m['translation_corr_x'])}  ty {_fmt(m['translation_corr_y'])}  "
               f"acc {_fmt(m['cluster_accuracy'])}  (kmeans {_fmt(m.get('cluster_accuracy_kmeans'))})"
               f"  loss {row['train_loss']:.4g}/{row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 2)}"

@@ -85,3 +85,19 @@ def test_tiny_run_writes_timeline(shared_data, tmp_path):
     assert (out / "timeline.csv").read_text().count("\n") == 3
     p = np.load(out / "predictions.npz")
     assert p["z"].shape == (30, 3) and p["psi_pred"].shape == (30,)
+
+
+def test_rotation_diagnostics_flips_and_grid():
+    n = 400
+    labels = np.repeat([0, 1], n // 2)
+    true = np.linspace(-179, 179, n)
+    flip = (np.arange(n) % 4) == 0                     # a quarter flipped by 180°
+    pred = true + np.where(labels == 0, 30.0, -100.0) + 180.0 * flip
+    d = mq.rotation_diagnostics(pred, true, labels)
+    assert d["rotation_agreement_mod180_per_class"] == pytest.approx(1.0, abs=1e-9)
+    assert d["flip_frac_per_class"] == pytest.approx(0.25)
+    m, _, _ = mq.score({"psi": pred, "shift": np.c_[true, -true], "z": np.c_[labels, labels]
+                        .astype(np.float32)}, true, np.c_[true, -true], labels, k=2)
+    assert m["rotation_agreement_per_class"] == pytest.approx(0.5, abs=1e-9)  # |0.75 - 0.25|
+    g = mq.rotation_diagnostics(np.array([0.0, 45.2, 90.0, 100.0]), np.zeros(4), np.zeros(4))
+    assert g["psi_on_grid_frac_P8"] == 0.75 and g["psi_on_grid_frac_P4"] == 0.5
