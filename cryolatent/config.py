@@ -60,6 +60,8 @@ class TrainConfig:
     gen_fourier_sigma: float = 0.05   # TARGET-VAE generator Fourier features, cycles/pixel
                                       #   (count: fourier_features)
     gumbel_tau: float = 1.0           # Gumbel-softmax temperature over (t, r)
+    subpixel: bool = False            # TARGET-VAE sub-pixel offset within each translation cell
+    recentre: bool = True             # report poses about the generated object's centre of mass
 
     # --- IRL-INR ------------------------------------------------------------------------
     enc_width: int = 64               # ResNet-18 base width

@@ -566,7 +566,7 @@ def _same_file(a, b) -> bool:
 def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int | None = None,
           cluster_method: str = "kmeans", batch_size: int | None = None,
           device: str = "auto", datadir: str | Path | None = None, seed: int = 0,
-          checkpoint: str = "best") -> Path:
+          checkpoint: str = "best", centre: bool = True) -> Path:
     """Embed every particle of ``input`` with the model of ``rundir``; returns OUT.star's path.
 
     rundir: a ``cryolatent train`` run folder; input: .star / .cs / .mrcs; out: OUT.star
@@ -575,7 +575,9 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     ``cluster_method`` (kmeans | agglomerative | gmm, seeded by ``seed``); batch_size:
     particles per forward pass (default: the run's training batch size); device: auto | cpu |
     cuda | cuda:N; datadir: where INPUT's relative stack paths are looked up; checkpoint:
-    "best" (lowest validation loss) or "last".
+    "best" (lowest validation loss) or "last"; centre: move each class's canonical frame
+    (all particles' one without ``clusters``) to where its shifts are smallest
+    (:func:`cryolatent.pose.centre_class_frames`).
     """
     from .analysis.cluster import METHODS, cluster_latents
     from .io import load_particles, write_star
@@ -621,6 +623,12 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         if clusters is not None:
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)
             labels = cluster_latents(np.asarray(res.z), clusters, cluster_method, seed=seed)
+        if centre:
+            from .pose import centre_class_frames
+
+            origin, offs = centre_class_frames(psi, origin, labels)
+            log.info("centred the frames: offsets (Å) %s",
+                     "; ".join(f"{x:+.2f}, {y:+.2f}" for x, y in offs[:20]))
         cols = relion_columns(psi, origin, res.z, labels)
         for j, ax in enumerate("XY"):   # stale pixel origins (relion_project-style 3.1 files)
             if f"rlnOrigin{ax}" in ps.table.columns:

@@ -239,3 +239,43 @@ def align_particles(particles: torch.Tensor, psi_deg, shift_px,
         shifted = fourier_shift(particles, t)  # shifted(u) = particle(u - t)
         return _sample(shifted, rx + D // 2, ry + D // 2)
     raise ValueError(f"unknown interpolation method {method!r}")
+
+
+def centre_class_frames(psi_deg, origin, labels=None, prior_count: float = 50.0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Move each class's canonical frame so that its particles' shifts are smallest.
+
+    An unsupervised model fixes its canonical image only up to where the object sits in it:
+    if class k's canonical object is centred at c (its frame's coordinates), every particle
+    of the class carries t = t_true + R(-psi) c — an error that turns with psi. With
+    particle(x) = A(R(psi)(x + t)) and A(y) = A0(y - c), the recentred pose is
+    t' = t - R(-psi) c, and the c that minimises sum_i |t'_i|^2 (the zero-mean shift prior's
+    choice, as RELION's offset prior keeps its class averages centred) is
+
+        c_k = mean over the class of R(psi_i) t_i.
+
+    This assumes the true shifts do not depend on the in-plane angle (true of picking).
+    A small class is pulled towards the all-particle estimate:
+    c_k = (n_k m_k + prior_count c_all) / (n_k + prior_count).
+
+    psi_deg: (N,) degrees; origin: (N, 2) (rlnOriginX, rlnOriginY), any length unit;
+    labels: (N,) class labels or None (one class). Returns (origin' (N, 2) float64, offsets
+    (K, 2) float64 in the unit of ``origin``, one row per sorted unique label).
+    """
+    psi = np.deg2rad(np.asarray(psi_deg, dtype=np.float64).reshape(-1))
+    t = np.asarray(origin, dtype=np.float64).reshape(-1, 2)
+    lab = np.zeros(len(psi), dtype=np.int64) if labels is None else np.asarray(labels)
+    if not (len(psi) == len(t) == len(lab)):
+        raise ValueError("psi, origin and labels lengths differ")
+    if len(psi) == 0:
+        return t.copy(), np.zeros((0, 2))
+    c, s = np.cos(psi), np.sin(psi)
+    rt = np.stack([c * t[:, 0] - s * t[:, 1], s * t[:, 0] + c * t[:, 1]], -1)  # R(psi) t
+    c_all = rt.mean(0)
+    uniq, inv = np.unique(lab, return_inverse=True)
+    n_k = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    sums = np.stack([np.bincount(inv, rt[:, j], minlength=len(uniq)) for j in (0, 1)], -1)
+    offs = (sums + prior_count * c_all) / (n_k + prior_count)[:, None]
+    oc = offs[inv]
+    back = np.stack([c * oc[:, 0] + s * oc[:, 1], -s * oc[:, 0] + c * oc[:, 1]], -1)  # R(-psi) c
+    return t - back, offs

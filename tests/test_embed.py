@@ -300,7 +300,8 @@ def test_embed_raw_set_writes_true_pose_in_input_angstrom(sim, standin, tmp_path
     from cryolatent.inference import embed
     from cryolatent.io import read_star
 
-    out = embed(standin, sim["dir"] / "raw.star", tmp_path / "out.star", clusters=2)
+    out = embed(standin, sim["dir"] / "raw.star", tmp_path / "out.star", clusters=2,
+                centre=False)  # the exact pose conversion; centring has its own test
     blocks = read_star(out)
     inp = read_star(sim["dir"] / "raw.star")
     p, t = blocks["particles"], sim["truth"]
@@ -334,7 +335,7 @@ def test_embed_training_set_gives_the_same_angstrom(sim, standin, tmp_path):
     from cryolatent.inference import embed
     from cryolatent.io import read_star
 
-    out = embed(standin, sim["prep"], tmp_path / "prep_out.star")
+    out = embed(standin, sim["prep"], tmp_path / "prep_out.star", centre=False)
     p = read_star(out)["particles"]
     np.testing.assert_allclose(p["rlnOriginXAngst"], sim["truth"]["rlnOriginXAngst"], atol=1e-6)
     np.testing.assert_allclose(p["rlnOriginYAngst"], sim["truth"]["rlnOriginYAngst"], atol=1e-6)
@@ -368,7 +369,8 @@ def test_embed_updates_stale_pixel_origins(sim, standin, tmp_path):
     b = read_star(sim["dir"] / "raw.star")
     write_star(sim["dir"] / "px.star", b["particles"].assign(rlnOriginX=0.0, rlnOriginY=0.0),
                b["optics"])
-    p = read_star(embed(standin, sim["dir"] / "px.star", tmp_path / "px_out.star"))["particles"]
+    p = read_star(embed(standin, sim["dir"] / "px.star", tmp_path / "px_out.star",
+                           centre=False))["particles"]
     np.testing.assert_allclose(p["rlnOriginX"], sim["shift"][:, 0], atol=1e-6)
     np.testing.assert_allclose(p["rlnOriginY"], sim["shift"][:, 1], atol=1e-6)
     np.testing.assert_allclose(p["rlnOriginXAngst"], sim["shift"][:, 0] * APIX_RAW, atol=1e-6)
@@ -381,7 +383,7 @@ def test_embed_cs_input_writes_cs_loadable_by_cryosparc_tools(sim, standin, tmp_
     from cryolatent.io import read_star
 
     out = embed(standin, sim["dir"] / "raw.cs", tmp_path / "o.star", clusters=2,
-                cluster_method="agglomerative")
+                cluster_method="agglomerative", centre=False)
     assert (tmp_path / "o.cs").is_file() and out == tmp_path / "o.star"
     ds = Dataset.load(str(tmp_path / "o.cs"))
     assert len(ds) == len(sim["cs"])
@@ -493,7 +495,7 @@ def test_end_to_end_simulate_train_embed_original_and_training_set(tmp_path, sha
     train(cfg)
     o1 = embed(tmp_path / "run", star, tmp_path / "o1.star", clusters=3, device="cpu")
     o2 = embed(tmp_path / "run", tmp_path / "prep" / "particles.star", tmp_path / "o2.star",
-               device="cpu")
+               clusters=3, device="cpu")   # the same classes, so the same centred frames
     a, b = read_star(o1)["particles"], read_star(o2)["particles"]
     truth = read_star(star)["particles"]
     assert a["rlnImageName"].tolist() == truth["rlnImageName"].tolist()
@@ -526,7 +528,8 @@ def test_embed_when_the_training_set_is_gone(sim, tmp_path, monkeypatch, caplog)
     logger = logging.getLogger("cryolatent")
     logger.addHandler(caplog.handler)          # works whether or not it propagates
     try:
-        out = inf.embed(tmp_path, sim["dir"] / "raw.star", tmp_path / "gone.star")
+        out = inf.embed(tmp_path, sim["dir"] / "raw.star", tmp_path / "gone.star",
+                        centre=False)
     finally:
         logger.removeHandler(caplog.handler)
     assert "cannot be opened" in caplog.text
@@ -579,7 +582,8 @@ def test_embed_bare_mrcs_input(sim, standin, tmp_path):
     from cryolatent.inference import embed
     from cryolatent.io import load_particles, read_star
 
-    out = embed(standin, sim["dir"] / "particles.mrcs", tmp_path / "sub" / "m.star")
+    out = embed(standin, sim["dir"] / "particles.mrcs", tmp_path / "sub" / "m.star",
+                centre=False)
     p = read_star(out)["particles"]
     assert p["rlnImageName"][0] == f"000001@{(sim['dir'] / 'particles.mrcs').resolve()}"
     assert len(load_particles(out)) == len(sim["cls"])

@@ -52,7 +52,7 @@ def test_filter_bank_rotation_direction():
 
 @pytest.mark.parametrize("rotations", [4, 8])
 def test_encoder_p4_equivariance(rotations):
-    m = tiny(rotations=rotations).double().eval()
+    m = tiny(rotations=rotations, subpixel=True).double().eval()
     x = torch.rand(3, 21, 21, dtype=torch.float64)
     G = 2 * m.trange + 1
     R = rotations
@@ -63,17 +63,23 @@ def test_encoder_p4_equivariance(rotations):
         return {k: v.reshape(b, G, G, R, *v.shape[2:]) for k, v in p.items()}
 
     a, b = maps(x), maps(torch.rot90(x, 1, dims=(-2, -1)))
+    assert "d_mu" in a  # the sub-pixel offsets (image-frame vectors) turn with the image too
     for k in a:
-        torch.testing.assert_close(b[k], torch.roll(rot90_spatial(a[k]), R // 4, dims=3),
-                                   rtol=0, atol=1e-9, msg=k)
+        want = torch.roll(rot90_spatial(a[k]), R // 4, dims=3)
+        if k == "d_mu":  # a vector (dx, dy) -> (dy, -dx) under torch.rot90
+            want = torch.stack([want[..., 1], -want[..., 0]], -1)
+        torch.testing.assert_close(b[k], want, rtol=0, atol=1e-9, msg=k)
     # inferred pose: torch.rot90 turns the content by -90 deg in (x=col, y=row), so the
     # canonical stays and psi grows by +90 deg; the centre -t turns with the image.
-    i0, i1 = m.infer(x), m.infer(torch.rot90(x, 1, dims=(-2, -1)))
-    dpsi = torch.remainder(i1.psi_deg - i0.psi_deg, 360.0)
-    torch.testing.assert_close(dpsi, torch.full_like(dpsi, 90.0), rtol=0, atol=1e-4)
+    # (with and without recentring; its centre of mass comes from a float32 render)
     rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)  # R(-90)
-    torch.testing.assert_close(i1.shift_px, i0.shift_px @ rot.T, rtol=0, atol=1e-9)
-    torch.testing.assert_close(i1.z_mean, i0.z_mean, rtol=0, atol=1e-9)
+    for recentre, atol in ((False, 1e-9), (True, 1e-5)):
+        m.recentre = recentre
+        i0, i1 = m.infer(x), m.infer(torch.rot90(x, 1, dims=(-2, -1)))
+        dpsi = torch.remainder(i1.psi_deg - i0.psi_deg, 360.0)
+        torch.testing.assert_close(dpsi, torch.full_like(dpsi, 90.0), rtol=0, atol=1e-4)
+        torch.testing.assert_close(i1.shift_px, i0.shift_px @ rot.T, rtol=0, atol=atol)
+        torch.testing.assert_close(i1.z_mean, i0.z_mean, rtol=0, atol=1e-9)
 
 
 def test_encoder_translation_equivariance():
@@ -152,8 +158,10 @@ def test_pose_conversion_matches_relion_convention():
     assert (g[1:, inner, inner] - bad[1:]).abs().max() > 10 * err
 
 
-def test_kl_matches_monte_carlo():
-    """Closed-form eq. 5 against a float64 Monte-Carlo estimate of E_q[log q - log p]."""
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_kl_matches_monte_carlo(subpixel):
+    """Closed-form eq. 5 (with the sub-pixel offsets' term) against a float64 Monte-Carlo
+    estimate of E_q[log q - log p]."""
     g = torch.Generator().manual_seed(3)
     B, N, D, R = 2, 12, 3, 4
     logits = torch.randn(B, N, generator=g, dtype=torch.float64)
@@ -166,8 +174,11 @@ def test_kl_matches_monte_carlo():
     z_ls = 0.3 * torch.randn(B, N, D, generator=g, dtype=torch.float64)
     th_mu = 0.5 * torch.randn(B, N, generator=g, dtype=torch.float64)
     th_ls = 0.3 * torch.randn(B, N, generator=g, dtype=torch.float64) - 1
-    sd0 = math.pi / R
-    kl_tr, kl_th, kl_z = kl_divergence(log_q, log_p, z_mu, z_ls, th_mu, th_ls, sd0)
+    d_mu = 0.4 * torch.randn(B, N, 2, generator=g, dtype=torch.float64)
+    d_ls = 0.3 * torch.randn(B, N, generator=g, dtype=torch.float64) - 1.5
+    sd0, dsd = math.pi / R, 0.5
+    extra = (d_mu, d_ls, dsd) if subpixel else ()
+    kl_tr, kl_th, kl_z = kl_divergence(log_q, log_p, z_mu, z_ls, th_mu, th_ls, sd0, *extra)
     exact = kl_tr + kl_th + kl_z
 
     S = 400_000
@@ -182,9 +193,66 @@ def test_kl_matches_monte_carlo():
                   + Nd(th_mu[b, cell] + off[cell], th_ls[b, cell].exp()).log_prob(th))
         log_ps = (log_p[cell] + Nd(0.0, 1.0).log_prob(zs).sum(-1)
                   + Nd(off[cell], sd0).log_prob(th))
+        if subpixel:
+            dsig = d_ls[b, cell].exp()[:, None]
+            ds = d_mu[b, cell] + dsig * torch.randn(S, 2, generator=g, dtype=torch.float64)
+            log_qs = log_qs + Nd(d_mu[b, cell], dsig).log_prob(ds).sum(-1)
+            log_ps = log_ps + Nd(0.0, dsd).log_prob(ds).sum(-1)
         d = log_qs - log_ps
         mc, se = d.mean(), d.std() / math.sqrt(S)
         assert abs(mc - exact[b]) < 5 * se, (float(mc), float(exact[b]), float(se))
+
+
+class _BlobVAE(TargetVAE):
+    """TARGET-VAE whose generator is an analytic Gaussian blob centred at c0 px (x, y) in the
+    canonical frame: image(x) = exp(-|R(theta)(x - u) - c0|^2 / (2 s^2)), s = 1.5 px."""
+
+    c0 = (2.5, -1.75)
+
+    def render(self, z, theta, u_px, coords=None):
+        coords = (self.coords if coords is None else coords).double() * self.scale  # px
+        u = u_px.double()
+        dx = coords[None, :, 0] - u[:, None, 0]
+        dy = coords[None, :, 1] - u[:, None, 1]
+        c, s = torch.cos(theta.double())[:, None], torch.sin(theta.double())[:, None]
+        xr, yr = c * dx - s * dy - self.c0[0], s * dx + c * dy - self.c0[1]
+        return torch.exp(-(xr ** 2 + yr ** 2) / (2 * 1.5 ** 2))[..., None] + 0 * z.sum()
+
+
+def _com(img: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) -> (B, 2) brute-force centre of mass (x, y) px about (n//2, n//2)."""
+    n = img.shape[-1]
+    out = []
+    for im in img:
+        tot = sx = sy = 0.0
+        for r in range(n):
+            for c in range(n):
+                v = float(im[r, c])
+                tot, sx, sy = tot + v, sx + v * (c - n // 2), sy + v * (r - n // 2)
+        out.append((sx / tot, sy / tot))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_recentring_reports_the_object_centre():
+    """With a generator whose object sits at c0 off the canonical centre, canonical_centre
+    finds c0, generate() centres it, and the recentred pose points at the object's centre of
+    mass in the image rendered at the raw pose (measured by brute force)."""
+    torch.manual_seed(0)
+    m = _BlobVAE(29, z_dim=2, rotations=8, enc_channels=8, gen_width=16, gen_layers=1,
+                 fourier_features=8, likelihood="gaussian", translation_range=3).double().eval()
+    z = torch.zeros(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(m.canonical_centre(z), torch.tensor([m.c0] * 3,
+                               dtype=torch.float64), rtol=0, atol=0.02)
+    torch.testing.assert_close(_com(m.generate(z)), torch.zeros(3, 2, dtype=torch.float64),
+                               rtol=0, atol=0.02)
+    x = torch.rand(3, 29, 29, dtype=torch.float64)
+    raw = m.infer_internal(x, recentre=False)
+    rec = m.infer_internal(x, recentre=True)
+    torch.testing.assert_close(rec["theta"], raw["theta"])
+    img = m.render(raw["z_mu"], raw["theta"], raw["u_px"])[..., 0].reshape(3, 29, 29)
+    torch.testing.assert_close(rec["u_px"].double(), _com(img), rtol=0, atol=0.02)
+    psi, shift = pose_to_relion(rec["theta"], rec["u_px"])
+    torch.testing.assert_close(m.infer(x).shift_px, shift)
 
 
 def test_rotation_priors():
@@ -215,10 +283,12 @@ def test_cached_filters_equal_plain_path():
     torch.testing.assert_close(d["log_q"], m.encode(x)["log_q"], rtol=0, atol=0)
 
 
-def test_loss_ctf_mask_learn_sigma_and_generate():
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_loss_ctf_mask_learn_sigma_and_generate(subpixel):
     torch.manual_seed(0)
     cfg = TrainConfig(z_dim=2, enc_channels=4, gen_width=16, gen_layers=1, fourier_features=8,
-                      likelihood="gaussian", learn_sigma=True, ctf=True, mask=True)
+                      likelihood="gaussian", learn_sigma=True, ctf=True, mask=True,
+                      subpixel=subpixel)
     m = build_model(cfg, 16)
     x = torch.randn(3, 16, 16)
     ctf = torch.ones(3, 16, 16)

@@ -28,8 +28,11 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering.")
 @click.option("--checkpoint", type=click.Choice(("best", "last")), default="best",
               show_default=True, help="The run's checkpoint: lowest validation loss, or newest.")
+@click.option("--centre/--no-centre", default=True, show_default=True,
+              help="Centre each class's frame so that its particles' shifts are smallest "
+                   "(one frame for all without --clusters).")
 def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed,
-            checkpoint):
+            checkpoint, centre):
     """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
     (.star, .cs or .mrcs) with the trained model of RUNDIR.
 
@@ -45,4 +48,4 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     setup_logging()
     embed(rundir, input, out, clusters=clusters, cluster_method=cluster_method,
           batch_size=batch_size, device=device, datadir=datadir, seed=seed,
-          checkpoint=checkpoint)
+          checkpoint=checkpoint, centre=centre)

@@ -22,7 +22,8 @@ px, each applied at R rotations; rotation r uses the filters turned so that rota
 image by +2 pi/R moves the response from r to r - 1, i.e. theta -> theta - 2 pi/R), then
 ``enc_layers`` 1x1 group convolutions (a Linear over channels shared by all positions and
 rotations), LeakyReLU between. The last one outputs, per grid position t and rotation r,
-the attention logit a, mu_z, log sigma_z (D each), mu_theta, log sigma_theta.
+the attention logit a, mu_z, log sigma_z (D each), mu_theta, log sigma_theta and, with
+``subpixel``, mu_delta (2) and log sigma_delta.
 
 Defaults derived from the box (documented choices):
 
@@ -39,10 +40,26 @@ p(t) = N(0, sigma_t^2) discretised on the grid, p(r) uniform or a discretised no
 (sd ``rotation_prior_sd`` degrees) over the offsets, p(theta | r) = N(r 2 pi / R, (pi/R)^2),
 p(z) = N(0, I). KL = KL_tr + sum_{t,r} q(t,r) (KL_theta + KL_z), closed forms.
 
+Sub-pixel translation (``subpixel``, the paper's suggested extension, built like the angle):
+each cell also outputs an offset delta ~ N(mu_delta, sigma_delta^2 I) (pixels, 2-D) around its
+grid position, with prior N(0, (1/2 px)^2 I) — half the grid spacing, as p(theta | r) has half
+the rotation step. mu_delta is predicted in the frame of the cell's rotation and turned into
+the image frame by R(-r 2 pi / R), so the encoder stays rotation-equivariant: the object's
+location is u = grid(t) + R(-r 2 pi/R) mu_delta. Its KL joins the sum of eq. 5 like KL_theta.
+
 Training draws a Gumbel-softmax soft one-hot over (t, r) (temperature ``gumbel_tau``); the
 soft weights average mu_z, sigma_z, the location u, sigma_theta and — as a circular mean of
 unit vectors, so that r = 0 and r = R-1 average to ~0 rather than ~pi — the angle means; then
 z and theta are reparameterised samples. Inference takes the most probable (t, r) and means.
+
+Recentring (``recentre``, on by default, inference only). Nothing in the objective fixes
+where the object sits in the generator's canonical frame beyond the weak pull of p(t): a
+model can learn its object a few pixels off the centre, and every reported shift then carries
+that offset turned by the particle's angle (on the demo set this was most of the shift error).
+As RELION centres its class averages, :meth:`TargetVAE.canonical_centre` finds the centre of
+mass c(z) of the generated object (low-resolution render, positive part above the border's
+level, sign-agnostic) and inference reports u' = u + R(-theta) c(z), the location of that
+centre; :meth:`generate` renders the object with its centre of mass at the box centre.
 
 Generator
 ---------
@@ -100,14 +117,18 @@ def pose_to_relion(theta: torch.Tensor, u_px: torch.Tensor) -> tuple[torch.Tenso
 
 def kl_divergence(log_q: torch.Tensor, log_p_tr: torch.Tensor, z_mu: torch.Tensor,
                   z_logstd: torch.Tensor, th_mu: torch.Tensor, th_logstd: torch.Tensor,
-                  th_prior_sd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  th_prior_sd: float, d_mu: torch.Tensor | None = None,
+                  d_logstd: torch.Tensor | None = None, d_prior_sd: float = 0.5
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact KL of eq. 5 per image.
 
     log_q: (B, N) log q(t, r | y) over the N = (2T+1)^2 R cells; log_p_tr: (N,) log p(t) p(r);
     z_mu, z_logstd: (B, N, D); th_mu: (B, N) mean of q(theta|t,r) minus the offset r 2pi/R
     (the prior p(theta | r) has mean the offset, so only the difference matters);
-    th_logstd: (B, N); th_prior_sd: sd of p(theta | r).
-    Returns (kl_tr, E_q[KL_theta], E_q[KL_z]), each (B,).
+    th_logstd: (B, N); th_prior_sd: sd of p(theta | r); optional sub-pixel offsets
+    d_mu (B, N, 2), d_logstd (B, N) (isotropic) with prior N(0, d_prior_sd^2 I), whose KL is
+    added to the angle's (both are the within-cell pose).
+    Returns (kl_tr, E_q[KL_theta (+ KL_delta)], E_q[KL_z]), each (B,).
     """
     q = log_q.exp()
     kl_tr = (q * (log_q - log_p_tr)).sum(-1)
@@ -115,6 +136,10 @@ def kl_divergence(log_q: torch.Tensor, log_p_tr: torch.Tensor, z_mu: torch.Tenso
     kl_th = (math.log(th_prior_sd) - th_logstd
              + ((2 * th_logstd).exp() + th_mu ** 2) / (2 * s2) - 0.5)
     kl_z = (-z_logstd + 0.5 * ((2 * z_logstd).exp() + z_mu ** 2) - 0.5).sum(-1)
+    if d_mu is not None:
+        s2 = d_prior_sd ** 2
+        kl_th = kl_th + (2 * (math.log(d_prior_sd) - d_logstd - 0.5)
+                         + (2 * (2 * d_logstd).exp() + (d_mu ** 2).sum(-1)) / (2 * s2))
     return kl_tr, (q * kl_th).sum(-1), (q * kl_z).sum(-1)
 
 
@@ -128,7 +153,8 @@ class TargetVAE(LatentModel):
                  translation_range: int | None = None, rotation_prior: str = "uniform",
                  rotation_prior_sd: float = 45.0, likelihood: str = "bernoulli",
                  learn_sigma: bool = False, mask: bool = False, ctf: bool = False,
-                 gumbel_tau: float = 1.0, seed: int = 0):
+                 gumbel_tau: float = 1.0, subpixel: bool = False, recentre: bool = True,
+                 seed: int = 0):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood {likelihood!r}")
@@ -145,11 +171,13 @@ class TargetVAE(LatentModel):
         self.likelihood, self.learn_sigma, self.use_mask = likelihood, learn_sigma, mask
         self.use_ctf, self.gumbel_tau = ctf, gumbel_tau
         self.th_prior_sd = math.pi / rotations
+        self.subpixel, self.recentre = subpixel, recentre
+        self.delta_prior_sd = 0.5  # px: half the translation grid's spacing
         self.scale = box / 2.0  # pixels per coordinate unit
 
         # --- encoder
         self.gconv = GroupConvP(enc_channels, self.kernel, rotations)
-        self.n_out = 1 + 2 * z_dim + 2
+        self.n_out = 1 + 2 * z_dim + 2 + (3 if subpixel else 0)
         layers = [GroupLinear(enc_channels, enc_channels) for _ in range(enc_layers - 1)]
         layers.append(GroupLinear(enc_channels, self.n_out))
         self.enc = nn.ModuleList(layers)
@@ -180,6 +208,9 @@ class TargetVAE(LatentModel):
         self.register_buffer("log_p_tr", (log_pt[:, None] + log_pr[None, :]).reshape(-1).float(),
                              persistent=False)
         self.register_buffer("offsets", offsets.float(), persistent=False)
+        # per cell (N_c,): cos / sin of the rotation offset, from float64 (cos 90 deg = 0 exactly)
+        self.register_buffer("cell_cos", torch.cos(offsets).repeat(grid.shape[0]).float(), persistent=False)
+        self.register_buffer("cell_sin", torch.sin(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("coords", pixel_coordinates(box), persistent=False)
         yy, xx = torch.meshgrid(torch.arange(box) - box // 2, torch.arange(box) - box // 2,
                                 indexing="ij")
@@ -197,7 +228,8 @@ class TargetVAE(LatentModel):
     def encode(self, images: torch.Tensor, cache: bool = False) -> dict[str, torch.Tensor]:
         """images (B, N, N) -> posterior parameters over the N_c = (2T+1)^2 R cells (float32):
         log_q (B, N_c), z_mu / z_logstd (B, N_c, D), th_mu (B, N_c) (offset-relative),
-        th_logstd (B, N_c)."""
+        th_logstd (B, N_c); with ``subpixel`` also d_mu (B, N_c, 2) px (image frame) and
+        d_logstd (B, N_c)."""
         b, n = images.shape[0], images.shape[-1]
         h = self.gconv(images.unsqueeze(1), self._padding(n), cache=cache)   # (B,G,G,R,C)
         for lin in self.enc:
@@ -206,13 +238,19 @@ class TargetVAE(LatentModel):
             h = h.float()
         h = h.reshape(b, -1, self.n_out)                                       # (B, N_c, n_out)
         d = self.z_dim
-        return {
+        post = {
             "log_q": torch.log_softmax(h[..., 0], -1),
             "z_mu": h[..., 1:1 + d],
             "z_logstd": h[..., 1 + d:1 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
             "th_mu": h[..., 1 + 2 * d],
             "th_logstd": h[..., 2 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
         }
+        if self.subpixel:
+            c, s = self.cell_cos, self.cell_sin                                # (N_c,)
+            lx, ly = h[..., 3 + 2 * d], h[..., 4 + 2 * d]                       # rotation frame
+            post["d_mu"] = torch.stack([c * lx + s * ly, -s * lx + c * ly], -1)  # R(-off) (B,N_c,2)
+            post["d_logstd"] = h[..., 5 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX)
+        return post
 
     def _cell_pose(self):
         """(N_c, 2) location px and (N_c,) angle offset of every cell."""
@@ -272,7 +310,9 @@ class TargetVAE(LatentModel):
         post = self.encode(images)
         log_q = post["log_q"]
         kl_tr, kl_th, kl_z = kl_divergence(log_q, self.log_p_tr, post["z_mu"], post["z_logstd"],
-                                           post["th_mu"], post["th_logstd"], self.th_prior_sd)
+                                           post["th_mu"], post["th_logstd"], self.th_prior_sd,
+                                           post.get("d_mu"), post.get("d_logstd"),
+                                           self.delta_prior_sd)
         # Gumbel-softmax soft one-hot over the cells
         e = -torch.log(torch.rand_like(log_q).clamp_(1e-20, 1.0))     # Exp(1)
         g = -torch.log(e.clamp_min(1e-20))                                      # Gumbel(0, 1)
@@ -284,6 +324,9 @@ class TargetVAE(LatentModel):
         th_mu = torch.atan2((w * torch.sin(th)).sum(-1), (w * torch.cos(th)).sum(-1))
         th_sd = (w * post["th_logstd"].exp()).sum(-1)
         u = w @ loc                                                           # (B, 2) px
+        if self.subpixel:
+            d_sd = (w * post["d_logstd"].exp()).sum(-1, keepdim=True)          # (B, 1)
+            u = u + torch.einsum("bn,bnk->bk", w, post["d_mu"]) + d_sd * torch.randn_like(u)
         z = z_mu + z_sd * torch.randn_like(z_mu)
         theta = th_mu + th_sd * torch.randn_like(th_mu)
         out = self.render(z, theta, u)
@@ -296,16 +339,26 @@ class TargetVAE(LatentModel):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def infer_internal(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def infer_internal(self, images: torch.Tensor, recentre: bool | None = None
+                       ) -> dict[str, torch.Tensor]:
         """Most probable cell and its means: theta (B,) rad, u_px (B, 2), z_mu, z_std (B, D),
-        confidence (B,), cell (B,) index."""
+        confidence (B,), cell (B,) index. With ``recentre`` (default: the model's setting)
+        u_px is the location of the generated object's centre of mass (module docstring)."""
         post = self.encode(images, cache=True)
         conf, cell = post["log_q"].max(-1)
         loc, off = self._cell_pose()
         bi = torch.arange(images.shape[0], device=images.device)
-        return {"theta": post["th_mu"][bi, cell] + off[cell], "u_px": loc[cell],
-                "z_mu": post["z_mu"][bi, cell], "z_std": post["z_logstd"][bi, cell].exp(),
-                "confidence": conf.exp(), "cell": cell}
+        theta, u = post["th_mu"][bi, cell] + off[cell], loc[cell]
+        if self.subpixel:
+            u = u + post["d_mu"][bi, cell]
+        z_mu = post["z_mu"][bi, cell]
+        if self.recentre if recentre is None else recentre:
+            c = self.canonical_centre(z_mu)
+            cs, sn = torch.cos(theta), torch.sin(theta)
+            u = u + torch.stack([cs * c[:, 0] + sn * c[:, 1], -sn * c[:, 0] + cs * c[:, 1]], -1)
+        return {"theta": theta, "u_px": u, "z_mu": z_mu,
+                "z_std": post["z_logstd"][bi, cell].exp(), "confidence": conf.exp(),
+                "cell": cell}
 
     @torch.no_grad()
     def infer(self, images: torch.Tensor) -> Inference:
@@ -314,19 +367,54 @@ class TargetVAE(LatentModel):
         return Inference(psi_deg=psi, shift_px=shift, z_mean=r["z_mu"], z_std=r["z_std"],
                          confidence=r["confidence"])
 
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """Canonical images (B, size, size) (Bernoulli: probabilities; Gaussian: means) with
-        the same field of view as the training box (size != box resamples)."""
-        size = size or self.box
-        b = z.shape[0]
-        coords = pixel_coordinates(size, device=z.device)  # half-box units: same field of view
-        zero = torch.zeros(b, device=z.device)
-        out = self.render(z.float(), zero, torch.zeros(b, 2, device=z.device), coords)
-        img = out[..., 0].float()
+    def _render_canonical(self, z: torch.Tensor, size: int, u_px: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """(B, size, size) image of z at theta 0, location u_px (B, 2) (default 0), over the
+        training box's field of view (probabilities for Bernoulli, means for Gaussian)."""
+        b, dt = z.shape[0], self.coords.dtype
+        coords = pixel_coordinates(size, device=z.device, dtype=dt)  # same field of view
+        u = torch.zeros(b, 2, device=z.device, dtype=dt) if u_px is None else u_px.to(dt)
+        out = self.render(z.to(dt), torch.zeros(b, device=z.device, dtype=dt), u, coords)
+        img = out[..., 0].to(torch.promote_types(out.dtype, torch.float32))
         if self.likelihood == "bernoulli":
             img = torch.sigmoid(img)
         return img.reshape(b, size, size)
+
+    @torch.no_grad()
+    def canonical_centre(self, z: torch.Tensor, size: int = 32) -> torch.Tensor:
+        """Centre of mass c (B, 2) px (x, y) of the object generated from z (B, D) in the
+        canonical frame, relative to the box centre.
+
+        Rendered at min(box, size) px over the same field of view. The weights are the part
+        of the image above the level of its border (pixels outside the inscribed disc), with
+        the sign chosen so that the larger excursion counts as the object (so dark-on-light
+        and light-on-dark images both work). An empty image gives c = 0.
+        """
+        n = min(self.box, size)
+        img = self._render_canonical(z, n)                                 # (B, n, n)
+        r = torch.arange(n, device=z.device, dtype=img.dtype) - n // 2
+        yy, xx = torch.meshgrid(r, r, indexing="ij")
+        outside = (xx ** 2 + yy ** 2) > (n / 2) ** 2
+        flat = img.reshape(img.shape[0], -1)
+        bg = (flat[:, outside.reshape(-1)].mean(-1) if outside.any()
+              else flat.mean(-1)).reshape(-1, 1, 1)
+        dev = img - bg
+        up = dev.amax((1, 2)) >= -dev.amin((1, 2))
+        w = torch.where(up[:, None, None], dev, -dev).clamp_min(0)
+        tot = w.sum((1, 2))
+        safe = tot.clamp_min(1e-12)
+        c = torch.stack([(w * xx).sum((1, 2)) / safe, (w * yy).sum((1, 2)) / safe], -1)
+        c = torch.where((tot > 0)[:, None], c, torch.zeros_like(c))
+        return c * (self.box / n)                                        # px of the box
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Canonical images (B, size, size) (Bernoulli: probabilities; Gaussian: means) with
+        the same field of view as the training box (size != box resamples); with
+        ``recentre`` the object's centre of mass sits at the box centre."""
+        size = size or self.box
+        u = -self.canonical_centre(z) if self.recentre else None
+        return self._render_canonical(z, size, u)
 
 
 def build(cfg, box: int) -> TargetVAE:
@@ -340,4 +428,5 @@ def build(cfg, box: int) -> TargetVAE:
         fourier_sigma=cfg.gen_fourier_sigma, translation_prior=cfg.translation_prior,
         translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
         rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
-        mask=cfg.mask, ctf=cfg.ctf, gumbel_tau=cfg.gumbel_tau, seed=cfg.seed)
+        mask=cfg.mask, ctf=cfg.ctf, gumbel_tau=cfg.gumbel_tau, subpixel=cfg.subpixel,
+        recentre=cfg.recentre, seed=cfg.seed)
