@@ -19,8 +19,10 @@ What it does
    (``--eval-every-epochs`` epochs, or as many as fit in ``--eval-every-s`` seconds judged from
    the previous increment). The library trains whole epochs only, so an increment is never
    shorter than one epoch.
-3. After each increment loads ``checkpoints/last.pt``, runs ``model.infer`` on the test set
-   and scores it with :func:`cryolatent.metrics.evaluate_tables` (the code of ``cryolatent
+3. After each increment loads ``checkpoints/last.pt``, runs ``model.infer`` on the test set,
+   clusters the latent means and (as ``cryolatent embed`` does by default, ``--no-centre``
+   to skip) moves each cluster's frame with :func:`cryolatent.pose.centre_class_frames`, then
+   scores it with :func:`cryolatent.metrics.evaluate_tables` (the code of ``cryolatent
    evaluate``): rotation_corr (Jammalamadaka–SenGupta over all particles), per-class
    variants, translation_corr_x/y (Pearson) and cluster_accuracy / nmi / ari of Ward
    agglomerative clustering of the latent means into K = 10 classes
@@ -73,6 +75,7 @@ _OWN = {"input", "outdir", "datadir", "command", "extra", "device", "epochs", "m
 METRIC_KEYS = ("rotation_corr", "rotation_corr_per_class", "rotation_agreement_per_class",
                "rotation_error_deg_per_class", "translation_corr_x", "translation_corr_y",
                "cluster_accuracy", "nmi", "ari", "cluster_accuracy_kmeans",
+               "translation_corr_x_raw", "translation_corr_y_raw", "frames_centred",
                "rotation_agreement_mod180_per_class", "flip_frac_per_class",
                "psi_on_grid_frac_P4", "psi_on_grid_frac_P8", "psi_on_grid_frac_P16")
 
@@ -127,26 +130,39 @@ def infer_all(model, images: np.ndarray, device, batch: int) -> dict[str, np.nda
 
 
 def score(pred: dict[str, np.ndarray], psi_true, shift_true, labels, k: int = 10,
-          seed: int = 0, kmeans: bool = True) -> tuple[dict, np.ndarray, float]:
-    """SPEC metrics via cryolatent.metrics.evaluate_tables (the code of ``evaluate``);
-    returns (metrics, cluster labels (n,), clustering seconds)."""
+          seed: int = 0, kmeans: bool = True, centre: bool = True
+          ) -> tuple[dict, np.ndarray, float]:
+    """SPEC metrics via cryolatent.metrics.evaluate_tables (the code of ``evaluate``) on the
+    poses ``cryolatent embed --clusters k --cluster-method agglomerative`` would write: with
+    ``centre`` (embed's default) each cluster's frame is recentred by
+    :func:`cryolatent.pose.centre_class_frames` where the library has it. Returns (metrics,
+    cluster labels (n,), clustering seconds); ``translation_corr_{x,y}_raw`` are the
+    correlations of the model's shifts before centring."""
     import pandas as pd
 
+    from cryolatent import pose
     from cryolatent.analysis.cluster import cluster_latents
-    from cryolatent.metrics import cluster_accuracy, evaluate_tables
+    from cryolatent.metrics import cluster_accuracy, evaluate_tables, pearson
     from cryolatent.pose import wrap_deg_180
 
     t0 = time.perf_counter()
     cl = cluster_latents(pred["z"], k, "agglomerative", seed=seed)
     t_cluster = time.perf_counter() - t0
+    shift = pred["shift"]
+    centred = centre and hasattr(pose, "centre_class_frames")
+    if centred:
+        shift, _ = pose.centre_class_frames(pred["psi"], shift, cl)
     names = [f"{i + 1:06d}@test.mrcs" for i in range(len(labels))]
     P = pd.DataFrame({"rlnImageName": names, "rlnAnglePsi": wrap_deg_180(pred["psi"]),
-                      "rlnOriginXAngst": pred["shift"][:, 0],
-                      "rlnOriginYAngst": pred["shift"][:, 1], "rlnClassNumber": cl + 1})
+                      "rlnOriginXAngst": shift[:, 0],
+                      "rlnOriginYAngst": shift[:, 1], "rlnClassNumber": cl + 1})
     T = pd.DataFrame({"rlnImageName": names, "rlnAnglePsi": psi_true,
                       "rlnOriginXAngst": shift_true[:, 0], "rlnOriginYAngst": shift_true[:, 1],
                       "rlnClassNumber": np.asarray(labels) + 1})
     m = evaluate_tables(P, T)
+    m["frames_centred"] = centred
+    for j, ax in enumerate("xy"):
+        m[f"translation_corr_{ax}_raw"] = pearson(pred["shift"][:, j], shift_true[:, j])
     m.update(rotation_diagnostics(pred["psi"], psi_true, labels))
     if kmeans:
         m["cluster_accuracy_kmeans"] = cluster_accuracy(
@@ -235,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=None, help="[250 on CUDA, 100 on CPU]")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--no-kmeans", action="store_true", help="skip the k-means companion")
+    p.add_argument("--no-centre", action="store_true",
+                   help="score the model's shifts without embed's per-class frame centring")
     p.add_argument("--outdir", required=True, help="work folder (run, timeline, predictions)")
     p.add_argument("--json", default=None, help="also write the timeline JSON here")
     g = p.add_argument_group("TrainConfig options (cryolatent train's; defaults as the CLI)")
@@ -406,7 +424,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         m, cl, t_cluster = score(pred, psi_te, t_te, y_te, args.clusters, cfg.seed,
-                                 kmeans=not args.no_kmeans)
+                                 kmeans=not args.no_kmeans, centre=not args.no_centre)
         eval_s = time.perf_counter() - t0
         last = log_rows[-1]
         met = targets_met(m, targets)

@@ -54,17 +54,39 @@ def test_score_known_predictions():
     # right up to one constant angle, shifts scaled/offset (Pearson 1), z separates classes
     z = np.eye(k)[labels] * 10 + rng.normal(0, 0.01, (n, k))
     pred = {"psi": psi_true + 77.0, "shift": 2 * t_true + 1, "z": z.astype(np.float32)}
-    m, cl, _ = mq.score(pred, psi_true, t_true, labels, k=k)
+    m, cl, _ = mq.score(pred, psi_true, t_true, labels, k=k, centre=False)
     assert m["rotation_corr"] == pytest.approx(1.0, abs=1e-9)
     assert m["translation_corr_x"] == pytest.approx(1.0, abs=1e-9)
     assert m["translation_corr_y"] == pytest.approx(1.0, abs=1e-9)
     assert m["cluster_accuracy"] == 1.0 and m["cluster_accuracy_kmeans"] == 1.0
     # a mirrored angle is -1, and the targets say so
-    m2, _, _ = mq.score({**pred, "psi": 30.0 - psi_true}, psi_true, t_true, labels, k=k)
+    m2, _, _ = mq.score({**pred, "psi": 30.0 - psi_true}, psi_true, t_true, labels, k=k,
+                        centre=False)
     assert m2["rotation_corr"] == pytest.approx(-1.0, abs=1e-9)
     met = mq.targets_met(m2, mq.TARGETS[("target-vae", "mnist-u")])
     assert met == {"rotation_corr": False, "translation_corr_x": True,
                    "translation_corr_y": True, "cluster_accuracy": True}
+
+
+def test_score_centres_class_frames_like_embed():
+    """Shifts off by a per-class frame offset turned with psi (t + R(-psi) c_k): embed's
+    centring (default) removes it, the raw correlation keeps the error."""
+    rng = np.random.default_rng(1)
+    n, k = 600, 3
+    labels = np.repeat(np.arange(k), n // k)
+    psi = rng.uniform(-180, 180, n)
+    t = rng.normal(0, 5, (n, 2))
+    c = np.array([[6.0, -4.0], [-5.0, 0.0], [0.0, 7.0]])[labels]
+    a = np.radians(psi)
+    back = np.stack([np.cos(a) * c[:, 0] + np.sin(a) * c[:, 1],
+                     -np.sin(a) * c[:, 0] + np.cos(a) * c[:, 1]], -1)      # R(-psi) c
+    z = (np.eye(k)[labels] * 10).astype(np.float32)
+    m, _, _ = mq.score({"psi": psi, "shift": t + back, "z": z}, psi, t, labels, k=k)
+    assert m["frames_centred"] is True
+    assert m["translation_corr_x_raw"] < 0.8 and m["translation_corr_y_raw"] < 0.8
+    # (not exact: c_k is estimated from 200 noisy shifts and pulled towards the all-class mean)
+    assert m["translation_corr_x"] > 0.95 and m["translation_corr_y"] > 0.95
+    assert m["translation_corr_x"] > m["translation_corr_x_raw"] + 0.2
 
 
 def test_tiny_run_writes_timeline(shared_data, tmp_path):
