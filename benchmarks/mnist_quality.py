@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop before an increment that would take train_wall_s past this")
     p.add_argument("--wall-limit-s", type=float, default=None,
-                   help="stop before an increment + evaluation that would take the whole "
-                        "process (data, training, evaluations) past this")
+                   help="stop before an increment + evaluation that would take this process "
+                        "(data, training, evaluations) past this")
     p.add_argument("--eval-every-s", type=float, default=60.0,
                    help="training seconds between evaluations (whole epochs) [60]")
     p.add_argument("--eval-every-epochs", type=int, default=None,
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the model's shifts without embed's per-class frame centring")
     p.add_argument("--outdir", required=True, help="work folder (run, timeline, predictions)")
     p.add_argument("--json", default=None, help="also write the timeline JSON here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUTDIR's run and timeline (budgets count from its start)")
     g = p.add_argument_group("TrainConfig options (cryolatent train's; defaults as the CLI)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in _OWN:
@@ -332,14 +334,22 @@ def run(args) -> dict:
     from cryolatent.train import load_run, train
     from cryolatent.utils import resolve_device
 
-    t_start = time.perf_counter()
+    t_start = t_proc = time.perf_counter()   # t_start moves back on --resume; t_proc not
     if args.threads:
         torch.set_num_threads(args.threads)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     rundir = outdir / "run"
-    if rundir.exists() and any(rundir.iterdir()):
-        raise SystemExit(f"{rundir} exists and is not empty: choose another --outdir")
+    prev = None
+    if args.resume:
+        if not (outdir / "timeline.json").exists() or not (rundir / "checkpoints" /
+                                                           "last.pt").exists():
+            raise SystemExit(f"--resume: no timeline.json and run/checkpoints/last.pt in "
+                             f"{outdir}")
+        prev = json.loads((outdir / "timeline.json").read_text())
+    elif rundir.exists() and any(rundir.iterdir()):
+        raise SystemExit(f"{rundir} exists and is not empty: choose another --outdir "
+                         "(or --resume)")
     device = resolve_device(args.device)
     variant = args.dataset[-1]
     cfg = make_config(args, rundir)
@@ -378,6 +388,26 @@ def run(args) -> dict:
                 w.writerows(rows)
 
     train_wall, done, epoch_s, eval_s = 0.0, 0, None, None
+    if prev is not None:
+        # continue the timeline: the run's stored options win (train's --resume rules),
+        # budgets count from the first session, the clock continues from its elapsed_s
+        stored = json.loads((rundir / "config.json").read_text())
+        for k, v in stored.items():
+            if k not in ("input", "outdir", "datadir", "command", "extra", "device", "epochs",
+                         "num_workers", "compile", "amp", "early_stop") and hasattr(cfg, k):
+                if getattr(cfg, k) != v and k in {kk[4:] for kk, vv in vars(args).items()
+                                                  if kk.startswith("cfg_") and vv is not None}:
+                    print(f"--resume: keeping {k}={v!r} of the run", file=sys.stderr)
+                setattr(cfg, k, v)
+        done = int(prev.get("epochs") or prev["timeline"][-1]["epoch"])
+        train_wall = float(prev.get("train_wall_s") or prev["timeline"][-1]["train_wall_s"])
+        epoch_s = train_wall / max(done, 1)
+        eval_s = prev["timeline"][-1].get("eval_s") if prev["timeline"] else None
+        t_start -= float(prev.get("elapsed_s", 0.0))
+        result["timeline"] = prev["timeline"]
+        result["first_all_targets_met"] = prev.get("first_all_targets_met")
+        result["first_target_met"] = prev.get("first_target_met", {})
+        result["sessions"] = prev.get("sessions", [prev.get("machine")]) + [result["machine"]]
     status = "epochs"
     while done < args.epochs:
         if args.eval_every_epochs:
@@ -394,7 +424,7 @@ def run(args) -> dict:
                     break
                 k = min(k, fit)
             if args.wall_limit_s is not None:
-                left = args.wall_limit_s - (time.perf_counter() - t_start) - (eval_s or 0.0)
+                left = args.wall_limit_s - (time.perf_counter() - t_proc) - (eval_s or 0.0)
                 fit = int(left // epoch_s)
                 if fit < 1:
                     status = "wall_limit"
@@ -410,7 +440,7 @@ def run(args) -> dict:
         if new_done <= done:
             status = "no_progress"
             break
-        if done == 0:  # keep what the first increment resolved ("auto" likelihood)
+        if cfg.likelihood == "auto":  # keep what the first increment resolved
             cfg.likelihood = json.loads((rundir / "config.json").read_text())["likelihood"]
         train_wall += dt
         epoch_s = dt / (new_done - done)

@@ -91,12 +91,16 @@ def test_score_centres_class_frames_like_embed():
 
 def test_tiny_run_writes_timeline(shared_data, tmp_path):
     out = tmp_path / "mq"
-    mq.main(["--device", "cpu", "--mnist", str(shared_data / "mnist" / "mnist.npz"),
-             "--n-train", "60", "--n-test", "30", "--enc-channels", "4", "--gen-width", "16",
-             "--gen-layers", "1", "--fourier-features", "8", "--kernel", "7",
-             "--translation-range", "2", "--batch-size", "20", "--z-dim", "3",
-             "--epochs", "2", "--eval-every-epochs", "1", "--outdir", str(out),
-             "--json", str(tmp_path / "t.json")])
+    opts = ["--device", "cpu", "--mnist", str(shared_data / "mnist" / "mnist.npz"),
+            "--n-train", "60", "--n-test", "30", "--enc-channels", "4", "--gen-width", "16",
+            "--gen-layers", "1", "--fourier-features", "8", "--kernel", "7",
+            "--translation-range", "2", "--batch-size", "20", "--z-dim", "3",
+            "--eval-every-epochs", "1", "--outdir", str(out), "--json", str(tmp_path / "t.json")]
+    mq.main(opts + ["--epochs", "1"])
+    assert json.loads((tmp_path / "t.json").read_text())["epochs"] == 1
+    with pytest.raises(SystemExit):          # a used folder needs --resume
+        mq.main(opts + ["--epochs", "2"])
+    mq.main(opts + ["--epochs", "2", "--resume"])   # the timeline goes on from epoch 1
     res = json.loads((tmp_path / "t.json").read_text())
     assert res["status"] == "epochs" and res["epochs"] == 2
     assert [r["epoch"] for r in res["timeline"]] == [1, 2]
