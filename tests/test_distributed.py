@@ -249,7 +249,11 @@ def test_ddp_step_equals_single_process_and_each_particle_once(tmp_path, noise_o
     x = torch.from_numpy(indexed_bars(16, seed=5))
     ia, ib = ma.infer(x), mb.infer(x)
     torch.testing.assert_close(ia.z_mean, ib.z_mean, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(ia.shift_px, ib.shift_px)
+    # the same translation cell (exact), and the recentred shift (which moves continuously
+    # with the generator's weights) within rounding
+    torch.testing.assert_close(ma.infer_internal(x, recentre=False)["u_px"],
+                               mb.infer_internal(x, recentre=False)["u_px"])
+    torch.testing.assert_close(ia.shift_px, ib.shift_px, rtol=0, atol=5e-3)
     torch.testing.assert_close(ma.loss(x)[0], mb.loss(x)[0], rtol=1e-4, atol=1e-4)
     with open(single / "log.csv") as f:
         srows = list(csv.DictReader(f))
