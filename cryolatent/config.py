@@ -74,7 +74,7 @@ class TrainConfig:
     lambda_recon: float = 1.0
     lambda_consistency: float = 1.0
     lambda_symmetry: float = 15.0
-    consistency_loss: str = "cosine"  # "cosine" | "mse"
+    consistency_loss: str = "mse"     # "mse" (paper, sec. 4.2) | "cosine" (paper, with SCAN)
     rotation_rule: str = "moments"    # "moments" (ours, defined for centred particles) | "com" (paper)
 
     extra: dict[str, Any] = field(default_factory=dict)  # forward-compatible free options

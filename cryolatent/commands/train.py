@@ -82,7 +82,7 @@ _OPTIONS = [
     ("--lambda-consistency", "lambda_consistency", float, "IRL-INR consistency weight [1]."),
     ("--lambda-symmetry", "lambda_symmetry", float, "IRL-INR symmetry weight [15]."),
     ("--consistency-loss", "consistency_loss", click.Choice(["cosine", "mse"]),
-     "IRL-INR consistency loss [cosine]."),
+     "IRL-INR consistency loss between the two views' z: mse (as the paper's sec. 4.2) or cosine (its SCAN setting) [mse]."),
     ("--rotation-rule", "rotation_rule", click.Choice(["moments", "com"]),
      "IRL-INR canonical rotation rule [moments]."),
 ]

@@ -355,7 +355,7 @@ class IRLINR(LatentModel):
                  hyper_layers: int = 3, inr_width: int = 256, inr_layers: int = 3,
                  fourier_features: int = 256, fourier_sigma: float = 2.0,
                  lambda_recon: float = 1.0, lambda_consistency: float = 1.0,
-                 lambda_symmetry: float = 15.0, consistency_loss: str = "cosine",
+                 lambda_symmetry: float = 15.0, consistency_loss: str = "mse",
                  rotation_rule: str = "moments", consistency_shift: float = CONSISTENCY_SHIFT,
                  seed: int = 0):
         super().__init__()
