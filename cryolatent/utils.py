@@ -166,15 +166,12 @@ def setup_logging(folder: str | os.PathLike | None = None, name: str = "run.log"
     """Log the ``cryolatent`` logger to stderr (INFO) and, with ``folder``, to ``folder/name``.
 
     Returns the logger. Calling it again replaces the handlers it installed before, so a
-    notebook user can call library entry points repeatedly. A level the caller set on the
-    ``cryolatent`` logger (e.g. ``logging.getLogger("cryolatent").setLevel("WARNING")`` for
-    quiet library calls) is kept; an unset one becomes INFO.
+    notebook user can call library entry points repeatedly.
     """
     import logging
 
     logger = logging.getLogger("cryolatent")
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
         if getattr(h, "_cryolatent", False):
             logger.removeHandler(h)

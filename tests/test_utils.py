@@ -71,29 +71,3 @@ def test_defer_sigint_holds_ctrl_c_until_the_block_ends():
     with defer_sigint():                           # no signal: nothing raised
         done.append("third")
     assert done[-1] == "third"
-
-
-def test_setup_logging_keeps_a_level_the_caller_set(tmp_path):
-    """A notebook user who silenced the library stays silent across calls; files still get
-    what passes the level."""
-    import logging
-
-    from cryolatent.utils import setup_logging
-
-    logger = logging.getLogger("cryolatent")
-    old = logger.level
-    try:
-        logger.setLevel(logging.NOTSET)
-        assert setup_logging(None).level == logging.INFO
-        logger.setLevel(logging.WARNING)
-        lg = setup_logging(tmp_path)
-        assert lg.level == logging.WARNING
-        lg.info("hidden")
-        lg.warning("shown")
-        for h in lg.handlers:
-            h.flush()
-        text = (tmp_path / "run.log").read_text()
-        assert "shown" in text and "hidden" not in text
-    finally:
-        logger.setLevel(old)
-        setup_logging(None)
