@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=5e-4, help="Adam (L2); paper 5e-4")
+    ap.add_argument("--opt", default="adam", choices=("adam", "adamw"),
+                    help="adam: L2 coupled into the gradient (torch Adam weight_decay); adamw: "
+                         "decoupled decay (docs/irl-inr-rotation.md section 6)")
     ap.add_argument("--z-dim", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", default="moments:mse,com:mse",
@@ -199,7 +202,8 @@ def run_snr(a, snr: float) -> dict:
                    inr_width=32, inr_layers=2, fourier_features=32, fourier_sigma=2.0,
                    rotation_rule=rule, consistency_loss=closs,
                    lambda_symmetry=a.lambda_symmetry, seed=a.seed)
-        opt = torch.optim.Adam(m.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        Opt = torch.optim.Adam if a.opt == "adam" else torch.optim.AdamW
+        opt = Opt(m.parameters(), lr=a.lr, weight_decay=a.weight_decay)
         g = torch.Generator().manual_seed(a.seed)
         secs, cpu, hist, acc = 0.0, 0.0, [], []
         m.train()
