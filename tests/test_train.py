@@ -248,3 +248,23 @@ def test_same_seed_same_run_on_two_threads(tmp_path, images):
               for d in runs)
     assert m0.keys() == m1.keys()
     assert all(torch.equal(m0[k], m1[k]) for k in m0)
+
+
+def test_weight_decay_is_decoupled():
+    """A parameter the loss does not touch shrinks by exactly (1 - lr * wd) per step (AdamW);
+    Adam's coupled L2 would move it by ~lr (the normalised decay term) instead."""
+    import torch
+
+    from cryolatent.config import TrainConfig
+    from cryolatent.train import make_optimizer
+
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt, _ = make_optimizer(lin, cfg)
+    loss = lin.bias.sum()            # the weight gets a zero gradient
+    loss.backward()
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    opt.step()
+    torch.testing.assert_close(lin.weight.detach(), torch.full((2, 3), 2.0 * (1 - 1e-2 * 0.1)))
