@@ -115,6 +115,12 @@ def pose_to_relion(theta: torch.Tensor, u_px: torch.Tensor) -> tuple[torch.Tenso
     return psi, -u_px
 
 
+def _turn_back(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+               ) -> torch.Tensor:
+    """R(-a)(x, y) for cos a, sin a (broadcast together): (..., 2)."""
+    return torch.stack([cos * x + sin * y, -sin * x + cos * y], -1)
+
+
 def kl_divergence(log_q: torch.Tensor, log_p_tr: torch.Tensor, z_mu: torch.Tensor,
                   z_logstd: torch.Tensor, th_mu: torch.Tensor, th_logstd: torch.Tensor,
                   th_prior_sd: float, d_mu: torch.Tensor | None = None,
@@ -248,7 +254,7 @@ class TargetVAE(LatentModel):
         if self.subpixel:
             c, s = self.cell_cos, self.cell_sin                                # (N_c,)
             lx, ly = h[..., 3 + 2 * d], h[..., 4 + 2 * d]                       # rotation frame
-            post["d_mu"] = torch.stack([c * lx + s * ly, -s * lx + c * ly], -1)  # R(-off) (B,N_c,2)
+            post["d_mu"] = _turn_back(c, s, lx, ly)                            # (B, N_c, 2)
             post["d_logstd"] = h[..., 5 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX)
         return post
 
@@ -354,8 +360,7 @@ class TargetVAE(LatentModel):
         z_mu = post["z_mu"][bi, cell]
         if self.recentre if recentre is None else recentre:
             c = self.canonical_centre(z_mu)
-            cs, sn = torch.cos(theta), torch.sin(theta)
-            u = u + torch.stack([cs * c[:, 0] + sn * c[:, 1], -sn * c[:, 0] + cs * c[:, 1]], -1)
+            u = u + _turn_back(torch.cos(theta), torch.sin(theta), c[:, 0], c[:, 1])
         return {"theta": theta, "u_px": u, "z_mu": z_mu,
                 "z_std": post["z_logstd"][bi, cell].exp(), "confidence": conf.exp(),
                 "cell": cell}
