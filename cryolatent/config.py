@@ -41,6 +41,8 @@ class TrainConfig:
     num_workers: int = 2              # data-loading worker processes (out-of-core sets)
     z_dim: int = 2
     ctf: bool = False                 # put each particle's CTF in the likelihood
+    threads: int | None = None        # CPU threads (None: leave the process's setting; the
+                                      #   CLI passes -j, default the cores it may use)
 
     # --- TARGET-VAE ---------------------------------------------------------------------
     rotations: int = 8                # P_r group: 4, 8 or 16

@@ -46,9 +46,16 @@ class DemoSettings:
                                       translation_prior=2.0, likelihood="gaussian"))
 
 
-def run_demo(outdir: str | Path, settings: DemoSettings | None = None, echo=print) -> dict:
-    """Run the chain into ``outdir`` (created; must be empty or absent). Returns a summary
-    dict with the paths written and the evaluation against the truth."""
+#: what the demo writes into its folder (``force`` removes these first)
+DEMO_OUTPUTS = ("simulated", "preprocessed", "run", "embedded.star", "embedded.z.npy",
+                "plots", "classes", "evaluation.json", "summary.json")
+
+
+def run_demo(outdir: str | Path, settings: DemoSettings | None = None, echo=print,
+             force: bool = False) -> dict:
+    """Run the chain into ``outdir`` (created; must be empty or absent unless ``force``: then
+    the demo's own outputs from an earlier run, :data:`DEMO_OUTPUTS`, are removed first).
+    Returns a summary dict with the paths written and the evaluation against the truth."""
     from .analysis.class_averages import make_class_averages
     from .analysis.plots import plot_all
     from .metrics import evaluate_files
@@ -62,8 +69,18 @@ def run_demo(outdir: str | Path, settings: DemoSettings | None = None, echo=prin
 
     s = settings or DemoSettings()
     out = Path(outdir)
-    if out.exists() and any(out.iterdir()):
-        raise CryolatentError(f"{out}: folder exists and is not empty; choose another -o")
+    from .utils import check_outdir
+
+    check_outdir(out, force)
+    if force and out.is_dir():
+        import shutil
+
+        for name in DEMO_OUTPUTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     steps: list[tuple[str, float]] = []

@@ -335,10 +335,14 @@ class InputAdapter:
             base = s.str.replace(r"^\d+@", "", regex=True).str.replace(r".*/", "", regex=True)
             return (num + "@" + base).to_numpy()
 
-        inp = pd.Index(key(self.ps.table["rlnImageName"].to_numpy()))
-        if not inp.is_unique:
-            return
-        orig = key(tps.table["rlnImageOriginalName"].to_numpy()[: 50 * n])
+        def nth(keys):
+            # a repeated name: its k-th row pairs with its k-th row in the other set
+            s = pd.Series(keys)
+            k = s.groupby(s.to_numpy(), sort=False).cumcount().astype(str)
+            return (s + "\x00" + k).to_numpy()
+
+        inp = pd.Index(nth(key(self.ps.table["rlnImageName"].to_numpy())))
+        orig = nth(key(tps.table["rlnImageOriginalName"].to_numpy()[: 50 * n]))
         pos = inp.get_indexer(orig)
         rows = np.flatnonzero(pos >= 0)[:n]
         if len(rows) == 0:

@@ -151,6 +151,8 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
     (name, name), names first as written, then as (index, stack file name) in case the
     folders differ; the first pairing that matches every prediction row is used. Every
     prediction row must match exactly one truth row (the truth may hold more particles).
+    A name that appears several times (a joined or re-extracted set) is ambiguous: its k-th
+    row in ``pred`` is paired with its k-th row in ``truth``, i.e. by position (warned).
     Raises InputError with one line otherwise.
     """
     O, N = "rlnImageOriginalName", "rlnImageName"
@@ -165,10 +167,8 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
     for norm in (False, True):
         f = _normalise_name if norm else str.strip
         for cp, ct in pairs:
-            pn = pred[cp].astype(str).map(f)
-            tn = truth[ct].astype(str).map(f)
-            if tn.duplicated().any():
-                continue
+            pn = _nth(pred[cp].astype(str).map(f))
+            tn = _nth(truth[ct].astype(str).map(f))
             ti = pn.map(pd.Series(np.arange(len(tn)), index=tn.values))
             hits = int(ti.notna().sum())
             if best is None or hits > best[0]:
@@ -186,10 +186,21 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
             f"{pred_label}: {len(pred) - hits} of {len(pred)} particles have no match in "
             f"{truth_label} by name (first: {pred[cp].iloc[first]!r} in {cp}, looked up in "
             f"{truth_label}'s {ct})")
-    if pn.duplicated().any():
-        dup = pn[pn.duplicated()].iloc[0]
-        raise InputError(f"{pred_label}: particle {dup!r} appears more than once in {cp}")
+    n_rep = int(pred[cp].astype(str).duplicated().sum())
+    if n_rep:
+        import logging
+
+        logging.getLogger("cryolatent").warning(
+            "%s: %d repeated names in %s, matched to %s by position (k-th with k-th)",
+            pred_label, n_rep, cp, truth_label)
     return np.arange(len(pred)), ti.to_numpy().astype(np.int64)
+
+
+def _nth(names: pd.Series) -> pd.Series:
+    """``name`` -> ``name\x00k`` for its k-th occurrence: unique keys that pair repeated
+    names by position (and leave unique names unchanged in meaning)."""
+    k = names.groupby(names.to_numpy(), sort=False).cumcount()
+    return names + "\x00" + k.astype(str)
 
 
 def _col(df: pd.DataFrame, col: str) -> np.ndarray | None:

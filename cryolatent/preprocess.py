@@ -376,8 +376,9 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     if chunk is None:
         chunk = max(16, min(4096, (64 << 20) // (4 * D * D)))
-    workers = max(1, int(workers if workers is not None else min(2, os.cpu_count() or 1)))
-    log.info("preprocess %s: %d particles, box %d -> %d, pixel %.4g -> %.4g A%s%s%s",
+    ncpu = utils.current_threads()   # -j/--threads, else the cores this process may use
+    workers = max(1, int(workers if workers is not None else min(2, ncpu)))
+    log.info("preprocess %s: %d particles, box %d -> %d, pixel %.4g -> %.4g Å%s%s%s",
              input, N, D, d, float(apix_in[0]), float(apix_out[0]),
              ", normalise" if normalize else "", ", invert" if invert else "",
              ", phase flip" if phase_flip else "")
@@ -396,8 +397,7 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
                              diameter_fraction)
         return idx, out
 
-    # one BLAS thread per worker when several chunks run at once
-    ncpu = os.cpu_count() or 1
+    # the threads are shared among the workers (one BLAS thread each on 2 cores)
     # The STAR is written to its temporary name before the stack is renamed into place, so a
     # failure anywhere (bad particle, full disk, Ctrl-C) leaves both previous files as they
     # were, and a finished run never pairs a new stack with an old STAR.

@@ -58,7 +58,7 @@ MAX_BAD_STEPS = 10      # consecutive non-finite steps before the run stops
 CKPT_FORMAT = 1
 #: options a resumed run may change; every other option comes from the checkpoint
 RESUMABLE = ("epochs", "device", "num_workers", "compile", "command", "early_stop", "amp",
-             "input", "outdir", "datadir")
+             "input", "outdir", "datadir", "threads")
 
 
 # ----------------------------------------------------------------------------- step
@@ -357,6 +357,11 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
     if main:
         cfg.save(rundir / "config.json")
     set_fast_math(device)
+    if cfg.threads:
+        from .utils import set_threads
+
+        set_threads(cfg.threads)
+    log.info("threads: %d", torch.get_num_threads())
     log.info("%s run in %s: %d particles of %d px, device %s%s", cfg.model, rundir, source.n,
              source.box, device, f", {dist.world_size} processes ({dist.backend}), global "
              f"batch {cfg.batch_size}" if dist.enabled else "")
@@ -404,6 +409,7 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         return st
 
     W = dist.world_size
+    epoch_times: list[float] = []   # this session's epochs, for s/epoch and the ETA
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
@@ -469,16 +475,32 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
             with defer_sigint():          # Ctrl-C waits until both are on disk
                 writer.checkpoint(ckpt_state(epoch + 1, rng_ranks), best=improved)
                 writer.write_log()
-        log.info("epoch %d/%d: train %.6g, val %s, lr %.3g, %.0f images/s%s", epoch + 1,
+        epoch_times.append(time.perf_counter() - t0)
+        mean_t = sum(epoch_times) / len(epoch_times)
+        # remaining epochs x mean epoch time: a cap, early stopping may end the run sooner
+        eta = _fmt_duration(mean_t * (cfg.epochs - epoch - 1))
+        log.info("epoch %d/%d: train %.6g, val %s, lr %.3g, %.0f images/s, %.3g s/epoch, "
+                 "ETA %s%s", epoch + 1,
                  cfg.epochs, train_means.get("loss", math.nan),
                  f"{val_means['loss']:.6g}" if "loss" in val_means else "-",
-                 row["lr"], row["images_per_s"],
+                 row["lr"], row["images_per_s"], epoch_times[-1],
+                 eta if epoch + 1 >= cfg.epochs else f"<= {eta}",
                  f", {n_bad} non-finite steps skipped" if n_bad else "")
         if cfg.early_stop and state["bad_epochs"] >= cfg.early_stop:
             log.info("early stop: no improvement for %d epochs", state["bad_epochs"])
             break
     dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return rundir
+
+
+def _fmt_duration(seconds: float) -> str:
+    """12 s, 5m07s, 2h03m (for the ETA of the per-epoch lines)."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _restore_rng(ck: dict, dist: DistContext, seed: int) -> None:

@@ -212,3 +212,170 @@ def defer_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------- threads
+#: the value of the last :func:`set_threads` call (None: never called)
+_THREADS: int | None = None
+
+
+def _read(path) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_cpu_limit(cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max",
+                     cfs_dir: str | os.PathLike = "/sys/fs/cgroup/cpu") -> float | None:
+    """The CPU quota of this process's cgroup in cores (e.g. 2.5), or None without one.
+
+    cgroup v2: ``cpu.max`` holds "QUOTA PERIOD" ("max PERIOD" = no limit); cgroup v1:
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = no limit). The paths are
+    parameters so that tests can point them at fake files.
+    """
+    txt = _read(cpu_max)
+    if txt:
+        parts = txt.split()
+        if len(parts) >= 2 and parts[0] != "max":
+            try:
+                q, p = float(parts[0]), float(parts[1])
+                if q > 0 and p > 0:
+                    return q / p
+            except ValueError:
+                pass
+        return None
+    q, p = _read(Path(cfs_dir) / "cpu.cfs_quota_us"), _read(Path(cfs_dir) / "cpu.cfs_period_us")
+    try:
+        if q is not None and p is not None and float(q) > 0 and float(p) > 0:
+            return float(q) / float(p)
+    except ValueError:
+        pass
+    return None
+
+
+def available_cores(cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max",
+                    cfs_dir: str | os.PathLike = "/sys/fs/cgroup/cpu",
+                    affinity=None) -> int:
+    """The cores this process may use: the smallest of its CPU affinity
+    (``os.sched_getaffinity``, where the platform has it, else ``os.cpu_count``) and its
+    cgroup CPU quota (rounded down, see :func:`cgroup_cpu_limit`); at least 1. ``affinity``
+    (a set of CPU ids) replaces ``os.sched_getaffinity(0)``, for tests."""
+    if affinity is None:
+        try:
+            affinity = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            affinity = range(os.cpu_count() or 1)
+    n = len(affinity) or (os.cpu_count() or 1)
+    quota = cgroup_cpu_limit(cpu_max, cfs_dir)
+    if quota is not None:
+        n = min(n, int(quota))
+    return max(1, n)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` CPU threads (None: :func:`available_cores`): torch's intra-op threads and
+    the BLAS/OpenMP pools (threadpoolctl; OMP/MKL/OPENBLAS_NUM_THREADS for libraries loaded
+    later and for child processes). Returns the number set; :func:`current_threads` gives
+    it back later (e.g. to share the threads among worker threads)."""
+    global _THREADS
+    n = available_cores() if n is None else max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n)
+    except Exception:  # noqa: BLE001 - threadpoolctl missing or a library it cannot limit
+        pass
+    _THREADS = n
+    return n
+
+
+def current_threads() -> int:
+    """The threads set by :func:`set_threads`, else :func:`available_cores`."""
+    return _THREADS if _THREADS is not None else available_cores()
+
+
+# ----------------------------------------------------------------------------- output folders
+def check_outdir(path: str | os.PathLike, force: bool = False, extra: str = "") -> None:
+    """Refuse an existing non-empty output folder unless ``force`` (or a file in its place).
+
+    One message for every command: "PATH: folder exists and is not empty; use --force to
+    overwrite its files[EXTRA] or choose another -o". ``extra`` adds alternatives, e.g.
+    ", --resume to continue it" for ``train``.
+    """
+    from .errors import CryolatentError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CryolatentError(f"{p}: exists and is not a folder; choose another -o")
+    if not force and p.is_dir() and any(p.iterdir()):
+        raise CryolatentError(f"{p}: folder exists and is not empty; use --force to overwrite "
+                              f"its files{extra} or choose another -o")
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, force: bool = False, extra: str = "",
+                  keep=None) -> Iterator[Path]:
+    """Check an output folder with :func:`check_outdir`, and undo what the block created if
+    it fails (any exception, Ctrl-C included): a folder that did not exist is removed with
+    everything in it (and the parents the block made for it); in a folder that existed, the
+    entries that were not there before are removed (files the block overwrote stay as they
+    are now: cryolatent writes every file atomically, so they are the complete old or new
+    version).
+
+    ``keep``: a callable ``keep(path) -> bool``, checked on failure; True keeps everything
+    (e.g. a training run that already saved a checkpoint it can ``--resume`` from).
+    """
+    import shutil
+
+    p = Path(path)
+    check_outdir(p, force, extra)
+    existed = p.is_dir()
+    before = {q.name for q in p.iterdir()} if existed else set()
+    top = p   # the outermost folder the block may create (-o new/deeper/out)
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    try:
+        yield p
+    except BaseException:
+        keep_all = False
+        if keep is not None and p.is_dir():
+            with contextlib.suppress(Exception):
+                keep_all = bool(keep(p))
+        if keep_all:
+            raise
+        _close_logs_under(p)
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        elif p.is_dir():
+            for q in p.iterdir():
+                if q.name not in before:
+                    if q.is_dir() and not q.is_symlink():
+                        shutil.rmtree(q, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            q.unlink()
+        raise
+
+
+def _close_logs_under(folder: Path) -> None:
+    """Detach the cryolatent log files that live under ``folder`` (about to be removed)."""
+    import logging
+
+    logger = logging.getLogger("cryolatent")
+    root = os.path.abspath(folder)
+    for h in list(logger.handlers):
+        f = getattr(h, "baseFilename", None)
+        if f and os.path.abspath(f).startswith(root + os.sep):
+            logger.removeHandler(h)
+            h.close()

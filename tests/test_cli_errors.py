@@ -144,9 +144,6 @@ CASES = {
     "inf_particle": (IMAGE_CMDS, r"in\.star: particle 000009@stack\.mrcs.*NaN or Inf"),
     "zero_apix": (IMAGE_CMDS, r"in\.star: unknown or zero pixel size"),
     "cs_no_path": (["preprocess", "train", "embed"], r"in\.cs: no blob/path"),
-    "duplicate": (IMAGE_CMDS + ["evaluate"],
-                  r"in\.star: .*(duplicate.*000002@stack\.mrcs|000002@stack\.mrcs.* more "
-                  r"than once)"),
     "wrong_type": (ALL_CMDS, r"in\.star: .*{col}.*('abc'|number|numeric)"),
 }
 _PARAMS = [(c, k) for k, (cmds, _) in CASES.items() for c in cmds]

@@ -110,6 +110,17 @@ def _name_keys(names) -> list[str]:
     return out
 
 
+def _nth_keys(keys: Sequence[str]) -> list[tuple[str, int]]:
+    """(key, k) for the k-th occurrence of each key: repeated names pair by position."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        c = seen.get(k, 0)
+        seen[k] = c + 1
+        out.append((k, c))
+    return out
+
+
 def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
                 ) -> np.ndarray:
     """For each particle of a set, the row of ``table`` (an ``embed`` output) describing it.
@@ -131,10 +142,9 @@ def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
         for col in cols:
             if col not in table:
                 continue
-            lut: dict[str, int] = {}
-            for j, k in enumerate(keyf([str(v) for v in table[col]])):
-                lut.setdefault(k, j)
-            rows = np.array([lut.get(k, -1) for k in keyf(names)], dtype=np.int64)
+            # a repeated name pairs its k-th particle with its k-th row (by position)
+            lut = {k: j for j, k in enumerate(_nth_keys(keyf([str(v) for v in table[col]])))}
+            rows = np.array([lut.get(k, -1) for k in _nth_keys(keyf(names))], dtype=np.int64)
             hits = int((rows >= 0).sum())
             if hits and (best is None or hits > best[0]):
                 best = (hits, rows, col)

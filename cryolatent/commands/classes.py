@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .common import apply_threads, force_option, threads_option
+
 
 @click.command("classes")
 @click.argument("rundir", type=click.Path(file_okay=False))
@@ -15,7 +17,8 @@ import click
                    "full-resolution averages; matched to OUT.star by (original) image name. "
                    "Default: the images OUT.star names.")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
-              help="Folder holding the stacks named with relative paths.")
+              help="Folder holding the stacks named with relative paths [default: beside "
+                   "OUT.star, then the current directory].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Particles read and aligned at a time.")
 @click.option("--device", default="auto", show_default=True,
@@ -32,8 +35,10 @@ import click
 @click.option("--traversal-steps", type=click.IntRange(min=2), default=7, show_default=True,
               help="Images along each axis.")
 @click.option("--pdf", is_flag=True, default=False, help="Write PDF galleries beside the PNGs.")
+@threads_option
+@force_option
 def command(rundir, star, outdir, particles, datadir, batch_size, device, use_ctf, wiener_snr,
-            traversal_axes, traversal_steps, pdf):
+            traversal_axes, traversal_steps, pdf, threads, force):
     """Class averages of OUT.star (a `cryolatent embed --clusters K` output) with the
     model of RUNDIR.
 
@@ -51,12 +56,15 @@ def command(rundir, star, outdir, particles, datadir, batch_size, device, use_ct
 
     if not Path(rundir).is_dir():
         raise InputError(f"{rundir}: no such run folder")
-    logger = utils.setup_logging(outdir, "classes.log")
-    logger.info("command: %s", utils.command_line())
-    res = make_class_averages(rundir, star, outdir, particles=particles, datadir=datadir,
-                              batch_size=batch_size, device=device, wiener_snr=wiener_snr,
-                              ctf="auto" if use_ctf else False, n_axes=traversal_axes,
-                              steps=traversal_steps, fmt=("png", "pdf") if pdf else ("png",))
+    with utils.output_folder(outdir, force):   # removed again if the command fails
+        logger = utils.setup_logging(outdir, "classes.log")
+        logger.info("command: %s", utils.command_line())
+        apply_threads(threads)
+        res = make_class_averages(rundir, star, outdir, particles=particles, datadir=datadir,
+                                  batch_size=batch_size, device=device, wiener_snr=wiener_snr,
+                                  ctf="auto" if use_ctf else False, n_axes=traversal_axes,
+                                  steps=traversal_steps,
+                                  fmt=("png", "pdf") if pdf else ("png",))
     counts = res["counts"]
     click.echo(f"{int((counts > 0).sum())} classes, {int(counts.sum())} particles -> {outdir}")
     for f in res["files"]:

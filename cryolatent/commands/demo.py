@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .common import force_option
+
 
 @click.command("demo")
 @click.option("-o", "--outdir", default="cryolatent_demo", show_default=True,
@@ -14,8 +16,9 @@ import click
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs (default 25; 2 with --quick).")
-@click.option("--seed", type=int, default=0, show_default=True)
-def command(outdir, quick, device, epochs, seed):
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@force_option
+def command(outdir, quick, device, epochs, seed, force):
     """simulate → preprocess → train → embed → plot → classes → evaluate on particles of a
     built-in two-conformation pseudo-protein; a few minutes on a laptop CPU.
 
@@ -32,5 +35,8 @@ def command(outdir, quick, device, epochs, seed):
     import logging
 
     logging.getLogger("cryolatent").setLevel(logging.WARNING)  # the demo prints its own steps
-    summary = run_demo(outdir, s, echo=lambda m: click.echo(m, err=True))
+    from ..utils import output_folder
+
+    with output_folder(outdir, force):   # removed again if the demo fails
+        summary = run_demo(outdir, s, echo=lambda m: click.echo(m, err=True), force=force)
     click.echo(format_summary(summary))

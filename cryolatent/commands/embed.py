@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .common import apply_threads, threads_option
+
 _METHODS = ("kmeans", "agglomerative", "gmm")
 
 
@@ -16,11 +18,13 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="OUT.star (also writes OUT.z.npy, and OUT.cs when INPUT is .cs).")
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
-              help="Cluster the latent means into K classes (rlnClassNumber 1..K).")
+              help="Cluster the latent means into K classes (rlnClassNumber 1..K) "
+                   "[default: no clustering].")
 @click.option("--cluster-method", type=click.Choice(_METHODS), default="kmeans",
               show_default=True, help="k-means, agglomerative (Ward) or Gaussian mixture.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Folder where INPUT's relative stack paths are looked up.")
+              help="Folder where INPUT's relative stack paths are looked up [default: beside "
+                   "INPUT, then the current directory].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Particles per forward pass [default: the run's training batch size].")
 @click.option("--device", default="auto", show_default=True,
@@ -31,8 +35,9 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--centre/--no-centre", default=True, show_default=True,
               help="Centre each class's frame so that its particles' shifts are smallest "
                    "(one frame for all without --clusters).")
+@threads_option
 def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed,
-            checkpoint, centre):
+            checkpoint, centre, threads):
     """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
     (.star, .cs or .mrcs) with the trained model of RUNDIR.
 
@@ -41,11 +46,22 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     written in Å, right for INPUT's pixel size. OUT.star keeps every input column and row, in
     order, and adds rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst, cryolatentZ1..D (and
     rlnClassNumber with --clusters).
-    """
-    from ..inference import embed
-    from ..utils import setup_logging
 
-    setup_logging()
-    embed(rundir, input, out, clusters=clusters, cluster_method=cluster_method,
-          batch_size=batch_size, device=device, datadir=datadir, seed=seed,
-          checkpoint=checkpoint, centre=centre)
+    The log goes to the terminal and to embed.log beside OUT.star (appended to).
+    """
+    import contextlib
+
+    from ..inference import embed
+    from ..utils import command_line, output_folder, setup_logging
+
+    folder = out.parent if str(out.parent) else Path(".")
+    # a folder made for OUT.star is removed again if embed fails
+    made = output_folder(folder, force=True) if not folder.exists() \
+        else contextlib.nullcontext()
+    with made:
+        logger = setup_logging(folder, "embed.log")
+        logger.info("command: %s", command_line())
+        apply_threads(threads)
+        embed(rundir, input, out, clusters=clusters, cluster_method=cluster_method,
+              batch_size=batch_size, device=device, datadir=datadir, seed=seed,
+              checkpoint=checkpoint, centre=centre)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .common import force_option
+
 
 @click.command("simulate")
 @click.argument("kind", type=click.Choice(["mnist-u", "mnist-n", "cryoem"]))
@@ -48,8 +50,9 @@ import click
 @click.option("--centered", is_flag=True, help="All shifts 0 (centred particles).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda (rendering and interpolation).")
+@force_option
 def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, views, shift_sd,
-            defocus_min, defocus_max, astigmatism, no_ctf, centered, device):
+            defocus_min, defocus_max, astigmatism, no_ctf, centered, device, force):
     """Make synthetic particles with known pose and class.
 
     \b
@@ -62,29 +65,30 @@ def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, vie
     upright object), rlnClassNumber (digit + 1, or structure number).
     """
     from ..errors import CryolatentError
-    from ..utils import setup_logging
+    from ..utils import output_folder, setup_logging
 
     setup_logging()
-    if snr is not None and math.isinf(snr):
-        snr = None if kind != "cryoem" else math.inf
-    if kind.startswith("mnist"):
-        if structures or views or no_ctf:
-            raise CryolatentError("--structure, --views and --no-ctf apply to cryoem only")
-        from ..simulate import simulate_mnist
+    with output_folder(outdir, force):   # removed again if the command fails
+        if snr is not None and math.isinf(snr):
+            snr = None if kind != "cryoem" else math.inf
+        if kind.startswith("mnist"):
+            if structures or views or no_ctf:
+                raise CryolatentError("--structure, --views and --no-ctf apply to cryoem only")
+            from ..simulate import simulate_mnist
 
-        simulate_mnist(outdir, variant=kind[-1], n=n, box=box or 50,
-                       apix=1.0 if apix is None else apix, snr=snr, seed=seed, mnist=mnist,
-                       split=split, shift_sd=5.0 if shift_sd is None else shift_sd,
-                       centered=centered, device=device)
-    else:
-        if mnist is not None:
-            raise CryolatentError("--mnist applies to mnist-u / mnist-n only")
-        from ..simulate import simulate_cryoem
+            simulate_mnist(outdir, variant=kind[-1], n=n, box=box or 50,
+                           apix=1.0 if apix is None else apix, snr=snr, seed=seed, mnist=mnist,
+                           split=split, shift_sd=5.0 if shift_sd is None else shift_sd,
+                           centered=centered, device=device)
+        else:
+            if mnist is not None:
+                raise CryolatentError("--mnist applies to mnist-u / mnist-n only")
+            from ..simulate import simulate_cryoem
 
-        simulate_cryoem(outdir, structures=list(structures) or None,
-                        n=1000 if n is None else n, box=box or 128, apix=apix,
-                        snr=0.1 if snr is None else snr, seed=seed, views=views,
-                        shift_sd=3.0 if shift_sd is None else shift_sd,
-                        defocus_min=defocus_min, defocus_max=defocus_max,
-                        astigmatism=astigmatism, ctf=not no_ctf, centered=centered,
-                        device=device)
+            simulate_cryoem(outdir, structures=list(structures) or None,
+                            n=1000 if n is None else n, box=box or 128, apix=apix,
+                            snr=0.1 if snr is None else snr, seed=seed, views=views,
+                            shift_sd=3.0 if shift_sd is None else shift_sd,
+                            defocus_min=defocus_min, defocus_max=defocus_max,
+                            astigmatism=astigmatism, ctf=not no_ctf, centered=centered,
+                            device=device)

@@ -19,6 +19,10 @@ import click
 from click.core import ParameterSource
 
 from ..config import TrainConfig
+from .common import force_option, threads_option
+
+#: what a run folder holds (removed by ``--force`` before a new run starts there)
+RUN_FILES = ("config.json", "log.csv", "run.log", "checkpoints", "summary.json")
 
 #: defaults that differ by model (used when the option is not given)
 MODEL_DEFAULTS = {
@@ -28,7 +32,8 @@ MODEL_DEFAULTS = {
 
 # (option, TrainConfig field, click type, help); booleans become --x/--no-x flags
 _OPTIONS = [
-    ("--model", "model", click.Choice(["target-vae", "irl-inr"]), "Model to train."),
+    ("--model", "model", click.Choice(["target-vae", "irl-inr"]),
+     "Model to train [target-vae]."),
     ("--rotations", "rotations", click.Choice(["4", "8", "16"]),
      "TARGET-VAE: discrete rotations of the P_r group convolution [8]."),
     ("--z-dim", "z_dim", int, "Latent dimension [2]."),
@@ -102,16 +107,52 @@ def _add_options(f):
 @click.command("train")
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--outdir", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Run folder (must be new or empty unless --resume).")
+              help="Run folder (must be new or empty unless --resume or --force).")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
               help="Folder where relative stack paths are looked up.")
 @click.option("--resume", is_flag=True, help="Continue RUNDIR from checkpoints/last.pt.")
+@force_option
+@threads_option
 @_add_options
 @click.pass_context
-def command(ctx, input, outdir, datadir, resume, **opts):
-    """Train TARGET-VAE or IRL-INR on INPUT (.star, .cs or .mrcs)."""
+def command(ctx, input, outdir, datadir, resume, force, **opts):
+    """Train TARGET-VAE or IRL-INR on INPUT (.star, .cs or .mrcs).
+
+    --force starts a new run in a used RUNDIR: its config.json, log.csv, run.log,
+    summary.json and checkpoints/ are deleted first (a folder holding anything else is
+    refused).
+    """
+    import contextlib
+    import shutil
+
+    from ..errors import CryolatentError
     from ..train import train
-    from ..utils import command_line
+    from ..utils import available_cores, command_line, output_folder, set_threads
+
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
+    if not resume and main_rank:
+        from ..utils import check_outdir
+
+        check_outdir(outdir, force, extra=", --resume to continue it")
+        if force and Path(outdir).is_dir():
+            other = sorted(p.name for p in Path(outdir).iterdir() if p.name not in RUN_FILES)
+            if other:
+                raise CryolatentError(
+                    f"{outdir}: --force starts a new run in a folder that holds a run "
+                    f"({', '.join(RUN_FILES)}) and nothing else, but it also holds "
+                    f"{other[0]}; choose another -o")
+            for name in RUN_FILES:
+                p = Path(outdir) / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+    # default threads: the cores this process may use, shared by the processes of a node
+    threads = opts.get("threads")
+    set_threads(threads or max(1, available_cores()
+                               // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
     given = {k: v for k, v in opts.items()
              if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
@@ -127,10 +168,16 @@ def command(ctx, input, outdir, datadir, resume, **opts):
     for k, v in given.items():
         if k in names:
             setattr(cfg, k, v)
+    cfg.threads = given.get("threads")   # not inherited by --resume: the default is fresh
     cfg.input, cfg.outdir = str(input), str(outdir)
     if datadir is not None or not resume:
         cfg.datadir = datadir
     cfg.command = command_line()
-    rundir = train(cfg, resume=resume)
+    # a run that fails before its first checkpoint removes the folder it created
+    cleanup = output_folder(outdir, force=True,
+                            keep=lambda p: (p / "checkpoints" / "last.pt").exists()) \
+        if main_rank and not resume else contextlib.nullcontext()
+    with cleanup:
+        rundir = train(cfg, resume=resume)
     if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 only
         click.echo(str(rundir))

@@ -295,9 +295,10 @@ def read_particle_table(path: str | os.PathLike, numeric=(), allow_empty: bool =
     rlnImageName); ``optics`` is ``data_optics`` or None (RELION 3.0). Checked, each with an
     :class:`InputError` naming the file and the particle/column: a missing file, no particle
     table, zero rows (unless ``allow_empty``), a non-number in a numeric column (RELION's
-    numeric labels, ``cryolatentZ*`` and the labels in ``numeric``), and with ``unique`` a
-    duplicate rlnImageName (pass ``unique=False`` where names are not used to match rows:
-    a symmetry-expanded set legitimately repeats them).
+    numeric labels, ``cryolatentZ*`` and the labels in ``numeric``). With ``unique``,
+    repeated rlnImageName values are warned about (count and first pair; every row is kept;
+    pass ``unique=False`` where names are not used to match rows: a symmetry-expanded set
+    legitimately repeats them).
     """
     path = Path(path)
     if not path.is_file():
@@ -401,13 +402,29 @@ def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_
     return paths, headers, code, idx0
 
 
-def _check_unique(names: np.ndarray, source) -> None:
-    s = pd.Series(names)
+def duplicate_names(names) -> tuple[int, tuple[str, int, int] | None]:
+    """(count, first pair): how many rows repeat an earlier row's name, and the first
+    repeated name with its first two rows (0-based), or (0, None)."""
+    s = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    again = s.duplicated(keep="first").to_numpy()
+    if not again.any():
+        return 0, None
     dup = s.duplicated(keep=False).to_numpy()
-    if dup.any():
-        rows = np.nonzero(dup & (s == s[np.nonzero(dup)[0][0]]).to_numpy())[0][:2]
-        raise InputError(f"{source}: duplicate particle {names[rows[0]]} (rows {rows[0] + 1} "
-                         f"and {rows[1] + 1})")
+    first = np.nonzero(dup)[0][0]
+    rows = np.nonzero(dup & (s == s.iloc[first]).to_numpy())[0][:2]
+    return int(again.sum()), (str(s.iloc[first]), int(rows[0]), int(rows[1]))
+
+
+def _check_unique(names: np.ndarray, source, what: str = "image names") -> None:
+    """Warn about repeated names (RELION and cryoDRGN read such files; joined or re-extracted
+    sets have them): the count and the first pair. Every row is kept, and commands that
+    match rows by name pair the k-th row of a repeated name with the k-th row of the other
+    file (i.e. by position)."""
+    count, pair = duplicate_names(names)
+    if count:
+        name, r0, r1 = pair
+        log.warning("%s: %d duplicate %s, first %s (rows %d and %d); all rows kept", source,
+                    count, what, name, r0 + 1, r1 + 1)
 
 
 def _final_apix(apix_arg, table_apix: np.ndarray | None, headers, code, source) -> np.ndarray:
@@ -509,7 +526,7 @@ def _load_cs(path: Path, datadir, apix) -> ParticleSet:
     table, optics = cs_to_relion(arr, path)
     names = pd.Series(arr["uid"]).astype(str).to_numpy(dtype=object) if "uid" in \
         arr.dtype.names else table["rlnImageName"].to_numpy(dtype=object)
-    _check_unique(names, path)
+    _check_unique(names, path, "particle uids" if "uid" in arr.dtype.names else "image names")
     img = table["rlnImageName"].to_numpy(dtype=object)
     nm = lambda j: f"{img[j]} (uid {names[j]}, row {j + 1})"  # noqa: E731
     paths, headers, code, idx0 = _stacks_from_names(table["rlnImageName"], path, datadir, nm)

@@ -1,0 +1,331 @@
+"""Working the way RELION users work (issue 17): -j/--threads, --force and the clean-up of a
+failed command, duplicate image names, seconds per epoch and ETA, embed.log.
+
+The commands run in-process through :func:`cryolatent.cli.main` on 16 images of 16 px and a
+tiny TARGET-VAE (the data helpers are those of tests/test_cli_errors.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryolatent import utils
+from cryolatent.cli import main
+from cryolatent.io import read_star
+from test_cli_errors import TINY, make_set
+
+NONEMPTY = r"folder exists and is not empty; use --force to overwrite its files"
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The commands set the process's threads: restore them after each test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A good set (``good/in.star``) and a tiny trained run (``run``)."""
+    root = tmp_path_factory.mktemp("workflow")
+    good = make_set(root / "good")
+    n = torch.get_num_threads()
+    rc = main(["train", str(good), "-o", str(root / "run"), "-j", "1", *TINY,
+               "--epochs", "2"])
+    torch.set_num_threads(n)
+    assert rc == 0
+    return root
+
+
+def _one_error(rc, err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc not in (0, None), err
+    assert "Traceback" not in err and lines and lines[-1].startswith("error:"), err
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, err
+    return lines[-1]
+
+
+# ------------------------------------------------------------------------------ threads
+def test_available_cores_honours_cgroup_v2_quota(tmp_path):
+    f = tmp_path / "cpu.max"
+    f.write_text("150000 100000\n")                  # 1.5 cores
+    assert utils.available_cores(cpu_max=f, affinity={0, 1, 2, 3}) == 1
+    f.write_text("300000 100000\n")
+    assert utils.available_cores(cpu_max=f, affinity={0, 1, 2, 3}) == 3
+    assert utils.available_cores(cpu_max=f, affinity={5, 7}) == 2   # affinity is smaller
+    f.write_text("max 100000\n")                     # no limit
+    assert utils.available_cores(cpu_max=f, affinity=set(range(6))) == 6
+    f.write_text("50000 100000\n")                   # half a core: still 1
+    assert utils.available_cores(cpu_max=f, affinity={0, 1}) == 1
+
+
+def test_available_cores_honours_cgroup_v1_quota_and_real_affinity(tmp_path):
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    none = tmp_path / "absent.max"
+    assert utils.available_cores(cpu_max=none, cfs_dir=v1, affinity=set(range(8))) == 2
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")     # no limit
+    assert utils.available_cores(cpu_max=none, cfs_dir=v1, affinity=set(range(8))) == 8
+    # the real process: never more than its affinity, at least 1
+    n = utils.available_cores()
+    assert 1 <= n <= len(__import__("os").sched_getaffinity(0))
+
+
+def test_set_threads_reaches_torch():
+    assert utils.set_threads(1) == 1 and torch.get_num_threads() == 1
+    assert utils.current_threads() == 1
+    assert utils.set_threads(2) == 2 and torch.get_num_threads() == 2
+    assert utils.set_threads(None) == utils.available_cores() == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("j", ["1", "2"])
+def test_threads_option_reaches_torch_and_the_log(tmp_path, j):
+    inp = make_set(tmp_path / "in")
+    torch.set_num_threads(3 - int(j))
+    assert main(["preprocess", str(inp), "-o", str(tmp_path / "p"), "-j", j]) == 0
+    assert torch.get_num_threads() == int(j)
+    assert f"threads: {j}" in (tmp_path / "p" / "preprocess.log").read_text()
+
+
+def test_threads_default_is_the_available_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "available_cores", lambda *a, **k: 1)
+    inp = make_set(tmp_path / "in")
+    torch.set_num_threads(2)
+    assert main(["preprocess", str(inp), "-o", str(tmp_path / "p")]) == 0
+    assert torch.get_num_threads() == 1
+    assert "threads: 1" in (tmp_path / "p" / "preprocess.log").read_text()
+
+
+def test_train_embed_classes_take_threads(run, tmp_path):
+    log = (run / "run" / "run.log").read_text()
+    assert "threads: 1" in log
+    out = tmp_path / "e" / "e.star"
+    assert main(["embed", str(run / "run"), str(run / "good" / "in.star"), "-o", str(out),
+                 "--device", "cpu", "-j", "1", "--clusters", "2"]) == 0
+    assert torch.get_num_threads() == 1
+    elog = (tmp_path / "e" / "embed.log").read_text()          # embed writes a log
+    assert "threads: 1" in elog and "command:" in elog
+    torch.set_num_threads(2)
+    assert main(["classes", str(run / "run"), str(out), "-o", str(tmp_path / "c"), "-j", "1",
+                 "--device", "cpu", "--traversal-steps", "2",
+                 "--datadir", str(run / "good")]) == 0
+    assert torch.get_num_threads() == 1
+    assert "threads: 1" in (tmp_path / "c" / "classes.log").read_text()
+
+
+# ------------------------------------------------------------------------------ progress
+def test_run_log_has_seconds_per_epoch_and_eta(run):
+    lines = [ln for ln in (run / "run" / "run.log").read_text().splitlines()
+             if re.search(r"epoch \d+/2:", ln)]
+    assert len(lines) == 2, lines
+    assert re.search(r"[\d.]+ s/epoch, ETA <= \d", lines[0]), lines[0]   # a cap
+    assert re.search(r"s/epoch, ETA 0 s", lines[1]), lines[1]
+
+
+# ------------------------------------------------------------------------------ --force
+def _argv(cmd: str, out: Path, root: Path, inp: Path) -> list[str]:
+    emb = root / "emb.star"
+    return {
+        "preprocess": ["preprocess", str(inp), "-o", str(out)],
+        "train": ["train", str(inp), "-o", str(out), "-j", "1", *TINY],
+        "classes": ["classes", str(root / "run"), str(emb), "-o", str(out), "--device", "cpu",
+                    "--traversal-steps", "2", "-j", "1", "--datadir", str(root / "good")],
+        "plot": ["plot", str(emb), "-o", str(out), "--no-umap"],
+        "simulate": ["simulate", "cryoem", "-o", str(out), "--n", "4", "--box", "16",
+                     "--apix", "3", "--device", "cpu"],
+        "demo": ["demo", "--quick", "-o", str(out)],
+    }[cmd]
+
+
+@pytest.fixture(scope="module")
+def embedded(run):
+    emb = run / "emb.star"
+    if not emb.exists():
+        assert main(["embed", str(run / "run"), str(run / "good" / "in.star"), "-o", str(emb),
+                     "--device", "cpu", "-j", "1", "--clusters", "2"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("cmd", ["preprocess", "train", "classes", "plot", "simulate", "demo"])
+def test_non_empty_folder_refused_with_one_message(embedded, tmp_path, capsys, cmd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    capsys.readouterr()
+    rc = main(_argv(cmd, out, embedded, embedded / "good" / "in.star"))
+    line = _one_error(rc, capsys.readouterr().err)
+    assert re.search(re.escape(str(out)) + ": " + NONEMPTY, line), line
+    if cmd == "train":
+        assert "--resume" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("cmd", ["preprocess", "classes", "plot", "simulate"])
+def test_force_proceeds(embedded, tmp_path, cmd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    argv = _argv(cmd, out, embedded, embedded / "good" / "in.star")
+    assert main([*argv, "--force"]) == 0
+    assert (out / "keep.txt").read_text() == "user data"
+    assert len(list(out.iterdir())) > 1
+    assert main([*argv, "--force"]) == 0          # and again over its own output
+
+
+def test_train_force_starts_over(embedded, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _argv("train", out, embedded, embedded / "good" / "in.star")
+    assert main(argv) == 0
+    assert main([*argv, "--force", "--epochs", "2"]) == 0
+    assert len((out / "log.csv").read_text().splitlines()) == 3     # header + 2 new epochs
+    # --force removes a run's own files only: anything else in the folder is refused
+    (out / "keep.txt").write_text("user data")
+    capsys.readouterr()
+    _one_error(main([*argv, "--force"]), capsys.readouterr().err)
+    assert (out / "keep.txt").read_text() == "user data"
+    assert (out / "checkpoints" / "last.pt").exists()    # nothing was deleted
+
+
+def test_failed_preprocess_leaves_no_folder(tmp_path, capsys):
+    inp = make_set(tmp_path / "in", "short_stack")          # a truncated (corrupt) stack
+    out = tmp_path / "deep" / "out"
+    rc = main(["preprocess", str(inp), "-o", str(out)])
+    _one_error(rc, capsys.readouterr().err)
+    assert not (tmp_path / "deep").exists()
+    # NaN pixels are found while writing: the half-made folder goes too
+    inp = make_set(tmp_path / "in2", "nan_particle")
+    rc = main(["preprocess", str(inp), "-o", str(out)])
+    _one_error(rc, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_failed_preprocess_in_existing_folder_removes_only_its_files(tmp_path, capsys):
+    inp = make_set(tmp_path / "in", "nan_particle")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc = main(["preprocess", str(inp), "-o", str(out), "--force"])
+    _one_error(rc, capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_failed_train_before_a_checkpoint_leaves_no_folder(tmp_path, capsys):
+    inp = make_set(tmp_path / "in", "nan_particle")
+    out = tmp_path / "run"
+    rc = main(["train", str(inp), "-o", str(out), "-j", "1", *TINY])
+    _one_error(rc, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_output_folder_helper(tmp_path):
+    made = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError):
+        with utils.output_folder(made):
+            made.mkdir(parents=True)
+            (made / "f.txt").write_text("x")
+            raise RuntimeError
+    assert not (tmp_path / "a").exists()       # the parent it made goes too
+    with utils.output_folder(made):
+        made.mkdir(parents=True)
+        (made / "f.txt").write_text("x")
+    assert (made / "f.txt").exists()
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C too; keep() can spare a resumable run
+        with utils.output_folder(tmp_path / "k", keep=lambda p: (p / "f").exists()):
+            (tmp_path / "k").mkdir()
+            (tmp_path / "k" / "f").write_text("x")
+            raise KeyboardInterrupt
+    assert (tmp_path / "k" / "f").exists()
+
+
+# ------------------------------------------------------------------------------ duplicates
+def test_duplicate_names_preprocess_embed_select_keep_every_row(run, tmp_path, capsys):
+    """A STAR in which rows 2 and 4 (and 3 and 9) name the same image goes through
+    preprocess -> embed -> select with every row kept and the warning printed."""
+    inp = make_set(tmp_path / "in", "duplicate")             # row 4 repeats row 2
+    blocks = read_star(inp)
+    parts = blocks["particles"]
+    parts.loc[8, "rlnImageName"] = parts.loc[2, "rlnImageName"]
+    from cryolatent.io import write_star
+
+    write_star(inp, parts, blocks["optics"])
+    n = len(parts)
+    capsys.readouterr()
+    warn = "in.star: 2 duplicate image names, first 000002@stack.mrcs (rows 2 and 4); all rows kept"
+
+    assert main(["preprocess", str(inp), "-o", str(tmp_path / "prep"), "-j", "1"]) == 0
+    assert warn in capsys.readouterr().err
+    prep = read_star(tmp_path / "prep" / "particles.star")["particles"]
+    assert len(prep) == n
+    assert list(prep["rlnImageOriginalName"]) == list(parts["rlnImageName"])
+
+    # embed the original (duplicated) set with a run trained on other particles
+    emb = tmp_path / "emb.star"
+    assert main(["embed", str(run / "run"), str(inp), "-o", str(emb), "--device", "cpu",
+                 "-j", "1", "--clusters", "2"]) == 0
+    assert warn in capsys.readouterr().err
+    e = read_star(emb)["particles"]
+    assert len(e) == n and list(e["rlnImageName"]) == list(parts["rlnImageName"])
+    # rows 2 and 4 are the same image: the same pose and latent, row by row
+    np.testing.assert_allclose(e.loc[1, ["cryolatentZ1", "rlnAnglePsi"]].to_numpy(float),
+                               e.loc[3, ["cryolatentZ1", "rlnAnglePsi"]].to_numpy(float),
+                               atol=1e-4)
+
+    # embed the preprocessed copy too (its original names repeat)
+    emb2 = tmp_path / "emb2.star"
+    assert main(["embed", str(run / "run"), str(tmp_path / "prep" / "particles.star"),
+                 "-o", str(emb2), "--device", "cpu", "-j", "1"]) == 0
+    assert len(read_star(emb2)["particles"]) == n
+
+    # select keeps every row of the chosen classes, repeated names included
+    sel = tmp_path / "sel.star"
+    assert main(["select", str(emb), "--classes", "1,2", "-o", str(sel)]) == 0
+    s = read_star(sel)["particles"]
+    assert len(s) == n and list(s["rlnImageName"]) == list(parts["rlnImageName"])
+    sel1 = tmp_path / "sel1.star"
+    assert main(["select", str(emb), "--classes", "1", "-o", str(sel1)]) == 0
+    k = int((e["rlnClassNumber"] == 1).sum())
+    assert len(read_star(sel1)["particles"]) == k
+
+    # evaluate against itself: repeated names are matched by position
+    capsys.readouterr()
+    assert main(["evaluate", str(emb), "--truth", str(emb)]) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == n and res["cluster_accuracy"] == 1.0
+
+    # classes on the embedded set: every particle counted once
+    capsys.readouterr()
+    assert main(["classes", str(run / "run"), str(emb), "-o", str(tmp_path / "cls"),
+                 "--device", "cpu", "-j", "1", "--traversal-steps", "2",
+                 "--datadir", str(tmp_path / "in")]) == 0
+    assert f", {n} particles ->" in capsys.readouterr().out
+
+
+def test_match_particles_pairs_repeated_names_by_position():
+    import pandas as pd
+
+    from cryolatent.metrics import match_particles
+
+    pred = pd.DataFrame({"rlnImageName": ["1@a", "2@a", "1@a", "3@a"]})
+    truth = pd.DataFrame({"rlnImageName": ["3@a", "1@a", "2@a", "1@a"]})
+    pi, ti = match_particles(pred, truth)
+    assert ti.tolist() == [1, 2, 3, 0]
+
+
+def test_match_table_pairs_repeated_names_by_position():
+    import pandas as pd
+
+    from cryolatent.analysis.class_averages import match_table
+
+    table = pd.DataFrame({"rlnImageName": ["1@a", "2@a", "1@a"]})
+    assert match_table(["2@a", "1@a", "1@a"], table).tolist() == [1, 0, 2]
