@@ -329,3 +329,50 @@ def test_match_table_pairs_repeated_names_by_position():
 
     table = pd.DataFrame({"rlnImageName": ["1@a", "2@a", "1@a"]})
     assert match_table(["2@a", "1@a", "1@a"], table).tolist() == [1, 0, 2]
+
+
+# ------------------------------------------------------------------------------ help texts
+def _commands():
+    from cryolatent.cli import COMMANDS, LazyGroup
+
+    g = LazyGroup()
+    return {n: g.get_command(None, n) for n in COMMANDS if g.get_command(None, n) is not None}
+
+
+def test_every_option_help_states_its_default():
+    import click
+
+    missing = []
+    for name, cmd in _commands().items():
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.required or p.name == "help":
+                continue
+            h = (p.help or "").lower()
+            if not (p.show_default or "default" in h or re.search(r"\[[^\]]+\]\.?$", h)):
+                missing.append(f"{name} {p.opts[0]}")
+    assert missing == [], missing
+
+
+def test_angstrom_units_at_the_interface():
+    cmds = _commands()
+    apix = next(p for p in cmds["preprocess"].params if p.name == "apix")
+    assert "Å" in apix.help and " in A " not in apix.help
+    names = {p.name for p in cmds["train"].params}
+    assert {"translation_prior_angst", "translation_range_angst"} <= names
+    prior = next(p for p in cmds["train"].params if p.name == "translation_prior")
+    assert "px of the training images" in prior.help
+    model = next(p for p in cmds["train"].params if p.name == "model")
+    assert "[target-vae]" in model.help
+
+
+def test_translation_options_in_angstrom(tmp_path):
+    inp = make_set(tmp_path / "in")                         # 2 Å/px
+    out = tmp_path / "run"
+    assert main(["train", str(inp), "-o", str(out), "-j", "1", *TINY,
+                 "--translation-prior-angst", "3", "--translation-range-angst", "5"]) == 0
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["translation_prior"] == pytest.approx(1.5)
+    assert cfg["translation_range"] == 3                    # ceil(5 / 2)
+    assert cfg["extra"]["translation_prior_angst"] == 3.0

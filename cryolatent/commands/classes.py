@@ -14,8 +14,8 @@ from .common import apply_threads, force_option, threads_option
               help="Folder for the averages, counts and gallery (created).")
 @click.option("--particles", type=click.Path(dir_okay=False), default=None,
               help="Particle set to average (.star/.cs/.mrcs), e.g. the unbinned one for "
-                   "full-resolution averages; matched to OUT.star by (original) image name. "
-                   "Default: the images OUT.star names.")
+                   "full-resolution averages; matched to OUT.star by (original) image name "
+                   "[default: the images OUT.star names].")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
               help="Folder holding the stacks named with relative paths [default: beside "
                    "OUT.star, then the current directory].")
@@ -34,7 +34,8 @@ from .common import apply_threads, force_option, threads_option
               help="Principal axes of z to traverse.")
 @click.option("--traversal-steps", type=click.IntRange(min=2), default=7, show_default=True,
               help="Images along each axis.")
-@click.option("--pdf", is_flag=True, default=False, help="Write PDF galleries beside the PNGs.")
+@click.option("--pdf", is_flag=True, default=False,
+              help="Write PDF galleries beside the PNGs [default: PNG only].")
 @threads_option
 @force_option
 def command(rundir, star, outdir, particles, datadir, batch_size, device, use_ctf, wiener_snr,

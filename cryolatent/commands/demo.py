@@ -12,10 +12,10 @@ from .common import force_option
               type=click.Path(file_okay=False), help="Folder for everything the demo writes.")
 @click.option("--quick", is_flag=True,
               help="A tiny variant (seconds; the test suite runs it): checks the chain, "
-                   "learns little.")
+                   "learns little [default: the full demo].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Training epochs (default 25; 2 with --quick).")
+              help="Training epochs [default: 25; 2 with --quick].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @force_option
 def command(outdir, quick, device, epochs, seed, force):

@@ -14,12 +14,14 @@ from .common import force_option
 @click.option("--rundir", type=click.Path(file_okay=False), default=None,
               help="Training run folder: also plot its log.csv (training curves) "
                    "[default: none].")
-@click.option("--pdf", is_flag=True, default=False, help="Write PDF files beside the PNGs.")
+@click.option("--pdf", is_flag=True, default=False,
+              help="Write PDF files beside the PNGs [default: PNG only].")
 @force_option
 @click.option("--umap-sample", type=click.IntRange(min=10), default=50_000, show_default=True,
               help="Particles UMAP is fitted on; the others are placed with UMAP.transform.")
 @click.option("--no-umap", is_flag=True, default=False,
-              help="PCA only (UMAP takes minutes on 10^5+ particles).")
+              help="PCA only (UMAP takes minutes on 10^5+ particles) [default: UMAP and "
+                   "PCA].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of UMAP and of the subsampling.")
 def command(star, outdir, rundir, pdf, force, umap_sample, no_umap, seed):

@@ -12,7 +12,8 @@ from .common import apply_threads, force_option, threads_option
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: particles.star + particles.mrcs (+ preprocess.log).")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
-              help="Folder holding the stacks named by a STAR/.cs with relative paths.")
+              help="Folder holding the stacks named by a STAR/.cs with relative paths "
+                   "[default: beside INPUT, then the current directory].")
 @click.option("--box", type=click.IntRange(min=2), default=None,
               help="New box size in px (Fourier crop; even recommended) [default: keep the "
                    "input's].")
@@ -21,7 +22,8 @@ from .common import apply_threads, force_option, threads_option
 @click.option("--invert/--no-invert", "do_invert", default=False, show_default=True,
               help="Invert the contrast.")
 @click.option("--phase-flip", "do_phase_flip", is_flag=True, default=False,
-              help="Multiply each particle's Fourier transform by the sign of its CTF.")
+              help="Multiply each particle's Fourier transform by the sign of its CTF "
+                   "[default: off].")
 @click.option("--apix", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Pixel size of the input in Å [default: the file's: rlnImagePixelSize, "
                    "else the stack header].")

@@ -14,7 +14,8 @@ import click
               help="Class numbers to keep, 1-based as rlnClassNumber: 1,3 or 2-5.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="SUBSET.star (SUBSET.cs for a .cs input).")
-@click.option("--invert", is_flag=True, help="Drop the particles of these classes instead.")
+@click.option("--invert", is_flag=True,
+              help="Drop the particles of these classes instead [default: keep them].")
 def command(input, classes, out, invert):
     """Keep (or with --invert drop) the particles of chosen classes of a STAR or .cs file.
 

@@ -37,17 +37,21 @@ from .common import force_option
               show_default=True, help="MNIST split.")
 @click.option("--views", type=int, default=None,
               help="cryoem: K fixed projection directions (Fibonacci sphere) instead of "
-                   "uniform random ones; the view is written as cryolatentViewNumber.")
+                   "uniform random ones; the view is written as cryolatentViewNumber "
+                   "[default: random views].")
 @click.option("--shift-sd", type=float, default=None,
-              help="Shift standard deviation per axis, px (MNIST 5, cryoem 3).")
+              help="Shift standard deviation per axis in px of the simulated images "
+                   "[default: MNIST 5, cryoem 3].")
 @click.option("--defocus-min", type=float, default=10000.0, show_default=True,
               help="cryoem: smallest mean defocus, Å.")
 @click.option("--defocus-max", type=float, default=25000.0, show_default=True,
               help="cryoem: largest mean defocus, Å.")
 @click.option("--astigmatism", type=float, default=500.0, show_default=True,
               help="cryoem: largest defocus difference U - V, Å.")
-@click.option("--no-ctf", is_flag=True, help="cryoem: no CTF (and no CTF columns).")
-@click.option("--centered", is_flag=True, help="All shifts 0 (centred particles).")
+@click.option("--no-ctf", is_flag=True,
+              help="cryoem: no CTF (and no CTF columns) [default: with CTF].")
+@click.option("--centered", is_flag=True,
+              help="All shifts 0 (centred particles) [default: off].")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda (rendering and interpolation).")
 @force_option

@@ -65,9 +65,12 @@ _OPTIONS = [
      "TARGET-VAE prior over the discrete rotations [uniform]."),
     ("--rotation-prior-sd", "rotation_prior_sd", float,
      "SD in degrees of the normal rotation prior [45]."),
-    ("--translation-prior", "translation_prior", float, "SD in px of the translation prior [5]."),
+    ("--translation-prior", "translation_prior", float,
+     "SD of the translation prior in px of the training images (so its value in Å follows "
+     "their pixel size: see --translation-prior-angst) [5]."),
     ("--translation-range", "translation_range", int,
-     "TARGET-VAE max |shift| px on the grid [min(box/2, 4 x prior SD)]."),
+     "TARGET-VAE max |shift| on the grid, px of the training images (see "
+     "--translation-range-angst) [min(box/2, 4 x prior SD)]."),
     ("--likelihood", "likelihood", click.Choice(["auto", "bernoulli", "gaussian"]),
      "auto: Bernoulli for images in [0, 1], else Gaussian [auto]."),
     ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
@@ -94,6 +97,35 @@ _OPTIONS = [
 ]
 
 
+def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a) -> None:
+    """Set cfg.translation_prior / translation_range (px of the training images) from Å,
+    with the training set's pixel size (its median, when the optics groups differ); the Å
+    values are kept in config.json under "extra"."""
+    import logging
+    import math
+
+    import numpy as np
+
+    from ..io import load_particles
+
+    from ..utils import setup_logging
+
+    setup_logging(None)
+    ps = load_particles(input, datadir=datadir)
+    apix = float(np.median(np.asarray(ps.apix_per_particle, dtype=float)))
+    log = logging.getLogger("cryolatent")
+    if prior_a is not None:
+        cfg.translation_prior = prior_a / apix
+        cfg.extra["translation_prior_angst"] = prior_a
+        log.info("--translation-prior-angst %g Å = %.4g px of the %.4g Å/px training images",
+                 prior_a, cfg.translation_prior, apix)
+    if range_a is not None:
+        cfg.translation_range = max(1, math.ceil(range_a / apix - 1e-6))
+        cfg.extra["translation_range_angst"] = range_a
+        log.info("--translation-range-angst %g Å = %d px of the %.4g Å/px training images",
+                 range_a, cfg.translation_range, apix)
+
+
 def _add_options(f):
     for opt, field, typ, helptext in reversed(_OPTIONS):
         if typ is bool:
@@ -109,13 +141,25 @@ def _add_options(f):
 @click.option("-o", "--outdir", "outdir", required=True, type=click.Path(file_okay=False),
               help="Run folder (must be new or empty unless --resume or --force).")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
-              help="Folder where relative stack paths are looked up.")
-@click.option("--resume", is_flag=True, help="Continue RUNDIR from checkpoints/last.pt.")
+              help="Folder where relative stack paths are looked up [default: beside INPUT, "
+                   "then the current directory].")
+@click.option("--resume", is_flag=True,
+              help="Continue RUNDIR from checkpoints/last.pt [default: a new run].")
+@click.option("--translation-prior-angst", "translation_prior_angst", default=None,
+              type=click.FloatRange(min=0, min_open=True),
+              help="SD of the translation prior in Å; converted to px of the training images "
+                   "(replaces --translation-prior) [default: --translation-prior px].")
+@click.option("--translation-range-angst", "translation_range_angst", default=None,
+              type=click.FloatRange(min=0, min_open=True),
+              help="TARGET-VAE max |shift| on the grid in Å; converted to px of the training "
+                   "images, rounded up (replaces --translation-range) [default: "
+                   "--translation-range].")
 @force_option
 @threads_option
 @_add_options
 @click.pass_context
-def command(ctx, input, outdir, datadir, resume, force, **opts):
+def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
+            translation_range_angst, force, **opts):
     """Train TARGET-VAE or IRL-INR on INPUT (.star, .cs or .mrcs).
 
     --force starts a new run in a used RUNDIR: its config.json, log.csv, run.log,
@@ -169,6 +213,10 @@ def command(ctx, input, outdir, datadir, resume, force, **opts):
         if k in names:
             setattr(cfg, k, v)
     cfg.threads = given.get("threads")   # not inherited by --resume: the default is fresh
+    if translation_prior_angst is not None or translation_range_angst is not None:
+        if resume:
+            raise click.UsageError("--translation-*-angst cannot change a run under --resume")
+        _angstrom_to_px(cfg, input, datadir, translation_prior_angst, translation_range_angst)
     cfg.input, cfg.outdir = str(input), str(outdir)
     if datadir is not None or not resume:
         cfg.datadir = datadir
