@@ -570,7 +570,7 @@ def _same_file(a, b) -> bool:
 def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int | None = None,
           cluster_method: str = "kmeans", batch_size: int | None = None,
           device: str = "auto", datadir: str | Path | None = None, seed: int = 0,
-          checkpoint: str = "best", centre: bool = True) -> Path:
+          checkpoint: str = "best", centre: bool = True, trust: bool = True) -> Path:
     """Embed every particle of ``input`` with the model of ``rundir``; returns OUT.star's path.
 
     rundir: a ``cryolatent train`` run folder; input: .star / .cs / .mrcs; out: OUT.star
@@ -581,7 +581,8 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     cuda | cuda:N; datadir: where INPUT's relative stack paths are looked up; checkpoint:
     "best" (lowest validation loss) or "last"; centre: move each class's canonical frame
     (all particles' one without ``clusters``) to where its shifts are smallest
-    (:func:`cryolatent.pose.centre_class_frames`).
+    (:func:`cryolatent.pose.centre_class_frames`); trust: write the trust signals to
+    ``OUT_summary.json`` (:func:`cryolatent.analysis.trust.embed_report`).
     """
     from .analysis.cluster import METHODS, cluster_latents
     from .io import load_particles, write_star
@@ -657,6 +658,12 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
                                                  ps.apix_per_particle, labels,
                                                  res.confidence))
     log.info("wrote %s, %s%s", outs.star, outs.z, f", {outs.cs}" if outs.cs else "")
+    if trust:  # half-set resolution per class, shift edge, latent use (docs/trust.md)
+        from .analysis.trust import embed_report_safe
+
+        embed_report_safe(outs.star, ps, table, labels, model, res.psi, res.shift,
+                          np.load(outs.z, mmap_mode="r"), rundir, seed, bs, dev,
+                          adapter=adapter)
     return outs.star
 
 

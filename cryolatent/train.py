@@ -489,6 +489,11 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         if cfg.early_stop and state["bad_epochs"] >= cfg.early_stop:
             log.info("early stop: no improvement for %d epochs", state["bad_epochs"])
             break
+    if main:  # trust signals: RUNDIR/summary.json (docs/trust.md); rank 0's validation share
+        from .analysis.trust import training_report_safe
+
+        training_report_safe(model, source, train_idx, batches.val, writer.rows, rundir,
+                             cfg.z_dim, cfg.seed)
     dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return rundir
 

@@ -425,12 +425,14 @@ def _scale_bar(ax, box: int, apix: float) -> None:
 def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.ndarray,
                  denoised: np.ndarray | None = None, apix: float | None = None,
                  denoised_apix: float | None = None, per_row: int = 10,
-                 fmt: Sequence[str] = ("png",), include_empty: bool = False) -> list[Path]:
+                 fmt: Sequence[str] = ("png",), include_empty: bool = False,
+                 notes: dict[int, str] | None = None) -> list[Path]:
     """A labelled gallery: for each class, the aligned average above the denoised one.
 
     aligned: (K, D, D) or None; denoised: (K, d, d) or None; counts: (K,). Each image is
     scaled to its own 0.5–99.5 percentile range; titles give class number and particle count;
-    the first image of each row carries a scale bar when the pixel size is given.
+    the first image of each row carries a scale bar when the pixel size is given;
+    ``notes``: class index (0-based) -> a third title line (e.g. the estimated resolution).
     Writes ``out_path`` with each suffix of ``fmt``; returns the paths.
     """
     from .plots import _mpl, save_figure, style
@@ -462,7 +464,9 @@ def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.nd
                 ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
                 _bare_axes(ax)
                 if r == 0:
-                    ax.set_title(f"class {k + 1}\nn = {int(counts[k]):,}", fontsize=8)
+                    ax.set_title(f"class {k + 1}\nn = {int(counts[k]):,}"
+                                 + (f"\n{notes[k]}" if notes and k in notes else ""),
+                                 fontsize=8)
                 if col == 0:
                     ax.set_ylabel(kind, fontsize=8)
                     if px:
@@ -524,8 +528,8 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
                         particles: str | Path | None = None, datadir: str | Path | None = None,
                         batch_size: int = 256, device: str = "auto",
                         wiener_snr: float = WIENER_SNR, ctf: bool | str = "auto",
-                        n_axes: int = 2, steps: int = 7, fmt: Sequence[str] = ("png",)
-                        ) -> dict[str, Any]:
+                        n_axes: int = 2, steps: int = 7, fmt: Sequence[str] = ("png",),
+                        trust: bool = True) -> dict[str, Any]:
     """Everything ``cryolatent classes`` writes.
 
     rundir: the training run (for the generator; None skips denoised averages and
@@ -533,7 +537,8 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
     images ``star`` names; an unbinned set gives full-resolution averages).
     Writes into ``out_dir``: ``aligned_averages.mrcs`` (K, D, D, pixel size of the particles),
     ``denoised_averages.mrcs`` (K, d, d), ``traversals.mrcs`` (n_axes·steps, d, d, row-major
-    by axis), ``class_counts.csv``, ``gallery.png`` and ``traversals.png``.
+    by axis), ``class_counts.csv``, ``gallery.png``, ``traversals.png`` and, with ``trust``,
+    ``summary.json`` (:func:`cryolatent.analysis.trust.classes_report`).
     Returns ``{"files": [...], "counts": (K,), "aligned": ..., "denoised": ...}``.
     """
     from ..io import load_particles, read_particle_table, write_mrcs
@@ -603,12 +608,23 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
         files.append(out_dir / "traversals.mrcs")
     files.append(write_counts(out_dir / "class_counts.csv", counts, "aligned_averages.mrcs",
                               centres))
+    summary = None
+    if trust:  # half-set resolution, pose agreement, distinguishability (docs/trust.md)
+        from .trust import classes_report_safe, gallery_notes
+
+        summary = classes_report_safe(
+            star, out_dir, ps, ptable, class_labels(ptable, str(star)), K, model=model,
+            z=z if zcols else None, rundir=rundir, batch_size=batch_size, ctf=ctf,
+            wiener_snr=wiener_snr, device=dev)
+        if summary is not None:
+            files.append(out_dir / "summary.json")
     files += plot_gallery(out_dir / "gallery.png", aligned, counts, denoised,
-                          apix=float(ps.apix), denoised_apix=d_apix, fmt=fmt)
+                          apix=float(ps.apix), denoised_apix=d_apix, fmt=fmt,
+                          notes=gallery_notes(summary) if summary else None)
     if trav is not None:
         files += plot_traversal(out_dir / "traversals.png", trav, apix=d_apix, fmt=fmt)
     return {"files": files, "counts": counts, "aligned": aligned, "denoised": denoised,
-            "traversal": trav}
+            "traversal": trav, "summary": summary}
 
 
 def _field_of_view(optics, ps) -> float:
