@@ -181,7 +181,8 @@ def _training_input(cfg, rundir=None) -> str:
     (a relative path recorded by a run started in a RELION-style project folder)."""
     p = Path(cfg.input)
     if not p.exists() and not p.is_absolute() and rundir is not None:
-        for base in (Path(rundir).parent, Path(rundir)):
+        cwd0 = (getattr(cfg, "extra", None) or {}).get("cwd")   # where the training ran
+        for base in ([Path(cwd0)] if cwd0 else []) + [Path(rundir).parent, Path(rundir)]:
             if (base / p).exists():
                 return str(base / p)
     return str(cfg.input)
@@ -641,9 +642,12 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
         del res.z  # close the memmap before the rename
         _warn_kept_columns(ps.table, clusters is not None)
         if ps.kind == "mrcs":
-            # a bare stack has no original names: point at it by absolute path, so OUT.star
-            # works from any folder (RELION resolves relative names from its working folder)
-            stack = Path(ps.stack_paths[0]).resolve()
+            # a bare stack has no original names: relative to the current directory (RELION
+            # resolves names from its working folder) when the stack lies below it, else
+            # absolute
+            from .utils import relion_path
+
+            stack = relion_path(ps.stack_paths[0])
             cols["rlnImageName"] = np.array([f"{i + 1:06d}@{stack}"
                                              for i in np.asarray(ps.image_index)], dtype=object)
         table = _add_columns(ps.table, cols)

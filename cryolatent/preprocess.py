@@ -401,7 +401,10 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
     # The STAR is written to its temporary name before the stack is renamed into place, so a
     # failure anywhere (bad particle, full disk, Ctrl-C) leaves both previous files as they
     # were, and a finished run never pairs a new stack with an old STAR.
-    particles, optics = _output_tables(ps, stack_name, d, factor, phase_flip)
+    # image names relative to the current directory (RELION's project directory) when the
+    # stack lies below it, else absolute
+    particles, optics = _output_tables(ps, utils.relion_path(stack_path), d, factor,
+                                       phase_flip)
     with _blas_threads(max(1, ncpu // workers)), utils.atomic_path(star_path) as star_tmp:
         with MRCStackWriter(stack_path, d, float(apix_out[0])) as w, \
                 cf.ThreadPoolExecutor(max_workers=workers) as pool, \

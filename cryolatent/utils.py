@@ -379,3 +379,18 @@ def _close_logs_under(folder: Path) -> None:
         if f and os.path.abspath(f).startswith(root + os.sep):
             logger.removeHandler(h)
             h.close()
+
+
+# ----------------------------------------------------------------------------- image names
+def relion_path(path: str | os.PathLike) -> str:
+    """How a STAR file that cryolatent writes names a stack: relative to the current
+    directory when the stack lies below it (RELION resolves image names from the project
+    directory, the folder a job runs from), absolute otherwise. Symbolic links in the
+    folders are resolved for the comparison; the file name is kept as it is."""
+    p = Path(path)
+    folder = Path(os.path.realpath(p.parent if str(p.parent) else "."))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    try:
+        return str(folder.relative_to(cwd) / p.name)
+    except ValueError:
+        return str(folder / p.name)

@@ -40,7 +40,9 @@ def test_mnist_u_truth_recovers_the_padded_digit(tmp_path, mnist_file):
     with np.load(mnist_file) as z:
         digits, labels = z["x_test"][:n], z["y_test"][:n]
     assert imgs.shape == (n, 50, 50) and imgs.min() >= 0.0 and imgs.max() <= 1.0
-    assert list(tab.rlnImageName[:2]) == ["000001@particles.mrcs", "000002@particles.mrcs"]
+    # names relative to the current directory, or absolute where the set lies outside it
+    stack = tmp_path.resolve() / "particles.mrcs"
+    assert list(tab.rlnImageName[:2]) == [f"000001@{stack}", f"000002@{stack}"]
     assert np.array_equal(tab.rlnClassNumber.to_numpy(), labels + 1)
     assert float(optics.rlnImagePixelSize[0]) == 1.0 and int(optics.rlnImageSize[0]) == 50
     canon = pad_digits(digits, 50).astype(np.float64)

@@ -376,3 +376,98 @@ def test_translation_options_in_angstrom(tmp_path):
     assert cfg["translation_prior"] == pytest.approx(1.5)
     assert cfg["translation_range"] == 3                    # ceil(5 / 2)
     assert cfg["extra"]["translation_prior_angst"] == 3.0
+
+
+# ------------------------------------------------------------------------------ paths
+def test_relion_path_relative_below_cwd_absolute_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "prep").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "proj")
+    assert utils.relion_path("prep/particles.mrcs") == "prep/particles.mrcs"
+    assert utils.relion_path(tmp_path / "proj" / "prep" / "p.mrcs") == "prep/p.mrcs"
+    assert utils.relion_path(tmp_path / "other" / "p.mrcs") == str(
+        tmp_path.resolve() / "other" / "p.mrcs")
+    assert utils.relion_path("../x/p.mrcs") == str(tmp_path.resolve() / "x" / "p.mrcs")
+
+
+def test_stack_resolution_order(tmp_path, monkeypatch):
+    """--datadir, beside the STAR, the current directory, then the run's folders."""
+    from cryolatent.io import load_particles
+    from cryolatent.io.particles import stack_search_dirs
+
+    inp = make_set(tmp_path / "data")                   # in.star + stack.mrcs
+    star = tmp_path / "meta" / "in.star"
+    star.parent.mkdir()
+    star.write_text(inp.read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="stack stack.mrcs not found"):
+        load_particles(star)
+    assert load_particles(star, datadir=tmp_path / "data").stack_paths[0] == \
+        tmp_path / "data" / "stack.mrcs"
+    with stack_search_dirs([tmp_path / "data"]):
+        assert len(load_particles(star)) == 16
+    # names relative to the project directory (the current one)
+    star.write_text(inp.read_text().replace("@stack.mrcs", "@data/stack.mrcs"))
+    assert len(load_particles(star)) == 16
+
+
+def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, monkeypatch):
+    """The README's "real workflow", line by line, on the real Topaz particles laid out as a
+    RELION Select job, run from the project directory (not the STAR's folder), with tiny
+    models; RELION's relion_stack_create reads every STAR from that directory, and the last
+    step applies the poses. Then the commands given a run folder find the stacks from
+    another folder too."""
+    import shutil
+
+    src = shared_data / "particles" / "topaz_picked"
+    proj = tmp_path / "project"
+    job = proj / "Select" / "job012"
+    job.mkdir(parents=True)
+    shutil.copy(src / "epu29_particles_b96.mrcs", job / "epu29_particles_b96.mrcs")
+    # names relative to the project directory, as RELION writes them
+    (job / "particles.star").write_text((src / "epu29_particles_b96.star").read_text()
+                                        .replace("@epu29_particles_b96.mrcs",
+                                                 "@Select/job012/epu29_particles_b96.mrcs"))
+    monkeypatch.chdir(proj)
+
+    def ok(*argv):
+        rc = main([*map(str, argv)])
+        assert rc == 0, argv
+
+    def stack_create(star, out, *extra):
+        relion("relion_stack_create", "--i", star, "--o", out, *extra, cwd=proj)
+        assert Path(proj / f"{out}.mrcs").stat().st_size > 0
+
+    ok("preprocess", "Select/job012/particles.star", "-o", "prep", "--box", "32", "-j", "1")
+    prep = read_star(proj / "prep" / "particles.star")["particles"]
+    assert prep["rlnImageName"].iloc[0] == "000001@prep/particles.mrcs"
+    stack_create("prep/particles.star", "prep_stack")
+    ok("train", "prep/particles.star", "-o", "run1", "-j", "1", *TINY)
+    ok("embed", "run1", "Select/job012/particles.star", "-o", "embedded.star",
+       "--clusters", "2", "--device", "cpu", "-j", "1")
+    stack_create("embedded.star", "embedded_aligned", "--apply_transformation")
+    ok("plot", "embedded.star", "-o", "plots", "--rundir", "run1", "--no-umap")
+    ok("classes", "run1", "embedded.star", "-o", "classes", "--device", "cpu", "-j", "1",
+       "--traversal-steps", "2")
+    ok("select", "embedded.star", "--classes", "1", "-o", "good.star")
+    stack_create("good.star", "aligned", "--apply_transformation")
+    n_sel = len(read_star(proj / "good.star")["particles"])
+    import mrcfile
+
+    with mrcfile.open(proj / "aligned.mrcs", permissive=True) as m:
+        assert m.data.shape[0] == n_sel
+
+    # from another folder: beside the STAR, then beside the run's recorded training input
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    shutil.copy(proj / "embedded.star", other / "e.star")      # names relative to project
+    ok("classes", proj / "run1", "e.star", "-o", "c2", "--device", "cpu", "-j", "1",
+       "--traversal-steps", "2")
+    ok("embed", proj / "run1", "e.star", "-o", "e2.star", "--device", "cpu", "-j", "1")
+    # a STAR cryolatent writes outside the current directory names its stack absolutely
+    ok("preprocess", "e.star", "-o", tmp_path / "outside", "--box", "32", "-j", "1",
+       "--datadir", proj)
+    monkeypatch.chdir(proj)
+    name = read_star(tmp_path / "outside" / "particles.star")["particles"]["rlnImageName"][0]
+    assert name == f"000001@{(tmp_path / 'outside').resolve() / 'particles.mrcs'}"
+    stack_create(str(tmp_path / "outside" / "particles.star"), "outside_stack")

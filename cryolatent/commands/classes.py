@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import apply_threads, force_option, threads_option
+from .common import apply_threads, force_option, run_search_dirs, threads_option
 
 
 @click.command("classes")
@@ -17,8 +17,9 @@ from .common import apply_threads, force_option, threads_option
                    "full-resolution averages; matched to OUT.star by (original) image name "
                    "[default: the images OUT.star names].")
 @click.option("--datadir", type=click.Path(file_okay=False), default=None,
-              help="Folder holding the stacks named with relative paths [default: beside "
-                   "OUT.star, then the current directory].")
+              help="Folder holding the stacks named with relative paths, looked in first "
+                   "[default: beside OUT.star, then the current directory, then beside the "
+                   "run's recorded training input].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Particles read and aligned at a time.")
 @click.option("--device", default="auto", show_default=True,
@@ -57,7 +58,11 @@ def command(rundir, star, outdir, particles, datadir, batch_size, device, use_ct
 
     if not Path(rundir).is_dir():
         raise InputError(f"{rundir}: no such run folder")
-    with utils.output_folder(outdir, force):   # removed again if the command fails
+    from ..io.particles import stack_search_dirs
+
+    # removed again if the command fails; stacks are also looked for beside the run's
+    # recorded training input
+    with utils.output_folder(outdir, force), stack_search_dirs(run_search_dirs(rundir)):
         logger = utils.setup_logging(outdir, "classes.log")
         logger.info("command: %s", utils.command_line())
         apply_threads(threads)

@@ -32,3 +32,35 @@ def apply_threads(threads: int | None) -> int:
     n = set_threads(threads)
     logging.getLogger("cryolatent").info("threads: %d", n)
     return n
+
+
+def run_search_dirs(rundir) -> list:
+    """Folders where a command given a run folder also looks for relative stack paths (after
+    --datadir, beside the STAR and the current directory): beside the run's recorded training
+    input, its --datadir, and the folder the training ran from (a RELION project directory).
+    Relative records are taken from that folder, else from the run folder's parent."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(rundir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    extra = cfg.get("extra") or {}
+    cwd0 = extra.get("cwd")
+    bases = [Path(b) for b in (cwd0, Path(rundir).parent) if b]
+    out: list[Path] = []
+
+    def add(p: Path) -> None:
+        if p.is_dir() and p not in out:
+            out.append(p)
+
+    for rec, parent in ((cfg.get("input"), True), (cfg.get("datadir"), False)):
+        if not rec:
+            continue
+        p = Path(rec)
+        for cand in ([p] if p.is_absolute() else [b / p for b in bases]):
+            add(cand.parent if parent else cand)
+    for b in bases[:1]:
+        add(b)
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import apply_threads, threads_option
+from .common import apply_threads, run_search_dirs, threads_option
 
 _METHODS = ("kmeans", "agglomerative", "gmm")
 
@@ -23,8 +23,9 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--cluster-method", type=click.Choice(_METHODS), default="kmeans",
               show_default=True, help="k-means, agglomerative (Ward) or Gaussian mixture.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Folder where INPUT's relative stack paths are looked up [default: beside "
-                   "INPUT, then the current directory].")
+              help="Folder where INPUT's relative stack paths are looked up first [default: "
+                   "beside INPUT, then the current directory, then beside the run's recorded "
+                   "training input].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Particles per forward pass [default: the run's training batch size].")
 @click.option("--device", default="auto", show_default=True,
@@ -41,6 +42,9 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
     (.star, .cs or .mrcs) with the trained model of RUNDIR.
 
+    Relative stack paths are looked up in --datadir, beside INPUT, in the current directory,
+    then beside the run's recorded training input.
+
     INPUT may be the training set or the original particles it was made from (larger box):
     these are Fourier-cropped and normalised on the fly as at training, and the origins are
     written in Å, right for INPUT's pixel size. OUT.star keeps every input column and row, in
@@ -52,13 +56,15 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     import contextlib
 
     from ..inference import embed
+    from ..io.particles import stack_search_dirs
     from ..utils import command_line, output_folder, setup_logging
 
     folder = out.parent if str(out.parent) else Path(".")
     # a folder made for OUT.star is removed again if embed fails
     made = output_folder(folder, force=True) if not folder.exists() \
         else contextlib.nullcontext()
-    with made:
+    # stacks are also looked for beside the run's recorded training input
+    with made, stack_search_dirs(run_search_dirs(rundir)):
         logger = setup_logging(folder, "embed.log")
         logger.info("command: %s", command_line())
         apply_threads(threads)

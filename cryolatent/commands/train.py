@@ -221,6 +221,8 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
     if datadir is not None or not resume:
         cfg.datadir = datadir
     cfg.command = command_line()
+    if not resume:   # where relative paths were resolved (commands given RUNDIR look there)
+        cfg.extra["cwd"] = os.getcwd()
     # a run that fails before its first checkpoint removes the folder it created
     cleanup = output_folder(outdir, force=True,
                             keep=lambda p: (p / "checkpoints" / "last.pt").exists()) \

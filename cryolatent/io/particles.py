@@ -16,6 +16,7 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -328,18 +329,48 @@ def read_particle_table(path: str | os.PathLike, numeric=(), allow_empty: bool =
     return table, optics
 
 
+#: further folders where relative stack paths are looked up (after --datadir, beside the
+#: file and the current directory): commands given a run folder add the folders of the run's
+#: recorded training input (:func:`stack_search_dirs`)
+_EXTRA_DIRS: list[Path] = []
+
+
+@contextlib.contextmanager
+def stack_search_dirs(dirs) -> Iterator[None]:
+    """Inside the block, relative stack paths are also looked up in ``dirs`` (after
+    ``--datadir``, beside the STAR/.cs and the current directory)."""
+    added = [Path(d) for d in dirs if d is not None]
+    _EXTRA_DIRS.extend(added)
+    try:
+        yield
+    finally:
+        for d in added:
+            _EXTRA_DIRS.remove(d)
+
+
 def _resolve(rel: str, source: Path, datadir) -> Path | None:
+    """One rule for every command: an absolute path as it is; a relative one in
+    ``--datadir``, then beside the STAR/.cs, then in the current directory (a RELION
+    project's layout), then in the folders of :func:`stack_search_dirs`; last, the file name
+    alone in ``--datadir``, beside the STAR/.cs and in those folders (a moved project)."""
     p = Path(rel)
     if p.is_absolute():
         return p if p.exists() else None
-    if datadir is not None:
-        cands = [Path(datadir) / p, Path(datadir) / p.name]
-    else:
-        cands = [source.parent / p, Path.cwd() / p]
+    dirs = ([Path(datadir)] if datadir is not None else []) + [source.parent, Path.cwd()] \
+        + list(_EXTRA_DIRS)
+    cands = [d / p for d in dirs] + [d / p.name for d in dirs if d != Path.cwd()]
     for c in cands:
         if c.is_file():
             return c
     return None
+
+
+def _where(source: Path, datadir) -> str:
+    """The folders :func:`_resolve` looked in, for error messages."""
+    beside = [] if os.path.abspath(source.parent) == os.getcwd() else [f"{source.parent}"]
+    parts = ([f"--datadir {datadir}"] if datadir is not None else []) + beside + \
+        ["the current directory"] + [str(d) for d in _EXTRA_DIRS]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
 def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_errors):
@@ -363,8 +394,7 @@ def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_
     for k, rel in enumerate(uniq):
         p = _resolve(str(rel), source, datadir)
         if p is None:
-            where = f"--datadir {datadir}" if datadir is not None else \
-                f"{source.parent} or the current directory"
+            where = _where(source, datadir)
             raise InputError(f"{source}: stack {rel} not found (looked in {where}); first "
                              f"referenced by particle {names_for_errors(int(first_row[k]))}")
         try:

@@ -47,7 +47,7 @@ def optics_table(box: int, apix: float) -> pd.DataFrame:
 
 
 def image_names(n: int, stack: str = STACK_NAME) -> list[str]:
-    """RELION image names ``000001@particles.mrcs`` … (1-based, relative to the STAR)."""
+    """RELION image names ``000001@particles.mrcs`` … (1-based; ``stack`` as given)."""
     return [f"{i + 1:06d}@{stack}" for i in range(n)]
 
 
@@ -69,7 +69,11 @@ def write_particle_set(outdir: str | os.PathLike, chunks: Iterable[np.ndarray],
     out.mkdir(parents=True, exist_ok=True)
     n = len(table)
     table = table.copy()
-    table.insert(0, "rlnImageName", image_names(n))
+    from ..utils import relion_path
+
+    # relative to the current directory (RELION's project directory) when the stack lies
+    # below it, else absolute
+    table.insert(0, "rlnImageName", image_names(n, relion_path(out / STACK_NAME)))
     table.insert(1, "rlnOpticsGroup", np.ones(n, dtype=np.int64))
     done = 0
     with MRCStackWriter(out / STACK_NAME, box, apix) as w, \
