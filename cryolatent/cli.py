@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classes": ("classes", "Aligned and denoised class averages."),
     "select": ("select", "Keep (or drop) the particles of chosen classes."),
     "demo": ("demo", "The whole chain on a small built-in example (CPU, minutes)."),
+    "relion-external": ("relion_external", "The chain as a RELION 4/5 External job."),
 }
 
 
