@@ -76,13 +76,13 @@ CONFIGS = {
     "tvae-p8-z2-50": dict(
         kind="tvae", box=50, spec_batch=100, batch=16, rotations=8, z_dim=2, gen_width=512,
         gen_layers=2, ref_fourier=True,
-        ours=dict(model="target-vae", rotations=8, z_dim=2, gen_width=512, gen_layers=2,
-                  likelihood="bernoulli")),
+        ours=dict(model="target-vae", rotations=8, z_dim=2, enc_channels=128, gen_width=512,
+                  gen_layers=2, fourier_features=256, likelihood="bernoulli")),
     "tvae-p16-z32-50": dict(
         kind="tvae", box=50, spec_batch=100, batch=16, rotations=16, z_dim=32, gen_width=512,
         gen_layers=2, ref_fourier=True,
-        ours=dict(model="target-vae", rotations=16, z_dim=32, gen_width=512, gen_layers=2,
-                  likelihood="bernoulli")),
+        ours=dict(model="target-vae", rotations=16, z_dim=32, enc_channels=128,
+                  gen_width=512, gen_layers=2, fourier_features=256, likelihood="bernoulli")),
     "irl-inr-50": dict(
         kind="irl", box=50, spec_batch=128, batch=32, z_dim=32, width=256, layers=3, freqs=256,
         ours=dict(model="irl-inr", z_dim=32, lr=1e-4, weight_decay=5e-4, inr_width=256,
@@ -100,8 +100,12 @@ KNOWN_FIELDS = {
     "enc_width", "hyper_width", "hyper_layers", "inr_width", "inr_layers",
     "fourier_features", "fourier_sigma", "lambda_recon", "lambda_consistency",
     "lambda_symmetry", "consistency_loss", "rotation_rule", "extra",
-    "threads",  # run setting (train sets the thread count); this script uses --threads
+    # not step options: run settings and when to stop
+    "threads", "converge_window", "converge_tol",
 }
+# the model's structure in CONFIGS[...]["ours"]; the "defaults" rows leave these to train
+SIZE_FIELDS = ("enc_channels", "gen_width", "fourier_features", "translation_range",
+               "translation_prior", "mask", "ctf")
 
 
 # ----------------------------------------------------------------------------- reference code
@@ -305,23 +309,44 @@ class Ours:
     """cryolatent's training step: StepRunner.train_step with make_optimizer (AdamW)."""
 
     def __init__(self, name: str, box: int | None = None, tiny: bool = False,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, defaults: str | None = None):
+        """defaults: None (SPEC's structure), or "plain" / "cryoem": leave the sizes, the
+        translation search, the mask and the CTF to ``TrainConfig.resolve_defaults`` as
+        ``train`` does on the CPU for a set without / with CTF parameters."""
         from cryolatent.train import StepRunner, make_optimizer
 
         c = CONFIGS[name]
         over = dict(c["ours"])
         if tiny:
             over.update(TINY)
+        if defaults:
+            for k in SIZE_FIELDS:
+                over.pop(k, None)
+            if defaults == "cryoem" and over.get("likelihood") == "bernoulli":
+                over["likelihood"] = "gaussian"
         over.update(overrides or {})
+        tiny_sizes = {k: v for k, v in TINY.items() if k in SIZE_FIELDS} if tiny else {}
         self.cfg = TrainConfig(**over, amp="off", compile=False, device="cpu")
         self.box = box or c["box"]
+        self.notes = (self.cfg.resolve_defaults(self.box, defaults == "cryoem", "cpu")
+                      if defaults else [])
+        for k, v in tiny_sizes.items():  # tests: keep the models tiny
+            setattr(self.cfg, k, v)
         torch.manual_seed(0)
         self.model = build_model(self.cfg, self.box)
         opt, _ = make_optimizer(self.model, self.cfg)
         self.runner = StepRunner(self.model, opt, torch.device("cpu"), None, False)
+        self.ctf = None
+        if self.cfg.ctf:  # train passes each particle's CTF; here one CTF-like modulation
+            f = torch.fft.fftfreq(self.box)
+            r2 = f[:, None] ** 2 + f[None, :] ** 2
+            self.ctf = -torch.sin(2e3 * r2 + 0.1).expand(1, self.box, self.box)
 
     def step(self, x: torch.Tensor) -> None:
-        self.runner.train_step(x)
+        if self.ctf is None:
+            self.runner.train_step(x)
+        else:
+            self.runner.train_step(x, self.ctf.expand(x.shape[0], -1, -1).contiguous())
 
 
 def new_options() -> dict:
@@ -400,7 +425,7 @@ def summarise(times: dict, batch: int, ref_key: str = "reference") -> dict:
 def format_table(results: list[dict]) -> str:
     """ratio: median images/s over the reference's; paired: median over rounds of the
     ratio of the two steps timed next to each other (steadier under changing load)."""
-    hdr = (f"{'configuration':<18} {'side':<28} {'img/s':>8} {'ms/step':>9} {'GFLOP/img':>9} "
+    hdr = (f"{'configuration':<18} {'side':<30} {'img/s':>8} {'ms/step':>9} {'GFLOP/img':>9} "
            f"{'ratio':>7} {'paired':>7}")
     lines = [hdr, "-" * len(hdr)]
     for res in results:
@@ -411,7 +436,7 @@ def format_table(results: list[dict]) -> str:
                       else ("1.00x" if ref else "-"))
             gf = row.get("gflop_per_image")
             gf = f"{gf:.1f}" if gf is not None else "-"
-            lines.append(f"{res['config']:<18} {side:<28} {row['images_per_s']:>8.2f} "
+            lines.append(f"{res['config']:<18} {side:<30} {row['images_per_s']:>8.2f} "
                          f"{row['ms_per_step']:>9.0f} {gf:>9} {ratio:>7} {paired:>7}")
     return "\n".join(lines)
 
@@ -452,6 +477,13 @@ def run_config(name: str, args, ref_dir: Path) -> dict:
     sides["cryolatent"] = ours.step
     info["cryolatent_config"] = {k: v for k, v in ours.cfg.to_dict().items()
                                  if k not in ("input", "outdir", "command", "extra")}
+    if args.defaults and hasattr(TrainConfig, "resolve_defaults"):
+        for d in ("plain", "cryoem") if c["kind"] == "tvae" else ("cryoem",):
+            o = Ours(name, box, args.tiny, defaults=d)
+            if o.cfg.to_dict() != ours.cfg.to_dict():
+                sides["cryolatent[cpu,cryo-EM]" if d == "cryoem" else "cryolatent[cpu]"] = o.step
+                info[f"defaults_{d}"] = {k: getattr(o.cfg, k) for k in SIZE_FIELDS
+                                         if hasattr(o.cfg, k)}
     for vname, over in args.variant:
         if TrainConfig(**{**c["ours"], **over}).model != c["ours"]["model"]:
             continue
@@ -493,13 +525,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP count (one extra step per side)")
     p.add_argument("--profile", action="store_true", help="print top ops of one step per side")
+    p.add_argument("--no-defaults", dest="defaults", action="store_false",
+                   help="no rows for train's CPU defaults (TrainConfig.resolve_defaults)")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
                    metavar="NAME:key=val,...", help="extra cryolatent row with TrainConfig "
                    "overrides (rows only for configurations of the same model)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv) -> int:
     if args.mirror_tvae:
         extract_mirror(args.mirror_tvae, args.ref_dir / TVAE_DIR)
     if args.mirror_irl:

@@ -64,15 +64,22 @@ def test_parse_variant_and_new_options():
 
 def test_cryolatent_side_runs_and_writes_json(tmp_path):
     out = tmp_path / "rs.json"
-    rc = rs.main(["--no-ref", "--tiny", "--box", "16", "--batch", "2", "--warmup", "1",
+    threads = torch.get_num_threads()
+    rc = rs.main(["--no-ref", "--tiny", "--box", "16", "--batch", "2", "--warmup", "0",
                   "--reps", "2", "--configs", "tvae-p8-z2-50", "irl-inr-50",
                   "--ref-dir", str(tmp_path / "none"), "--variant", "sub:subpixel=true",
                   "--out", str(out)])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # restored for the rest of the session
     d = json.loads(out.read_text())
     names = [r["config"] for r in d["results"]]
     assert names == ["tvae-p8-z2-50", "irl-inr-50"]
     assert d["results"][0]["sides"]["cryolatent[sub]"]["images_per_s"] > 0
+    from cryolatent.config import TrainConfig
+
+    if hasattr(TrainConfig, "resolve_defaults"):  # rows for train's CPU defaults
+        assert "cryolatent[cpu,cryo-EM]" in d["results"][0]["sides"]
+        assert d["results"][0]["defaults_cryoem"]["ctf"] is True
     assert d["results"][0]["sides"]["cryolatent"]["gflop_per_image"] > 0
     for r in d["results"]:
         assert r["sides"]["cryolatent"]["images_per_s"] > 0
@@ -91,8 +98,8 @@ def test_reference_side_tiny(tmp_path):
         pytest.skip(f"reference dependencies missing ({e})")
     out = tmp_path / "rs.json"
     assert rs.main(["--tiny", "--box", "16", "--batch", "2", "--warmup", "0", "--reps", "1",
-                    "--no-flops", "--configs", "tvae-p8-z2-50", "irl-inr-50",
-                    "--out", str(out)]) == 0
+                    "--no-flops", "--no-defaults", "--configs", "tvae-p8-z2-50",
+                    "irl-inr-50", "--out", str(out)]) == 0
     for r in json.loads(out.read_text())["results"]:
         assert r["sides"]["reference"]["images_per_s"] > 0
         assert r["sides"]["cryolatent"]["ratio"] > 0
