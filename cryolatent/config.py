@@ -16,6 +16,13 @@ from typing import Any
 from .errors import CryolatentError
 
 
+#: model sizes of the papers (TARGET-VAE encoder filters, generator width, Fourier features)
+PAPER_SIZES = {"enc_channels": 128, "gen_width": 512, "fourier_features": 256}
+#: TARGET-VAE sizes chosen on the CPU when left to "auto" (benchmarks/README.md: cryo-EM
+#: benchmark against RELION)
+CPU_SIZES = {"enc_channels": 64, "gen_width": 128, "fourier_features": 64}
+
+
 @dataclass
 class TrainConfig:
     # --- data and run -----------------------------------------------------------------
@@ -36,29 +43,38 @@ class TrainConfig:
     lr_patience: int = 10             # ReduceLROnPlateau: epochs without improvement
     lr_factor: float = 0.5
     early_stop: int = 20              # stop after this many epochs without improvement (0: never)
-    amp: str = "auto"                 # "auto" (bf16 on CUDA) | "bf16" | "off"
+    converge_window: int = 3          # convergence: stop when, over this many epochs, the best
+    converge_tol: float = 0.01        #   validation loss fell by less than converge_tol x its
+                                      #   whole fall since epoch 1 (0: never; --epochs caps)
+    amp: str = "auto"                 # "auto" (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | "bf16" | "off"
     compile: bool = False             # torch.compile the model's loss
     num_workers: int = 2              # data-loading worker processes (out-of-core sets)
     z_dim: int = 2
-    ctf: bool = False                 # put each particle's CTF in the likelihood
+    ctf: bool | None = None           # put each particle's CTF in the likelihood (None: on when
+                                      #   the particle set has CTF parameters)
     threads: int | None = None        # CPU threads (None: leave the process's setting; the
                                       #   CLI passes -j, default the cores it may use)
 
     # --- TARGET-VAE ---------------------------------------------------------------------
     rotations: int = 8                # P_r group: 4, 8 or 16
-    enc_channels: int = 128           # kernels of the group convolution
+    enc_channels: int | None = None   # kernels of the group convolution (None: 128, the
+                                      #   paper's, on a GPU; 64 on the CPU)
     kernel: int | None = None         # group-conv kernel size (None: derived from the box)
     enc_layers: int = 3               # 1x1 group convolutions after the first layer
-    gen_width: int = 512
+    gen_width: int | None = None      # generator width (None: 512 on a GPU, 128 on the CPU)
     gen_layers: int = 2
     rotation_prior: str = "uniform"   # "uniform" | "normal"
     rotation_prior_sd: float = 45.0   # degrees, for rotation_prior == "normal"
-    translation_prior: float = 5.0    # sigma_t of p(t), pixels
+    translation_prior: float | None = None  # sigma_t of p(t), px of the training images
+                                      #   (None: cryo-EM sets T/2, other sets 5 px)
     likelihood: str = "auto"          # "auto" | "bernoulli" | "gaussian"
     learn_sigma: bool = False         # Gaussian likelihood: learned per-pixel scale
-    mask: bool = False                # circular mask on the likelihood
-    translation_range: int | None = None  # |t| px covered by the translation grid
-                                      #   (None: min(box//2, ceil(4 * translation_prior)))
+    mask: bool | None = None          # likelihood only inside the circle of diameter box
+                                      #   (None: on for cryo-EM sets, off otherwise)
+    translation_range: int | None = None  # |t| px covered by the translation grid (None:
+                                      #   cryo-EM sets round(0.1 box), RELION's default
+                                      #   offset search of 5 px at a 50-px box; other sets
+                                      #   min(box//2, ceil(4 * translation_prior)))
     gen_fourier_sigma: float = 0.05   # TARGET-VAE generator Fourier features, cycles/pixel
                                       #   (count: fourier_features)
     gumbel_tau: float = 1.0           # Gumbel-softmax temperature over (t, r)
@@ -71,7 +87,8 @@ class TrainConfig:
     hyper_layers: int = 3
     inr_width: int = 256
     inr_layers: int = 3
-    fourier_features: int = 256       # random Fourier features of the coordinates
+    fourier_features: int | None = None  # random Fourier features of the coordinates (None:
+                                      #   256, the papers'; TARGET-VAE on the CPU: 64)
     fourier_sigma: float = 2.0
     lambda_recon: float = 1.0
     lambda_consistency: float = 1.0
@@ -93,7 +110,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "z_dim", "enc_channels", "gen_width",
                      "gen_layers", "enc_width", "hyper_width", "inr_width",
                      "fourier_features"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CryolatentError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0.0 <= self.val_fraction < 1.0):
             raise CryolatentError("--val-fraction must be in [0, 1)")
@@ -110,6 +127,43 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from "
                     + ", ".join(allowed))
         return self
+
+    def resolve_defaults(self, box: int, has_ctf: bool, device_type: str = "cpu") -> list[str]:
+        """Fill the options left ``None`` ("auto") from the data and the device, in place.
+
+        box: the training images' box (px); has_ctf: whether the set carries CTF parameters
+        (then it is taken as a cryo-EM particle set); device_type: "cpu" or "cuda". Returns
+        one note per decision, for the run log. See :data:`PAPER_SIZES`, :data:`CPU_SIZES`.
+        """
+        notes = []
+        if self.ctf is None:
+            self.ctf = bool(has_ctf) and self.likelihood != "bernoulli"
+            if self.ctf:
+                notes.append("CTF in the likelihood: on (the set has CTF parameters)")
+        sizes = PAPER_SIZES if device_type == "cuda" else CPU_SIZES
+        for name, value in sizes.items():
+            if getattr(self, name) is None:
+                if self.model != "target-vae":
+                    value = PAPER_SIZES[name]
+                setattr(self, name, value)
+                notes.append(f"{name.replace('_', '-')} {value} ("
+                             + ("the paper's" if value == PAPER_SIZES[name]
+                                else f"CPU size; the paper's {PAPER_SIZES[name]} on a GPU")
+                             + ")")
+        if self.model == "target-vae":
+            cryo = bool(has_ctf)
+            if self.translation_range is None and cryo:
+                self.translation_range = max(2, round(0.1 * box))
+                notes.append(f"translation search +-{self.translation_range} px (0.1 box, as "
+                             "RELION's 5-px offset range at a 50-px box)")
+            if self.translation_prior is None:
+                self.translation_prior = (max(1.0, self.translation_range / 2) if cryo
+                                          else 5.0)
+            if self.mask is None:
+                self.mask = cryo
+        elif self.mask is None:
+            self.mask = False
+        return notes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

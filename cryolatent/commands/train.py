@@ -49,15 +49,24 @@ _OPTIONS = [
     ("--lr-patience", "lr_patience", int, "Epochs without improvement before lr drops [10]."),
     ("--lr-factor", "lr_factor", float, "Learning-rate drop factor [0.5]."),
     ("--early-stop", "early_stop", int, "Stop after N epochs without improvement, 0 never [20]."),
+    ("--converge-window", "converge_window", int,
+     "Convergence test over the last N epochs (see --converge-tol) [3]."),
+    ("--converge-tol", "converge_tol", float,
+     "Stop when the validation loss fell over the last --converge-window epochs by less than "
+     "this share of its fall since epoch 1; 0 never (--epochs caps the run) [0.01]."),
     ("--amp", "amp", click.Choice(["auto", "bf16", "off"]),
-     "Mixed precision: auto = bf16 autocast on CUDA [auto]."),
+     "Mixed precision: auto = bf16 autocast on CUDA and on CPUs with hardware bf16 (AMX, "
+     "AVX512-BF16); off = float32 [auto]."),
     ("--compile", "compile", bool, "torch.compile the loss [off]."),
     ("--num-workers", "num_workers", int, "Reader processes for sets too large for memory [2]."),
-    ("--ctf", "ctf", bool, "Put each particle's CTF in the likelihood (Gaussian) [off]."),
-    ("--enc-channels", "enc_channels", int, "TARGET-VAE group-conv filters [128]."),
+    ("--ctf", "ctf", bool, "Put each particle's CTF in the likelihood (Gaussian) [on when "
+     "the particle set has CTF parameters]."),
+    ("--enc-channels", "enc_channels", int,
+     "TARGET-VAE group-conv filters [128 (the paper's) on a GPU, 64 on the CPU]."),
     ("--kernel", "kernel", int, "TARGET-VAE group-conv kernel px [smallest odd >= 0.6 box]."),
     ("--enc-layers", "enc_layers", int, "TARGET-VAE 1x1 group-conv layers [3]."),
-    ("--gen-width", "gen_width", int, "TARGET-VAE generator width [512]."),
+    ("--gen-width", "gen_width", int,
+     "TARGET-VAE generator width [512 (the paper's) on a GPU, 128 on the CPU]."),
     ("--gen-layers", "gen_layers", int, "TARGET-VAE generator hidden layers [2]."),
     ("--gen-fourier-sigma", "gen_fourier_sigma", float,
      "TARGET-VAE Fourier-feature sd, cycles/pixel [0.05]."),
@@ -67,14 +76,17 @@ _OPTIONS = [
      "SD in degrees of the normal rotation prior [45]."),
     ("--translation-prior", "translation_prior", float,
      "SD of the translation prior in px of the training images (so its value in Å follows "
-     "their pixel size: see --translation-prior-angst) [5]."),
+     "their pixel size: see --translation-prior-angst) [particle sets with CTF parameters: "
+     "half the translation range; others 5]."),
     ("--translation-range", "translation_range", int,
      "TARGET-VAE max |shift| on the grid, px of the training images (see "
-     "--translation-range-angst) [min(box/2, 4 x prior SD)]."),
+     "--translation-range-angst) [particle sets with CTF parameters: 0.1 x box, as RELION's "
+     "5-px offset range at a 50-px box; others min(box/2, 4 x prior SD)]."),
     ("--likelihood", "likelihood", click.Choice(["auto", "bernoulli", "gaussian"]),
      "auto: Bernoulli for images in [0, 1], else Gaussian [auto]."),
     ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
-    ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [off]."),
+    ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [on for "
+     "particle sets with CTF parameters, off otherwise]."),
     ("--gumbel-tau", "gumbel_tau", float, "TARGET-VAE Gumbel-softmax temperature [1]."),
     ("--subpixel", "subpixel", bool,
      "TARGET-VAE: sub-pixel offset inside each translation cell [off]."),
@@ -85,7 +97,9 @@ _OPTIONS = [
     ("--hyper-layers", "hyper_layers", int, "IRL-INR hypernetwork layers [3]."),
     ("--inr-width", "inr_width", int, "IRL-INR implicit network width [256]."),
     ("--inr-layers", "inr_layers", int, "IRL-INR implicit network layers [3]."),
-    ("--fourier-features", "fourier_features", int, "Random Fourier features [256]."),
+    ("--fourier-features", "fourier_features", int,
+     "Random Fourier features of the generator's coordinates [256 (the papers'); TARGET-VAE "
+     "on the CPU 64]."),
     ("--fourier-sigma", "fourier_sigma", float, "IRL-INR Fourier-feature SD [2]."),
     ("--lambda-recon", "lambda_recon", float, "IRL-INR reconstruction weight [1]."),
     ("--lambda-consistency", "lambda_consistency", float, "IRL-INR consistency weight [1]."),

@@ -486,7 +486,7 @@ def build(cfg, box: int) -> IRLINR:
     return IRLINR(
         box, z_dim=cfg.z_dim, enc_width=cfg.enc_width, hyper_width=cfg.hyper_width,
         hyper_layers=cfg.hyper_layers, inr_width=cfg.inr_width, inr_layers=cfg.inr_layers,
-        fourier_features=cfg.fourier_features, fourier_sigma=cfg.fourier_sigma,
+        fourier_features=cfg.fourier_features or 256, fourier_sigma=cfg.fourier_sigma,
         lambda_recon=cfg.lambda_recon, lambda_consistency=cfg.lambda_consistency,
         lambda_symmetry=cfg.lambda_symmetry, consistency_loss=cfg.consistency_loss,
         rotation_rule=cfg.rotation_rule,

@@ -424,14 +424,20 @@ class TargetVAE(LatentModel):
 
 def build(cfg, box: int) -> TargetVAE:
     """TARGET-VAE for ``box``-pixel images from a :class:`cryolatent.config.TrainConfig`.
-    ``likelihood == "auto"`` (not resolved from the data by the trainer) means Gaussian."""
+    ``likelihood == "auto"`` (not resolved from the data by the trainer) means Gaussian.
+    Options left ``None`` (not resolved by the trainer, :meth:`TrainConfig.resolve_defaults`)
+    take the paper's values."""
+    from ..config import PAPER_SIZES
+
     lik = cfg.likelihood if cfg.likelihood != "auto" else "gaussian"
+    size = {k: getattr(cfg, k) or v for k, v in PAPER_SIZES.items()}
     return TargetVAE(
-        box, z_dim=cfg.z_dim, rotations=cfg.rotations, enc_channels=cfg.enc_channels,
-        kernel=cfg.kernel, enc_layers=cfg.enc_layers, gen_width=cfg.gen_width,
-        gen_layers=cfg.gen_layers, fourier_features=cfg.fourier_features,
-        fourier_sigma=cfg.gen_fourier_sigma, translation_prior=cfg.translation_prior,
+        box, z_dim=cfg.z_dim, rotations=cfg.rotations, enc_channels=size["enc_channels"],
+        kernel=cfg.kernel, enc_layers=cfg.enc_layers, gen_width=size["gen_width"],
+        gen_layers=cfg.gen_layers, fourier_features=size["fourier_features"],
+        fourier_sigma=cfg.gen_fourier_sigma,
+        translation_prior=5.0 if cfg.translation_prior is None else cfg.translation_prior,
         translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
         rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
-        mask=cfg.mask, ctf=cfg.ctf, gumbel_tau=cfg.gumbel_tau, subpixel=cfg.subpixel,
+        mask=bool(cfg.mask), ctf=bool(cfg.ctf), gumbel_tau=cfg.gumbel_tau, subpixel=cfg.subpixel,
         recentre=cfg.recentre, seed=cfg.seed)

@@ -1,0 +1,134 @@
+"""Training defaults chosen from the data and the device, convergence stopping, precision."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryolatent.config import CPU_SIZES, PAPER_SIZES, TrainConfig
+from cryolatent.models import build_model
+from cryolatent.train import amp_dtype, converged
+
+
+def test_cryoem_defaults_on_cpu():
+    cfg = TrainConfig(likelihood="gaussian")
+    notes = cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")
+    assert cfg.ctf is True and cfg.mask is True
+    assert cfg.translation_range == 6 and cfg.translation_prior == 3.0
+    assert {k: getattr(cfg, k) for k in CPU_SIZES} == CPU_SIZES
+    assert any("translation search" in n for n in notes)
+    m = build_model(cfg, 64)
+    assert m.trange == 6 and m.use_ctf and m.use_mask
+    assert m.gconv.channels == CPU_SIZES["enc_channels"]
+    assert m.coord_in.out_features == CPU_SIZES["gen_width"]
+    # the translation grid is (2T+1)^2 cells per rotation
+    assert m.log_p_tr.numel() == 13 * 13 * cfg.rotations
+
+
+def test_papers_sizes_on_gpu_and_for_sets_without_ctf():
+    cfg = TrainConfig(likelihood="bernoulli")
+    cfg.resolve_defaults(box=50, has_ctf=False, device_type="cuda")
+    assert {k: getattr(cfg, k) for k in PAPER_SIZES} == PAPER_SIZES
+    assert cfg.ctf is False and cfg.mask is False
+    assert cfg.translation_range is None and cfg.translation_prior == 5.0
+    m = build_model(cfg, 50)
+    assert m.trange == 20                         # min(box//2, ceil(4 * 5)): MNIST(U)'s grid
+
+
+def test_explicit_options_are_kept():
+    cfg = TrainConfig(likelihood="gaussian", ctf=False, enc_channels=16, translation_range=2,
+                      translation_prior=0.7, mask=False, fourier_features=8)
+    cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")
+    assert (cfg.ctf, cfg.enc_channels, cfg.translation_range, cfg.translation_prior,
+            cfg.mask, cfg.fourier_features) == (False, 16, 2, 0.7, False, 8)
+    assert cfg.gen_width == CPU_SIZES["gen_width"]
+
+
+def test_irl_inr_keeps_the_papers_fourier_features():
+    cfg = TrainConfig(model="irl-inr")
+    cfg.resolve_defaults(box=32, has_ctf=True, device_type="cpu")
+    assert cfg.fourier_features == 256
+
+
+def test_unresolved_config_builds_the_papers_model():
+    m = build_model(TrainConfig(), 50)
+    assert m.gconv.channels == 128 and m.coord_in.out_features == 512
+    assert m.ff.freqs.shape[1] == 256 and not m.use_mask and not m.use_ctf
+
+
+def test_converged_rule():
+    # still falling fast: not converged
+    assert not converged([10, 8, 6, 4, 2, 1], window=3, tol=0.01)
+    # fell 9, then less than 1 % of that over the last 3 epochs
+    assert converged([10, 2, 1.05, 1.03, 1.02, 1.01], window=3, tol=0.01)
+    # the same fall but a 5 % step inside the window: not yet
+    assert not converged([10, 2, 1.5, 1.45, 1.2, 1.2], window=3, tol=0.01)
+    # noise that rises counts as no fall
+    assert converged([10, 1.0, 1.1, 1.2, 1.05, 1.3], window=3, tol=0.01)
+    # too few epochs
+    assert not converged([10, 1, 1, 1], window=3, tol=0.01)
+    # never below epoch 1 (did not learn): stop, the summary warns
+    assert converged([5, 5.1, 5.2, 5.0, 5.3], window=3, tol=0.01)
+    assert converged([1, math.inf, 2, 3, 4], window=3, tol=0.01)
+
+
+def test_converged_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h = list(np.cumsum(-np.abs(rng.normal(size=rng.integers(5, 12)))) + 100)
+        w, tol = int(rng.integers(1, 4)), float(rng.uniform(0.001, 0.2))
+        total = h[0] - min(h)
+        recent = min(h[:-w]) - min(h)
+        want = len(h) >= max(5, w + 1) and (total <= 0 or recent < tol * total)
+        assert converged(h, w, tol) == want
+
+
+def test_amp_dtype():
+    cpu = torch.device("cpu")
+    assert amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    from cryolatent.train import cpu_has_fast_bf16
+
+    assert amp_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_step_agrees_with_float32(seed):
+    """One TARGET-VAE loss under CPU bf16 autocast equals the float32 loss to bf16 accuracy
+    (same Gumbel / reparameterisation noise)."""
+    cfg = TrainConfig(likelihood="gaussian", z_dim=2, enc_channels=8, gen_width=32,
+                      fourier_features=8, translation_range=2, ctf=True, mask=True)
+    torch.manual_seed(seed)
+    m = build_model(cfg, 16)
+    x = torch.randn(6, 16, 16)
+    ctf = torch.rand(6, 16, 16) * 2 - 1
+    torch.manual_seed(10)
+    l32, _ = m.loss(x, ctf)
+    torch.manual_seed(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l16, _ = m.loss(x, ctf)
+    assert l16.dtype == torch.float32
+    assert abs(l16.item() - l32.item()) < 2e-2 * abs(l32.item())
+
+
+def test_training_stops_when_converged(tmp_path):
+    """A run whose validation loss has converged stops before --epochs; the stop is logged
+    and the history survives in the checkpoint (resume continues the same test)."""
+    import csv
+
+    from test_train import bars, small_cfg
+    from cryolatent.train import train
+
+    torch.set_num_threads(1)
+    cfg = small_cfg(tmp_path / "run", epochs=30, converge_tol=0.5, converge_window=2,
+                    amp="off", early_stop=0)
+    rundir = train(cfg, data=bars(100))
+    with open(rundir / "log.csv") as f:
+        n = len(list(csv.DictReader(f)))
+    assert 5 <= n < 30
+    assert "converged" in (rundir / "run.log").read_text()
+    ck = torch.load(rundir / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ck["history"]) == n
