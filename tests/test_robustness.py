@@ -233,7 +233,7 @@ def test_full_disk_real_tmpfs_keeps_previous_output(tmp_path, tiny_tmpfs, capsys
     assert main(["preprocess", str(small), "-o", str(out)]) == 0
     before = _digest(out)
     capsys.readouterr()
-    rc = main(["preprocess", str(big), "-o", str(out)])
+    rc = main(["preprocess", str(big), "-o", str(out), "--force"])
     line = one_error_line(rc, capsys.readouterr().err, r"particles\.mrcs.*No space left")
     assert str(out) in line
     assert _digest(out) == before                   # the previous result, untouched
@@ -284,7 +284,7 @@ def test_full_disk_simulated_for_star_and_stack(tmp_path, capsys, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(target, name, full)
             capsys.readouterr()
-            rc = main(["preprocess", str(inp), "-o", str(out), "--box", "12"])
+            rc = main(["preprocess", str(inp), "-o", str(out), "--box", "12", "--force"])
             one_error_line(rc, capsys.readouterr().err, r"particles\.(mrcs|star).*No space")
         assert _digest(out) == before
         assert not list(out.glob(".*.tmp"))
