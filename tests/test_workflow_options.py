@@ -471,3 +471,15 @@ def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, mo
     name = read_star(tmp_path / "outside" / "particles.star")["particles"]["rlnImageName"][0]
     assert name == f"000001@{(tmp_path / 'outside').resolve() / 'particles.mrcs'}"
     stack_create(str(tmp_path / "outside" / "particles.star"), "outside_stack")
+
+
+def test_demo_force_replaces_an_earlier_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "junk.pt").write_text("old")         # an earlier demo's outputs
+    (out / "summary.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "-o", str(out), "--force"]) == 0
+    assert not (out / "run" / "junk.pt").exists()
+    assert (out / "run" / "checkpoints" / "last.pt").exists()
+    assert (out / "notes.txt").read_text() == "mine"
