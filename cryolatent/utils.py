@@ -226,14 +226,41 @@ def _read(path) -> str | None:
         return None
 
 
-def cgroup_cpu_limit(cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max",
+def _own_cpu_max_files() -> list[Path]:
+    """cgroup v2: the ``cpu.max`` of this process's cgroup (from /proc/self/cgroup) and of
+    its parents up to the mount root (each level may set a quota)."""
+    root = Path("/sys/fs/cgroup")
+    out: list[Path] = []
+    txt = _read("/proc/self/cgroup") or ""
+    for line in txt.splitlines():
+        if line.startswith("0::"):
+            d = root / line[3:].strip().lstrip("/")
+            while True:
+                out.append(d / "cpu.max")
+                if d == root or root not in d.parents:
+                    break
+                d = d.parent
+    if root / "cpu.max" not in out:
+        out.append(root / "cpu.max")
+    return out
+
+
+def cgroup_cpu_limit(cpu_max: str | os.PathLike | None = None,
                      cfs_dir: str | os.PathLike = "/sys/fs/cgroup/cpu") -> float | None:
     """The CPU quota of this process's cgroup in cores (e.g. 2.5), or None without one.
 
-    cgroup v2: ``cpu.max`` holds "QUOTA PERIOD" ("max PERIOD" = no limit); cgroup v1:
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = no limit). The paths are
-    parameters so that tests can point them at fake files.
+    cgroup v2: ``cpu.max`` holds "QUOTA PERIOD" ("max PERIOD" = no limit); with ``cpu_max``
+    None, the files of the process's own cgroup and its parents are read and the smallest
+    quota counts. cgroup v1 (no ``cpu.max``): ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    (quota -1 = no limit). The paths are parameters so that tests can point them at fake
+    files.
     """
+    if cpu_max is None:
+        found = [f for f in _own_cpu_max_files() if _read(f)]
+        if found:
+            limits = [q for q in (cgroup_cpu_limit(f, cfs_dir) for f in found) if q]
+            return min(limits) if limits else None
+        cpu_max = "/sys/fs/cgroup/cpu.max"
     txt = _read(cpu_max)
     if txt:
         parts = txt.split()
@@ -254,7 +281,7 @@ def cgroup_cpu_limit(cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max",
     return None
 
 
-def available_cores(cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max",
+def available_cores(cpu_max: str | os.PathLike | None = None,
                     cfs_dir: str | os.PathLike = "/sys/fs/cgroup/cpu",
                     affinity=None) -> int:
     """The cores this process may use: the smallest of its CPU affinity

@@ -201,6 +201,8 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
                     f"{outdir}: --force starts a new run in a folder that holds a run "
                     f"({', '.join(RUN_FILES)}) and nothing else, but it also holds "
                     f"{other[0]}; choose another -o")
+            if not Path(input).exists():   # never delete a run for a command that fails
+                raise CryolatentError(f"{input}: no such file")
             for name in RUN_FILES:
                 p = Path(outdir) / name
                 if p.is_dir() and not p.is_symlink():
