@@ -188,6 +188,30 @@ def test_pose_residual_between_halves_finds_a_rotation_and_shift():
                                                                    abs=1.5)
 
 
+def test_shift_edge_tells_a_pile_up_from_a_tail():
+    """A grid of +-4 px: shifts N(0, 1.2 px) leave the border sparse (no pile-up, even though
+    some particles reach it); shifts spread uniformly over the grid, or clipped from
+    N(0, 6 px), pile up on it."""
+    class Grid(torch.nn.Module):
+        trange = 4
+        recentre = False
+        name = "target-vae"
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    z = np.zeros((n, 2))
+    psi = np.zeros(n)
+    tail = trust.shift_edge(Grid(), psi, np.rint(rng.normal(0, 1.2, (n, 2))).clip(-4, 4), z)
+    assert tail["search_limit_px"] == 4 and 0 < tail["at_edge_share"] < 0.05 * 2
+    assert tail["edge_density_ratio"] < trust.EDGE_RATIO
+    uni = trust.shift_edge(Grid(), psi, rng.integers(-4, 5, (n, 2)).astype(float), z)
+    assert uni["at_edge_share"] == pytest.approx(1 - (7 / 9) ** 2, abs=0.03)
+    assert uni["edge_density_ratio"] == pytest.approx(1.0, abs=0.2)
+    wide = trust.shift_edge(Grid(), psi, np.rint(rng.normal(0, 6, (n, 2))).clip(-4, 4), z)
+    assert wide["edge_density_ratio"] > 1.5
+    assert uni["sampled"] == trust.EDGE_SAMPLE
+
+
 # ----------------------------------------------------------------------------- baseline
 def test_baseline_nll_matches_numpy_brute_force():
     from cryolatent.models.target_vae import TargetVAE
@@ -300,6 +324,7 @@ def test_run_on_pure_noise_warns_after_train_embed_and_classes(tmp_path, warning
     assert es["kind"] == "embed" and len(es["classes"]) == 2
     assert sum(c["size"] for c in es["classes"]) == n
     assert es["shifts"]["search_limit_px"] == 3 and 0 <= es["shifts"]["at_edge_share"] <= 1
+    assert es["shifts"]["edge_density_ratio"] >= 0
     assert any("the model did not learn" in line for line in warnings_log)
     assert any("better than pure noise aligned by the same model" in w
                for w in es["warnings"])

@@ -72,8 +72,11 @@ KL_ACTIVE = 0.02
 #: ... or (z means across particles) its variance exceeds this: Burda et al. 2016's "active
 #: units" for a N(0, 1) prior; for IRL-INR (no prior) var / (var + mean^2) is compared instead
 VAR_ACTIVE = 0.01
-#: share of particles at the edge of the translation search above which the search is too small
+#: shifts "hit the edge" of the translation search when more than MAX_EDGE_SHARE of the
+#: particles sit on its border AND the border holds at least EDGE_RATIO of the per-cell
+#: density of the ring just inside it (piled up, not a tail; uniform noise gives ~1)
 MAX_EDGE_SHARE = 0.05
+EDGE_RATIO = 0.5
 #: classes i, j are indistinguishable when their half-averages correlate at least this share
 #: of how well the two halves of the less reproducible class correlate with each other
 INDISTINCT_RATIO = 0.97
@@ -426,7 +429,7 @@ def training_report(model, source, train_idx: np.ndarray, val_batches, rows: lis
              100 * thr)
     if impr < thr:
         how = (f"only {100 * impr:.2g}% below" if impr >= 0 else
-               f"{-100 * impr:.2g}% above")
+               f"{-100 * impr:.3g}% above")
         _warn(warnings, f"the model did not learn: validation loss is {how} the mean-image "
                         f"baseline (needs >= {100 * thr:.2g}% below); its poses, latents and "
                         "classes are not to be trusted")
@@ -484,8 +487,9 @@ def shift_edge(model, psi_deg: np.ndarray, shift_px: np.ndarray, z: np.ndarray,
     (``model.trange``) in x and y; with recentring the reported location is the grid cell plus
     R(-psi) c(z) (the generated object's centre, :meth:`TargetVAE.canonical_centre`), which
     is subtracted again for a random sample of up to EDGE_SAMPLE particles. A particle is at
-    the edge when max(|x|, |y|) of its cell >= T - 0.5. Models without a bounded search
-    report the shifts' spread only."""
+    the edge when max(|x|, |y|) of its cell >= T - 0.5; ``edge_density_ratio`` compares the
+    particles per border cell with those per cell of the ring inside (see EDGE_RATIO).
+    Models without a bounded search report the shifts' spread only."""
     shift_px = np.asarray(shift_px, np.float64).reshape(-1, 2)
     r = np.hypot(shift_px[:, 0], shift_px[:, 1])
     out: dict[str, Any] = {"rms_px": float(np.sqrt((r ** 2).mean())) if len(r) else 0.0,
@@ -510,9 +514,17 @@ def shift_edge(model, psi_deg: np.ndarray, shift_px: np.ndarray, z: np.ndarray,
         th = np.deg2rad(np.asarray(psi_deg, np.float64)[idx])
         co, si = np.cos(th), np.sin(th)
         u = u - np.stack([co * c[:, 0] + si * c[:, 1], -si * c[:, 0] + co * c[:, 1]], -1)
-    edge = np.abs(u).max(1) >= T - 0.5
+    ring = np.minimum(np.rint(np.abs(u)).max(1), T).astype(np.int64)   # Chebyshev ring
+    edge = ring >= T
+    # density per cell on the border vs. on the ring just inside it: a distribution that
+    # tails off inside the grid leaves the border sparse (ratio << 1); one cut off by the
+    # search (or spread uniformly, as for noise) piles up there (ratio ~ 1 or more)
+    per_cell = lambda r: (ring == r).mean() / (8 * r if r else 1)  # noqa: E731
+    ratio = (float(per_cell(T) / per_cell(T - 1)) if T >= 1 and per_cell(T - 1) > 0
+             else (math.inf if edge.any() else 0.0))
     out.update({"search_limit_px": int(T), "at_edge_share": float(edge.mean()),
-                "sampled": int(len(idx)), "threshold": MAX_EDGE_SHARE})
+                "edge_density_ratio": ratio, "sampled": int(len(idx)),
+                "threshold": MAX_EDGE_SHARE, "ratio_threshold": EDGE_RATIO})
     return out
 
 
@@ -651,9 +663,11 @@ def trust_summary(particle_set, table, labels: np.ndarray, n_classes: int, *, mo
         out["shifts"] = shifts
         share = shifts.get("at_edge_share")
         if share is not None:
+            ratio = shifts.get("edge_density_ratio")
             log.info("shifts: %.1f %% of the particles at the edge of the %d-px translation "
-                     "search", 100 * share, shifts["search_limit_px"])
-            if share > MAX_EDGE_SHARE:
+                     "search (per-cell density there / inside: %s)", 100 * share,
+                     shifts["search_limit_px"], "-" if ratio is None else f"{ratio:.2g}")
+            if share > MAX_EDGE_SHARE and (ratio is None or ratio >= EDGE_RATIO):
                 _warn(warnings, f"shifts hit the edge of the translation search: "
                                 f"{100 * share:.2g}% of the particles are at +-"
                                 f"{shifts['search_limit_px']} px (model box); the search is "
