@@ -339,6 +339,8 @@ def test_run_on_pure_noise_warns_after_train_embed_and_classes(tmp_path, warning
     assert any("the model did not learn" in line for line in warnings_log)
     assert any("Einstein from noise" in w for w in cs["warnings"])
     assert not any(c.get("beats_aligned_noise") for c in cs["classes"])
+    assert all(v.endswith("(≈ noise)") or v == "no signal"
+               for v in trust.gallery_notes(cs).values())
     assert (tmp_path / "classes" / "gallery.png").exists()
     assert tmp_path / "classes" / "summary.json" in res["files"]
 

@@ -686,12 +686,16 @@ def trust_summary(particle_set, table, labels: np.ndarray, n_classes: int, *, mo
 
 
 def gallery_notes(summary: dict) -> dict[int, str]:
-    """Class index (0-based) -> short text for the gallery: resolution."""
+    """Class index (0-based) -> short text for the gallery: the half-set resolution, marked
+    "≈ noise" when the class does not beat noise aligned by the same model."""
     notes = {}
     for c in summary.get("classes", []):
         r = c.get("resolution_A")
-        notes[c["class"] - 1] = ("no signal" if r is None else
-                                 f"{'≤' if c.get('limited_by_nyquist') else ''}{r:.3g} Å")
+        txt = ("no signal" if r is None else
+               f"{'≤' if c.get('limited_by_nyquist') else ''}{r:.3g} Å")
+        if r is not None and c.get("beats_aligned_noise") is False:
+            txt += " (≈ noise)"
+        notes[c["class"] - 1] = txt
     return notes
 
 
