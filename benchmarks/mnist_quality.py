@@ -71,7 +71,8 @@ TARGETS = {
     ("irl-inr", "mnist-n"): {"cluster_accuracy": 0.78},
 }
 #: TrainConfig fields this script sets itself (not options)
-_OWN = {"input", "outdir", "datadir", "command", "extra", "device", "epochs", "model"}
+_OWN = {"input", "outdir", "datadir", "command", "extra", "device", "epochs", "model",
+        "threads"}  # threads: its own --threads (torch.set_num_threads)
 METRIC_KEYS = ("rotation_corr", "rotation_corr_per_class", "rotation_agreement_per_class",
                "rotation_error_deg_per_class", "translation_corr_x", "translation_corr_y",
                "cluster_accuracy", "nmi", "ari", "cluster_accuracy_kmeans",

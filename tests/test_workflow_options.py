@@ -345,7 +345,7 @@ def test_every_option_help_states_its_default():
     missing = []
     for name, cmd in _commands().items():
         for p in cmd.params:
-            if not isinstance(p, click.Option) or p.required or p.name == "help":
+            if not isinstance(p, click.Option) or p.required or p.hidden or p.name == "help":
                 continue
             h = (p.help or "").lower()
             if not (p.show_default or "default" in h or re.search(r"\[[^\]]+\]\.?$", h)):
