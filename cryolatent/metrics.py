@@ -152,7 +152,8 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
     folders differ; the first pairing that matches every prediction row is used. Every
     prediction row must match exactly one truth row (the truth may hold more particles).
     A name that appears several times (a joined or re-extracted set) is ambiguous: its k-th
-    row in ``pred`` is paired with its k-th row in ``truth``, i.e. by position (warned).
+    row in ``pred`` is paired with its k-th row in ``truth``, i.e. by position (warned);
+    repeats beyond those of ``truth`` pair with its last row of that name (the same image).
     Raises InputError with one line otherwise.
     """
     O, N = "rlnImageOriginalName", "rlnImageName"
@@ -167,9 +168,12 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
     for norm in (False, True):
         f = _normalise_name if norm else str.strip
         for cp, ct in pairs:
-            pn = _nth(pred[cp].astype(str).map(f))
-            tn = _nth(truth[ct].astype(str).map(f))
+            pb, tb = pred[cp].astype(str).map(f), truth[ct].astype(str).map(f)
+            pn, tn = _nth(pb), _nth(tb)
             ti = pn.map(pd.Series(np.arange(len(tn)), index=tn.values))
+            if ti.isna().any():   # more repeats in PRED than in TRUTH: the same image
+                last = pd.Series(np.arange(len(tb)), index=tb.values)
+                ti = ti.fillna(pb.map(last[~last.index.duplicated(keep="last")]))
             hits = int(ti.notna().sum())
             if best is None or hits > best[0]:
                 best = (hits, cp, ct, ti, pn)

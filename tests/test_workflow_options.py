@@ -320,6 +320,9 @@ def test_match_particles_pairs_repeated_names_by_position():
     truth = pd.DataFrame({"rlnImageName": ["3@a", "1@a", "2@a", "1@a"]})
     pi, ti = match_particles(pred, truth)
     assert ti.tolist() == [1, 2, 3, 0]
+    # more repeats than the truth has (a duplicated set against unique ground truth)
+    truth1 = pd.DataFrame({"rlnImageName": ["3@a", "1@a", "2@a"]})
+    assert match_particles(pred, truth1)[1].tolist() == [1, 2, 1, 0]
 
 
 def test_match_table_pairs_repeated_names_by_position():
