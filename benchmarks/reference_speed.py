@@ -33,7 +33,11 @@ CPU torch, so its pure-Python ``transforms`` are imported without the package's
 ``__init__`` (only ``transforms`` runs in a step).
 
 cryolatent's step is :class:`cryolatent.train.StepRunner.train_step` with
-:func:`cryolatent.train.make_optimizer` (AdamW), fp32, no compile: what ``train`` runs.
+:func:`cryolatent.train.make_optimizer` (AdamW), no compile: what ``train`` runs. The row
+``cryolatent`` is float32 at SPEC's structure (the same work and precision as the reference);
+rows ``cryolatent[bfloat16]``, ``[cpu]`` and ``[cpu,cryo-EM]`` add ``train``'s defaults on
+this machine (bf16 autocast on CPUs with hardware bf16; CPU model sizes; cryo-EM translation
+search, mask and CTF), different work from the reference's, for the record.
 Whatever the working tree's ``TrainConfig`` defaults are is what is measured; fields of
 ``TrainConfig`` this script does not know yet (new speed options) are listed in the output
 with their values, and ``--variant NAME:key=val,...`` adds cryolatent rows with overrides.
@@ -101,7 +105,7 @@ KNOWN_FIELDS = {
     "fourier_features", "fourier_sigma", "lambda_recon", "lambda_consistency",
     "lambda_symmetry", "consistency_loss", "rotation_rule", "extra",
     # not step options: run settings and when to stop
-    "threads", "converge_window", "converge_tol",
+    "threads", "converge_window", "converge_tol", "kl_warmup",
 }
 # the model's structure in CONFIGS[...]["ours"]; the "defaults" rows leave these to train
 SIZE_FIELDS = ("enc_channels", "gen_width", "fourier_features", "translation_range",
@@ -309,11 +313,14 @@ class Ours:
     """cryolatent's training step: StepRunner.train_step with make_optimizer (AdamW)."""
 
     def __init__(self, name: str, box: int | None = None, tiny: bool = False,
-                 overrides: dict | None = None, defaults: str | None = None):
+                 overrides: dict | None = None, defaults: str | None = None,
+                 amp: str = "off"):
         """defaults: None (SPEC's structure), or "plain" / "cryoem": leave the sizes, the
         translation search, the mask and the CTF to ``TrainConfig.resolve_defaults`` as
-        ``train`` does on the CPU for a set without / with CTF parameters."""
-        from cryolatent.train import StepRunner, make_optimizer
+        ``train`` does on the CPU for a set without / with CTF parameters. amp: "off"
+        (float32, as the reference) or train's "auto" (bf16 autocast where
+        ``cryolatent.train.amp_dtype`` picks it on this CPU)."""
+        from cryolatent.train import StepRunner, amp_dtype, make_optimizer
 
         c = CONFIGS[name]
         over = dict(c["ours"])
@@ -326,7 +333,7 @@ class Ours:
                 over["likelihood"] = "gaussian"
         over.update(overrides or {})
         tiny_sizes = {k: v for k, v in TINY.items() if k in SIZE_FIELDS} if tiny else {}
-        self.cfg = TrainConfig(**over, amp="off", compile=False, device="cpu")
+        self.cfg = TrainConfig(**over, amp=amp, compile=False, device="cpu")
         self.box = box or c["box"]
         self.notes = (self.cfg.resolve_defaults(self.box, defaults == "cryoem", "cpu")
                       if defaults else [])
@@ -335,7 +342,8 @@ class Ours:
         torch.manual_seed(0)
         self.model = build_model(self.cfg, self.box)
         opt, _ = make_optimizer(self.model, self.cfg)
-        self.runner = StepRunner(self.model, opt, torch.device("cpu"), None, False)
+        self.amp = amp_dtype(amp, torch.device("cpu"))
+        self.runner = StepRunner(self.model, opt, torch.device("cpu"), self.amp, False)
         self.ctf = None
         if self.cfg.ctf:  # train passes each particle's CTF; here one CTF-like modulation
             f = torch.fft.fftfreq(self.box)
@@ -477,13 +485,18 @@ def run_config(name: str, args, ref_dir: Path) -> dict:
     sides["cryolatent"] = ours.step
     info["cryolatent_config"] = {k: v for k, v in ours.cfg.to_dict().items()
                                  if k not in ("input", "outdir", "command", "extra")}
+    if args.defaults:  # train's default precision on this CPU, if not float32
+        o = Ours(name, box, args.tiny, amp="auto")
+        if o.amp is not None:
+            sides["cryolatent[" + str(o.amp).replace("torch.", "") + "]"] = o.step
     if args.defaults and hasattr(TrainConfig, "resolve_defaults"):
         for d in ("plain", "cryoem") if c["kind"] == "tvae" else ("cryoem",):
-            o = Ours(name, box, args.tiny, defaults=d)
+            o = Ours(name, box, args.tiny, defaults=d, amp="auto")
             if o.cfg.to_dict() != ours.cfg.to_dict():
                 sides["cryolatent[cpu,cryo-EM]" if d == "cryoem" else "cryolatent[cpu]"] = o.step
                 info[f"defaults_{d}"] = {k: getattr(o.cfg, k) for k in SIZE_FIELDS
                                          if hasattr(o.cfg, k)}
+                info[f"defaults_{d}"]["amp"] = str(o.amp) if o.amp else "off"
     for vname, over in args.variant:
         if TrainConfig(**{**c["ours"], **over}).model != c["ours"]["model"]:
             continue
@@ -526,7 +539,9 @@ def main(argv=None) -> int:
                    help="skip the FLOP count (one extra step per side)")
     p.add_argument("--profile", action="store_true", help="print top ops of one step per side")
     p.add_argument("--no-defaults", dest="defaults", action="store_false",
-                   help="no rows for train's CPU defaults (TrainConfig.resolve_defaults)")
+                   help="no rows for train's defaults: its precision on this CPU (bf16 where "
+                   "the CPU has AMX/AVX512-BF16) and its CPU model sizes / cryo-EM search "
+                   "(TrainConfig.resolve_defaults)")
     p.add_argument("--variant", action="append", type=parse_variant, default=[],
                    metavar="NAME:key=val,...", help="extra cryolatent row with TrainConfig "
                    "overrides (rows only for configurations of the same model)")
