@@ -449,6 +449,8 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
                        unit="batch", leave=False, **({} if main else {"disable": True}))
         for (x, c), g in zip(batches.train(epoch), gsizes):
             b = x.shape[0]
+            if cfg.kl_warmup > 0 and hasattr(model, "kl_z_weight"):
+                model.kl_z_weight = min(1.0, (epoch + steps / len(gsizes)) / cfg.kl_warmup)
             out = runner.train_step(x, c, weight=(W * b / g) if W > 1 else 1.0)
             for k, v in out.items():
                 sums[k] = sums[k] + v * b if k in sums else v * b

@@ -132,3 +132,26 @@ def test_training_stops_when_converged(tmp_path):
     assert "converged" in (rundir / "run.log").read_text()
     ck = torch.load(rundir / "checkpoints" / "last.pt", weights_only=True)
     assert len(ck["history"]) == n
+
+
+def test_kl_warmup_weights_only_the_latent_term_in_training():
+    cfg = TrainConfig(likelihood="gaussian", z_dim=3, enc_channels=8, gen_width=16,
+                      fourier_features=8, translation_range=2)
+    torch.manual_seed(0)
+    m = build_model(cfg, 16)
+    x = torch.randn(5, 16, 16)
+
+    def run(weight, train):
+        m.kl_z_weight = weight
+        m.train(train)
+        torch.manual_seed(3)
+        return m.loss(x)
+
+    full, parts = run(1.0, True)
+    half, parts_h = run(0.5, True)
+    assert torch.allclose(full, parts["recon"] + parts["kl"], rtol=1e-5)
+    assert torch.allclose(half, parts_h["recon"] + parts_h["kl_tr"] + parts_h["kl_theta"]
+                          + 0.5 * parts_h["kl_z"], rtol=1e-5)
+    assert parts_h["kl_z"] > 0 and half < full
+    ev, parts_e = run(0.0, False)             # evaluation: always the ELBO
+    assert torch.allclose(ev, parts_e["recon"] + parts_e["kl"], rtol=1e-5)

@@ -49,6 +49,8 @@ _OPTIONS = [
     ("--lr-patience", "lr_patience", int, "Epochs without improvement before lr drops [10]."),
     ("--lr-factor", "lr_factor", float, "Learning-rate drop factor [0.5]."),
     ("--early-stop", "early_stop", int, "Stop after N epochs without improvement, 0 never [20]."),
+    ("--kl-warmup", "kl_warmup", float,
+     "TARGET-VAE: epochs over which the weight of the latent's KL rises from 0 to 1 [0]."),
     ("--converge-window", "converge_window", int,
      "Convergence test over the last N epochs (see --converge-tol) [3]."),
     ("--converge-tol", "converge_tol", float,

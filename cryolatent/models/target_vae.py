@@ -179,6 +179,7 @@ class TargetVAE(LatentModel):
         self.th_prior_sd = math.pi / rotations
         self.subpixel, self.recentre = subpixel, recentre
         self.delta_prior_sd = 0.5  # px: half the translation grid's spacing
+        self.kl_z_weight = 1.0     # weight of KL_z in training steps (set by the trainer)
         self.scale = box / 2.0  # pixels per coordinate unit
 
         # --- encoder
@@ -338,7 +339,10 @@ class TargetVAE(LatentModel):
         out = self.render(z, theta, u)
         recon = self._nll(out, images, ctf)
         kl = kl_tr + kl_th + kl_z
-        loss = (recon + kl).mean()
+        # KL warm-up (the trainer's --kl-warmup): the z term weighted < 1 in early training
+        # steps only; evaluation is always the ELBO
+        wz = self.kl_z_weight if self.training else 1.0
+        loss = (recon + kl).mean() if wz == 1.0 else (recon + kl_tr + kl_th + wz * kl_z).mean()
         parts = {"recon": recon.mean(), "kl": kl.mean(), "kl_tr": kl_tr.mean(),
                  "kl_theta": kl_th.mean(), "kl_z": kl_z.mean()}
         return loss, {k: v.detach() for k, v in parts.items()}
