@@ -45,6 +45,8 @@ class TrainConfig:
     early_stop: int = 20              # stop after this many epochs without improvement (0: never)
     kl_warmup: float = 0.0            # epochs over which the weight of KL_z rises 0 -> 1
                                       #   (TARGET-VAE; against an unused latent early on)
+    kl_free_bits: float = 0.0         # TARGET-VAE: nats per latent dimension below which its KL
+                                      #   is not penalised in training (0: off)
     converge_window: int = 3          # convergence: stop when, over this many epochs, the best
     converge_tol: float = 0.01        #   validation loss fell by less than converge_tol x its
                                       #   whole fall since epoch 1 (0: never; --epochs caps)

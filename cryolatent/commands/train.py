@@ -51,6 +51,9 @@ _OPTIONS = [
     ("--early-stop", "early_stop", int, "Stop after N epochs without improvement, 0 never [20]."),
     ("--kl-warmup", "kl_warmup", float,
      "TARGET-VAE: epochs over which the weight of the latent's KL rises from 0 to 1 [0]."),
+    ("--kl-free-bits", "kl_free_bits", float,
+     "TARGET-VAE: nats per latent dimension below which its KL is not penalised in "
+     "training (free bits) [0]."),
     ("--converge-window", "converge_window", int,
      "Convergence test over the last N epochs (see --converge-tol) [3]."),
     ("--converge-tol", "converge_tol", float,

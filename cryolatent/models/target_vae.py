@@ -160,7 +160,7 @@ class TargetVAE(LatentModel):
                  rotation_prior_sd: float = 45.0, likelihood: str = "bernoulli",
                  learn_sigma: bool = False, mask: bool = False, ctf: bool = False,
                  gumbel_tau: float = 1.0, subpixel: bool = False, recentre: bool = True,
-                 seed: int = 0):
+                 kl_free_bits: float = 0.0, seed: int = 0):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood {likelihood!r}")
@@ -180,6 +180,7 @@ class TargetVAE(LatentModel):
         self.subpixel, self.recentre = subpixel, recentre
         self.delta_prior_sd = 0.5  # px: half the translation grid's spacing
         self.kl_z_weight = 1.0     # weight of KL_z in training steps (set by the trainer)
+        self.kl_free_bits = kl_free_bits
         self.scale = box / 2.0  # pixels per coordinate unit
 
         # --- encoder
@@ -339,10 +340,21 @@ class TargetVAE(LatentModel):
         out = self.render(z, theta, u)
         recon = self._nll(out, images, ctf)
         kl = kl_tr + kl_th + kl_z
-        # KL warm-up (the trainer's --kl-warmup): the z term weighted < 1 in early training
-        # steps only; evaluation is always the ELBO
-        wz = self.kl_z_weight if self.training else 1.0
-        loss = (recon + kl).mean() if wz == 1.0 else (recon + kl_tr + kl_th + wz * kl_z).mean()
+        # Training steps only (evaluation is always the ELBO): KL warm-up (--kl-warmup, the z
+        # term weighted < 1) and free bits (--kl-free-bits: each latent dimension's batch-mean
+        # E_q[KL] counts as at least that many nats, so no gradient pushes a dimension below it:
+        # Kingma et al. 2016, against a latent the generator learns to ignore)
+        if not self.training or (self.kl_z_weight == 1.0 and self.kl_free_bits <= 0):
+            loss = (recon + kl).mean()
+        else:
+            if self.kl_free_bits > 0:
+                zl = post["z_logstd"]
+                kl_d = (-zl + 0.5 * ((2 * zl).exp() + post["z_mu"] ** 2) - 0.5)   # (B, N_c, D)
+                kl_d = torch.einsum("bn,bnd->d", log_q.exp(), kl_d) / kl_d.shape[0]   # (D,)
+                z_term = kl_d.clamp_min(self.kl_free_bits).sum()
+            else:
+                z_term = kl_z.mean()
+            loss = (recon + kl_tr + kl_th).mean() + self.kl_z_weight * z_term
         parts = {"recon": recon.mean(), "kl": kl.mean(), "kl_tr": kl_tr.mean(),
                  "kl_theta": kl_th.mean(), "kl_z": kl_z.mean()}
         return loss, {k: v.detach() for k, v in parts.items()}
@@ -444,4 +456,4 @@ def build(cfg, box: int) -> TargetVAE:
         translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
         rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
         mask=bool(cfg.mask), ctf=bool(cfg.ctf), gumbel_tau=cfg.gumbel_tau, subpixel=cfg.subpixel,
-        recentre=cfg.recentre, seed=cfg.seed)
+        recentre=cfg.recentre, kl_free_bits=cfg.kl_free_bits, seed=cfg.seed)
