@@ -3,7 +3,7 @@
     # once: the reference code (not committed; IRL-INR has no licence), from bare git mirrors
     python benchmarks/reference_speed.py --mirror-tvae /path/TARGET-VAE.git \
         --mirror-irl /path/IRL-INR.git --install-deps --prepare-only
-    python benchmarks/reference_speed.py --batch 8 --reps 7 --out ref_speed.json
+    python benchmarks/reference_speed.py --warmup 1 --reps 5 --out ref_speed.json   # ~25 min loaded
 
 For each SPEC speed configuration the script builds the reference model (imported at run time
 from ``--ref-dir``, default ``benchmarks/.refcode/``) and cryolatent's
