@@ -18,6 +18,15 @@ from .errors import CryolatentError
 
 #: model sizes of the papers (TARGET-VAE encoder filters, generator width, Fourier features)
 PAPER_SIZES = {"enc_channels": 128, "gen_width": 512, "fourier_features": 256}
+#: optimiser settings per model (the papers'), where not given
+MODEL_OPTIM = {"target-vae": {"lr": 2e-4, "batch_size": 100, "weight_decay": 0.0},
+               "irl-inr": {"lr": 1e-4, "batch_size": 128, "weight_decay": 5e-4}}
+#: TARGET-VAE on cryo-EM particle sets (CTF parameters present), where not given: at SNR ~0.1
+#: the paper's batch 100 and lr 2e-4 leave the latent unused for many epochs; smaller batches
+#: (more steps per epoch), a sharper Gumbel-softmax and a KL warm-up on z let it learn the
+#: classes (benchmarks/README.md, cryo-EM benchmark)
+CRYO_TARGET_VAE = {"z_dim": 8, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.0, "gumbel_tau": 0.5,
+                   "kl_warmup": 5.0, "kl_free_bits": 0.0}
 #: TARGET-VAE sizes chosen on the CPU when left to "auto" (benchmarks/README.md: cryo-EM
 #: benchmark against RELION)
 CPU_SIZES = {"enc_channels": 64, "gen_width": 128, "fourier_features": 64}
@@ -36,24 +45,25 @@ class TrainConfig:
 
     # --- optimisation (shared) ----------------------------------------------------------
     epochs: int = 100
-    batch_size: int = 100
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    batch_size: int | None = None     # None: the model's (MODEL_OPTIM), or CRYO_TARGET_VAE
+    lr: float | None = None           # None: as batch_size
+    weight_decay: float | None = None # None: as batch_size
     val_fraction: float = 0.1         # held-out share for the validation loss
     lr_patience: int = 10             # ReduceLROnPlateau: epochs without improvement
     lr_factor: float = 0.5
     early_stop: int = 20              # stop after this many epochs without improvement (0: never)
-    kl_warmup: float = 0.0            # epochs over which the weight of KL_z rises 0 -> 1
-                                      #   (TARGET-VAE; against an unused latent early on)
-    kl_free_bits: float = 0.0         # TARGET-VAE: nats per latent dimension below which its KL
-                                      #   is not penalised in training (0: off)
-    converge_window: int = 3          # convergence: stop when, over this many epochs, the best
+    kl_warmup: float | None = None    # epochs over which the weight of KL_z rises 0 -> 1
+                                      #   (TARGET-VAE; None: 0, cryo-EM sets 5)
+    kl_free_bits: float | None = None # TARGET-VAE: nats per latent dimension below which its
+                                      #   KL is not penalised in training (None: 0, off)
+    converge_window: int = 5          # convergence: stop when, over this many epochs, the best
     converge_tol: float = 0.01        #   validation loss fell by less than converge_tol x its
                                       #   whole fall since epoch 1 (0: never; --epochs caps)
     amp: str = "auto"                 # "auto" (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | "bf16" | "off"
     compile: bool = False             # torch.compile the model's loss
     num_workers: int = 2              # data-loading worker processes (out-of-core sets)
-    z_dim: int = 2
+    z_dim: int | None = None          # latent dimension (None: 2, the papers' MNIST setting;
+                                      #   TARGET-VAE on cryo-EM sets 8)
     ctf: bool | None = None           # put each particle's CTF in the likelihood (None: on when
                                       #   the particle set has CTF parameters)
     threads: int | None = None        # CPU threads (None: leave the process's setting; the
@@ -81,7 +91,8 @@ class TrainConfig:
                                       #   min(box//2, ceil(4 * translation_prior)))
     gen_fourier_sigma: float = 0.05   # TARGET-VAE generator Fourier features, cycles/pixel
                                       #   (count: fourier_features)
-    gumbel_tau: float = 1.0           # Gumbel-softmax temperature over (t, r)
+    gumbel_tau: float | None = None   # Gumbel-softmax temperature over (t, r) (None: 1, the
+                                      #   paper's; cryo-EM sets 0.5)
     subpixel: bool = False            # TARGET-VAE sub-pixel offset within each translation cell
     recentre: bool = True             # report poses about the generated object's centre of mass
 
@@ -118,7 +129,7 @@ class TrainConfig:
                 raise CryolatentError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0.0 <= self.val_fraction < 1.0):
             raise CryolatentError("--val-fraction must be in [0, 1)")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise CryolatentError("--lr must be > 0")
         if self.kernel is not None and self.kernel < 1:
             raise CryolatentError("--kernel must be >= 1")
@@ -154,12 +165,24 @@ class TrainConfig:
                              + ("the paper's" if value == PAPER_SIZES[name]
                                 else f"CPU size; the paper's {PAPER_SIZES[name]} on a GPU")
                              + ")")
+        cryo_tvae = self.model == "target-vae" and bool(has_ctf)
+        table = dict(MODEL_OPTIM.get(self.model, MODEL_OPTIM["target-vae"]))
+        table.update({"gumbel_tau": 1.0, "kl_warmup": 0.0, "kl_free_bits": 0.0, "z_dim": 2})
+        if cryo_tvae:
+            table.update(CRYO_TARGET_VAE)
+        chosen = []
+        for name, value in table.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+                chosen.append(f"{name} {value:g}")
+        if chosen:
+            notes.append(("cryo-EM TARGET-VAE settings: " if cryo_tvae else "")
+                         + ", ".join(chosen))
         if self.model == "target-vae":
             cryo = bool(has_ctf)
             if self.translation_range is None and cryo:
-                self.translation_range = max(2, round(0.1 * box))
-                notes.append(f"translation search +-{self.translation_range} px (0.1 box, as "
-                             "RELION's 5-px offset range at a 50-px box)")
+                self.translation_range = max(3, round(0.15 * box))
+                notes.append(f"translation search +-{self.translation_range} px (0.15 box)")
             if self.translation_prior is None:
                 self.translation_prior = (max(1.0, self.translation_range / 2) if cryo
                                           else 5.0)

@@ -157,7 +157,12 @@ def make_optimizer(model, cfg: TrainConfig):
     default) and the plateau scheduler. Adam's coupled L2 decay (the IRL-INR paper's 5e-4)
     outweighs the gradient on the hypernetwork's input layer and collapses z
     (docs/irl-inr-rotation.md §6: cluster accuracy 0.29 with it, 0.70 with AdamW)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    from .config import MODEL_OPTIM
+
+    table = MODEL_OPTIM.get(cfg.model, MODEL_OPTIM["target-vae"])
+    lr = cfg.lr if cfg.lr is not None else table["lr"]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else table["weight_decay"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd,
                             fused=True)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
@@ -449,7 +454,7 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
                        unit="batch", leave=False, **({} if main else {"disable": True}))
         for (x, c), g in zip(batches.train(epoch), gsizes):
             b = x.shape[0]
-            if cfg.kl_warmup > 0 and hasattr(model, "kl_z_weight"):
+            if (cfg.kl_warmup or 0) > 0 and hasattr(model, "kl_z_weight"):
                 model.kl_z_weight = min(1.0, (epoch + steps / len(gsizes)) / cfg.kl_warmup)
             out = runner.train_step(x, c, weight=(W * b / g) if W > 1 else 1.0)
             for k, v in out.items():
@@ -477,11 +482,16 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         dist.broadcast_buffers(model)      # rank 0's running statistics (BatchNorm)
         vsums: dict[str, torch.Tensor] = {}
         n_val = 0
-        for x, c in batches.val():
-            out = runner.eval_step(x, c)
-            for k, v in out.items():
-                vsums[k] = vsums[k] + v * x.shape[0] if k in vsums else v * x.shape[0]
-            n_val += x.shape[0]
+        # the same sampling noise (Gumbel, reparameterisation) every epoch: epoch-to-epoch
+        # changes of the validation loss are then the model's, not the noise's (the
+        # convergence test and the plateau scheduler read them)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(rank_seed(cfg.seed + 104729, dist.rank))
+            for x, c in batches.val():
+                out = runner.eval_step(x, c)
+                for k, v in out.items():
+                    vsums[k] = vsums[k] + v * x.shape[0] if k in vsums else v * x.shape[0]
+                n_val += x.shape[0]
         val_means, _ = _means(vsums, n_val, keys, dist)
 
         monitored = val_means.get("loss", train_means.get("loss", math.nan))

@@ -17,15 +17,17 @@ def test_cryoem_defaults_on_cpu():
     cfg = TrainConfig(likelihood="gaussian")
     notes = cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")
     assert cfg.ctf is True and cfg.mask is True
-    assert cfg.translation_range == 6 and cfg.translation_prior == 3.0
+    assert cfg.translation_range == 10 and cfg.translation_prior == 5.0
+    assert (cfg.batch_size, cfg.lr, cfg.gumbel_tau, cfg.kl_warmup, cfg.z_dim) == \
+        (32, 1e-3, 0.5, 5.0, 8)
     assert {k: getattr(cfg, k) for k in CPU_SIZES} == CPU_SIZES
     assert any("translation search" in n for n in notes)
     m = build_model(cfg, 64)
-    assert m.trange == 6 and m.use_ctf and m.use_mask
+    assert m.trange == 10 and m.use_ctf and m.use_mask and m.gumbel_tau == 0.5
     assert m.gconv.channels == CPU_SIZES["enc_channels"]
     assert m.coord_in.out_features == CPU_SIZES["gen_width"]
     # the translation grid is (2T+1)^2 cells per rotation
-    assert m.log_p_tr.numel() == 13 * 13 * cfg.rotations
+    assert m.log_p_tr.numel() == 21 * 21 * cfg.rotations
 
 
 def test_papers_sizes_on_gpu_and_for_sets_without_ctf():
@@ -34,6 +36,8 @@ def test_papers_sizes_on_gpu_and_for_sets_without_ctf():
     assert {k: getattr(cfg, k) for k in PAPER_SIZES} == PAPER_SIZES
     assert cfg.ctf is False and cfg.mask is False
     assert cfg.translation_range is None and cfg.translation_prior == 5.0
+    assert (cfg.batch_size, cfg.lr, cfg.gumbel_tau, cfg.kl_warmup, cfg.z_dim) == \
+        (100, 2e-4, 1.0, 0.0, 2)
     m = build_model(cfg, 50)
     assert m.trange == 20                         # min(box//2, ceil(4 * 5)): MNIST(U)'s grid
 
@@ -51,6 +55,7 @@ def test_irl_inr_keeps_the_papers_fourier_features():
     cfg = TrainConfig(model="irl-inr")
     cfg.resolve_defaults(box=32, has_ctf=True, device_type="cpu")
     assert cfg.fourier_features == 256
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay) == (128, 1e-4, 5e-4)
 
 
 def test_unresolved_config_builds_the_papers_model():

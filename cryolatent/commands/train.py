@@ -18,17 +18,15 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..config import TrainConfig
+from ..config import MODEL_OPTIM, TrainConfig
 from .common import force_option, threads_option
 
 #: what a run folder holds (removed by ``--force`` before a new run starts there)
 RUN_FILES = ("config.json", "log.csv", "run.log", "checkpoints", "summary.json")
 
-#: defaults that differ by model (used when the option is not given)
-MODEL_DEFAULTS = {
-    "target-vae": {"lr": 2e-4, "batch_size": 100, "weight_decay": 0.0},
-    "irl-inr": {"lr": 1e-4, "batch_size": 128, "weight_decay": 5e-4},
-}
+#: the papers' optimiser settings per model (TrainConfig.resolve_defaults applies them, or
+#: the cryo-EM ones, to options not given); kept here for scripts that import it
+MODEL_DEFAULTS = MODEL_OPTIM
 
 # (option, TrainConfig field, click type, help); booleans become --x/--no-x flags
 _OPTIONS = [
@@ -36,11 +34,14 @@ _OPTIONS = [
      "Model to train [target-vae]."),
     ("--rotations", "rotations", click.Choice(["4", "8", "16"]),
      "TARGET-VAE: discrete rotations of the P_r group convolution [8]."),
-    ("--z-dim", "z_dim", int, "Latent dimension [2]."),
+    ("--z-dim", "z_dim", int, "Latent dimension [2; TARGET-VAE on particle sets with CTF "
+     "parameters 8]."),
     ("--epochs", "epochs", int, "Maximum number of epochs [100]."),
     ("--batch-size", "batch_size", int,
-     "Images per step, over all processes under torchrun [TARGET-VAE 100, IRL-INR 128]."),
-    ("--lr", "lr", float, "AdamW learning rate [TARGET-VAE 2e-4, IRL-INR 1e-4]."),
+     "Images per step, over all processes under torchrun [TARGET-VAE 100, on particle sets "
+     "with CTF parameters 32; IRL-INR 128]."),
+    ("--lr", "lr", float, "AdamW learning rate [TARGET-VAE 2e-4, on particle sets with CTF "
+     "parameters 1e-3; IRL-INR 1e-4]."),
     ("--weight-decay", "weight_decay", float,
      "AdamW (decoupled) weight decay [0; IRL-INR 5e-4]."),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N [auto]."),
@@ -50,12 +51,13 @@ _OPTIONS = [
     ("--lr-factor", "lr_factor", float, "Learning-rate drop factor [0.5]."),
     ("--early-stop", "early_stop", int, "Stop after N epochs without improvement, 0 never [20]."),
     ("--kl-warmup", "kl_warmup", float,
-     "TARGET-VAE: epochs over which the weight of the latent's KL rises from 0 to 1 [0]."),
+     "TARGET-VAE: epochs over which the weight of the latent's KL rises from 0 to 1 [0; on "
+     "particle sets with CTF parameters 5]."),
     ("--kl-free-bits", "kl_free_bits", float,
      "TARGET-VAE: nats per latent dimension below which its KL is not penalised in "
      "training (free bits) [0]."),
     ("--converge-window", "converge_window", int,
-     "Convergence test over the last N epochs (see --converge-tol) [3]."),
+     "Convergence test over the last N epochs (see --converge-tol) [5]."),
     ("--converge-tol", "converge_tol", float,
      "Stop when the validation loss fell over the last --converge-window epochs by less than "
      "this share of its fall since epoch 1; 0 never (--epochs caps the run) [0.01]."),
@@ -92,7 +94,8 @@ _OPTIONS = [
     ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
     ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [on for "
      "particle sets with CTF parameters, off otherwise]."),
-    ("--gumbel-tau", "gumbel_tau", float, "TARGET-VAE Gumbel-softmax temperature [1]."),
+    ("--gumbel-tau", "gumbel_tau", float, "TARGET-VAE Gumbel-softmax temperature [1; on "
+     "particle sets with CTF parameters 0.5]."),
     ("--subpixel", "subpixel", bool,
      "TARGET-VAE: sub-pixel offset inside each translation cell [off]."),
     ("--recentre", "recentre", bool,
@@ -226,7 +229,7 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
         cfg = TrainConfig.load(stored)
     else:
         model = given.get("model", "target-vae")
-        cfg = TrainConfig(model=model, **MODEL_DEFAULTS.get(model, {}))
+        cfg = TrainConfig(model=model)
     if "rotations" in given:
         given["rotations"] = int(given["rotations"])
     names = {f.name for f in dataclasses.fields(TrainConfig)}

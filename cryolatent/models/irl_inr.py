@@ -484,7 +484,7 @@ def build(cfg, box: int) -> IRLINR:
     """``build(cfg: TrainConfig, box)`` for the model registry."""
     extra = getattr(cfg, "extra", {}) or {}
     return IRLINR(
-        box, z_dim=cfg.z_dim, enc_width=cfg.enc_width, hyper_width=cfg.hyper_width,
+        box, z_dim=cfg.z_dim or 2, enc_width=cfg.enc_width, hyper_width=cfg.hyper_width,
         hyper_layers=cfg.hyper_layers, inr_width=cfg.inr_width, inr_layers=cfg.inr_layers,
         fourier_features=cfg.fourier_features or 256, fourier_sigma=cfg.fourier_sigma,
         lambda_recon=cfg.lambda_recon, lambda_consistency=cfg.lambda_consistency,

@@ -448,12 +448,12 @@ def build(cfg, box: int) -> TargetVAE:
     lik = cfg.likelihood if cfg.likelihood != "auto" else "gaussian"
     size = {k: getattr(cfg, k) or v for k, v in PAPER_SIZES.items()}
     return TargetVAE(
-        box, z_dim=cfg.z_dim, rotations=cfg.rotations, enc_channels=size["enc_channels"],
+        box, z_dim=cfg.z_dim or 2, rotations=cfg.rotations, enc_channels=size["enc_channels"],
         kernel=cfg.kernel, enc_layers=cfg.enc_layers, gen_width=size["gen_width"],
         gen_layers=cfg.gen_layers, fourier_features=size["fourier_features"],
         fourier_sigma=cfg.gen_fourier_sigma,
         translation_prior=5.0 if cfg.translation_prior is None else cfg.translation_prior,
         translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
         rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
-        mask=bool(cfg.mask), ctf=bool(cfg.ctf), gumbel_tau=cfg.gumbel_tau, subpixel=cfg.subpixel,
-        recentre=cfg.recentre, kl_free_bits=cfg.kl_free_bits, seed=cfg.seed)
+        mask=bool(cfg.mask), ctf=bool(cfg.ctf), gumbel_tau=cfg.gumbel_tau or 1.0, subpixel=cfg.subpixel,
+        recentre=cfg.recentre, kl_free_bits=cfg.kl_free_bits or 0.0, seed=cfg.seed)
