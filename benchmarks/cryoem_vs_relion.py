@@ -305,20 +305,27 @@ def gallery(setdir: Path, out_png: Path) -> None:
 
     rows = []
     rel = setdir / "relion" / "done.json"
-    if rel.exists():
-        r = json.loads(rel.read_text())
-        st = Path(r["classes_mrcs"])
+    its = sorted((setdir / "relion" / "Class2D").glob("run_it[0-9][0-9][0-9]_classes.mrcs"))
+    its = [p for p in its if "_it000_" not in p.name]
+    if rel.exists() or its:
+        if rel.exists():
+            r = json.loads(rel.read_text())
+            st, data, label = Path(r["classes_mrcs"]), r["data_star"], "RELION Class2D"
+        else:
+            st = its[-1]
+            data = str(st).replace("_classes.mrcs", "_data.star")
+            label = f"RELION it {st.name[6:9]} (unfinished)"
         imgs = read_images(st, np.arange(read_header(st).nz), read_header(st))
-        d = read_star(r["data_star"])["particles"]["rlnClassNumber"].astype(int)
-        rows.append(("RELION Class2D", imgs, [int((d == k + 1).sum()) for k in range(len(imgs))]))
+        d = read_star(data)["particles"]["rlnClassNumber"].astype(int)
+        rows.append((label, imgs, [int((d == k + 1).sum()) for k in range(len(imgs))]))
     cdir = setdir / "cryolatent" / "classes"
     emb = setdir / "cryolatent" / "embedded.star"
     if cdir.exists():
         d = read_star(emb)["particles"]["rlnClassNumber"].astype(int)
-        for stem, label in (("class_averages", "cryolatent aligned"),
-                            ("class_generated", "cryolatent generator")):
-            st = next(iter(sorted(cdir.glob(f"{stem}*.mrcs"))), None)
-            if st is not None:
+        for stem, label in (("aligned_averages", "cryolatent aligned"),
+                            ("denoised_averages", "cryolatent generator")):
+            st = cdir / f"{stem}.mrcs"
+            if st.exists():
                 imgs = read_images(st, np.arange(read_header(st).nz), read_header(st))
                 rows.append((label, imgs, [int((d == k + 1).sum()) for k in range(len(imgs))]))
     if not rows:

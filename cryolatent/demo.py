@@ -22,6 +22,13 @@ log = logging.getLogger("cryolatent")
 
 
 @dataclass
+#: options the demo fixes to the values its published figures were measured with (before
+#: `train` derived them from the data: a cryo-EM set now gets a sharper Gumbel-softmax, a KL
+#: warm-up, a masked likelihood, a 0.15-box search, bf16 on AMX CPUs and a convergence stop)
+PINNED = dict(gumbel_tau=1.0, kl_warmup=0.0, kl_free_bits=0.0, mask=False,
+              translation_range=8, amp="off", converge_tol=0.0, ctf=False)
+
+
 class DemoSettings:
     """Sizes of the demo; ``quick()`` is the variant the test suite runs."""
 
@@ -36,14 +43,16 @@ class DemoSettings:
     device: str = "cpu"
     model_options: dict = field(default_factory=lambda: dict(
         rotations=8, z_dim=2, enc_channels=16, kernel=11, gen_width=64, gen_layers=2,
-        fourier_features=32, translation_prior=2.0, likelihood="gaussian"))
+        fourier_features=32, translation_prior=2.0, likelihood="gaussian",
+        **PINNED))
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         return cls(n=120, box=32, train_box=16, epochs=2, batch_size=30,
                    model_options=dict(rotations=4, z_dim=2, enc_channels=4, kernel=7,
                                       gen_width=16, gen_layers=1, fourier_features=8,
-                                      translation_prior=2.0, likelihood="gaussian"))
+                                      translation_prior=2.0, likelihood="gaussian",
+                                      **PINNED))
 
 
 #: what the demo writes into its folder (``force`` removes these first)
