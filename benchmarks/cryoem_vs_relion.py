@@ -417,7 +417,7 @@ def table(results: dict) -> str:
         lines.append(f"| wall s | {f(c and c['wall_s'], 1)} | "
                      f"{f(rl and rl.get('wall_s'), 1)} |")
         if c:
-            lines.append(f"| epochs (stopped at convergence) | {c['epochs']} | |")
+            lines.append(f"| epochs run (convergence or the --epochs cap) | {c['epochs']} | |")
         lines.append("")
     return "\n".join(lines)
 
