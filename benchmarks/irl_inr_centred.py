@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cryolatent.analysis.cluster import cluster_latents
-from cryolatent.metrics import (circular_corr, cluster_accuracy, rotation_agreement_per_class,
+from cryolatent.metrics import (cluster_accuracy, rotation_agreement_per_class,
                                 rotation_corr_per_class, rotation_error_per_class)
 from cryolatent.models.irl_inr import IRLINR, moment_targets, symmetry_targets
 

@@ -73,7 +73,7 @@ def run(cmd: list[str], cwd: Path | None = None, env=None) -> dict:
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    out, err = p.stdout.read().decode(), p.stderr.read().decode()
+    _out, err = p.stdout.read().decode(), p.stderr.read().decode()
     p.returncode = os.waitstatus_to_exitcode(status)
     return {"cmd": " ".join(cmd), "rc": p.returncode, "wall_s": round(wall, 2),
             "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),

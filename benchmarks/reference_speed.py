@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import platform
 import statistics

@@ -219,7 +219,7 @@ def table(results: dict) -> str:
             f"{g(rl, 'wall_s')} |",
             f"| CPU s | {g(c, 'cpu_s')} | {g(rl, 'cpu_s')} |",
             f"| threads | {g(c, 'threads')} | {g(rl, 'threads')} |",
-            f"| load avg (1 min) mean / max during run | "
+            "| load avg (1 min) mean / max during run | "
             + (f"{c['load']['load1_mean']} / {c['load']['load1_max']}" if c else "n/a") + " | "
             + (f"{rl['load']['load1_mean']} / {rl['load']['load1_max']}" if rl else "n/a")
             + " |", ""]

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CryolatentError
 
 log = logging.getLogger("cryolatent")
 

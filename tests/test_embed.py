@@ -439,8 +439,8 @@ def test_relion_reads_and_aligns_embed_output(sim, standin, relion, tmp_path):
     from cryolatent.inference import embed
 
     out = embed(standin, sim["dir"] / "raw.star", sim["dir"] / "relion_out.star", clusters=2)
-    res = relion("relion_star_handler", "--i", out, "--o", tmp_path / "copy.star",
-                 cwd=sim["dir"])
+    relion("relion_star_handler", "--i", out, "--o", tmp_path / "copy.star",
+           cwd=sim["dir"])
     from cryolatent.io import read_star
 
     copy = read_star(tmp_path / "copy.star")["particles"]
