@@ -170,7 +170,9 @@ def test_non_empty_folder_refused_with_one_message(embedded, tmp_path, capsys, c
 
 
 @pytest.mark.parametrize("cmd", ["preprocess", "classes", "plot", "simulate"])
-def test_force_proceeds(embedded, tmp_path, cmd):
+def test_force_proceeds(embedded, tmp_path, cmd, request):
+    if cmd == "simulate":
+        request.getfixturevalue("shared_data")   # cryoem's default structures (skips without)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
