@@ -269,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args, rundir: Path):
-    from cryolatent.commands.train import MODEL_DEFAULTS
+    from cryolatent.config import MODEL_OPTIM
     from cryolatent.config import TrainConfig
 
-    cfg = TrainConfig(model=args.model, **MODEL_DEFAULTS.get(args.model, {}))
+    cfg = TrainConfig(model=args.model, **MODEL_OPTIM.get(args.model, {}))
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.dataset == "mnist-n" and args.model == "target-vae":
         given.setdefault("rotation_prior", "normal")

@@ -337,16 +337,15 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
         raise CryolatentError(f"{rundir}: run folder exists and is not empty; use --resume to "
                               "continue it or choose another -o")
     source = ParticleData.from_source(data if data is not None else cfg.input, cfg.datadir)
+    notes: list[str] = []     # what was chosen from the data, for the run log
     if cfg.ctf and not source.has_ctf:
         raise CryolatentError(f"--ctf: {cfg.input or 'the particle set'} has no CTF parameters")
     if cfg.likelihood == "auto":
         lo, hi = source.value_range(seed=cfg.seed)
         with_ctf = source.has_ctf if cfg.ctf is None else cfg.ctf
         cfg.likelihood = "bernoulli" if (lo >= 0.0 and hi <= 1.0 and not with_ctf) else "gaussian"
-        cfg.extra["_likelihood_note"] = f"pixel values in [{lo:.3g}, {hi:.3g}]"
-    notes = cfg.resolve_defaults(source.box, source.has_ctf, dist.device.type)
-    if notes:
-        cfg.extra["_defaults_note"] = "; ".join(notes)
+        notes.append(f"likelihood {cfg.likelihood} (pixel values in [{lo:.3g}, {hi:.3g}])")
+    notes += cfg.resolve_defaults(source.box, source.has_ctf, dist.device.type)
     if cfg.ctf and cfg.likelihood == "bernoulli":
         raise CryolatentError("--ctf needs --likelihood gaussian")
     if dist.world_size > 1:
@@ -358,16 +357,16 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
         if n_train < dist.world_size:
             raise CryolatentError(f"{n_train} training particles for {dist.world_size} "
                                   "processes: use fewer processes")
-    return cfg, ck, source
+    return cfg, ck, source, notes
 
 
 def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
     main = dist.is_main
     if not main:  # other ranks: warnings and errors only, on stderr
         setup_logging(None).setLevel(logging.WARNING)
-    err, fp = None, None
+    err, fp, notes = None, None, []
     try:
-        cfg, ck, source = _prepare(cfg, resume, data, dist)
+        cfg, ck, source, notes = _prepare(cfg, resume, data, dist)
         if dist.enabled:
             fp = fingerprint(cfg.to_dict(), source)
     except CryolatentError as e:
@@ -379,12 +378,8 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
     if main:
         rundir.mkdir(parents=True, exist_ok=True)
         setup_logging(rundir)
-    note = cfg.extra.pop("_likelihood_note", None)
-    if note:
-        log.info("likelihood: %s (%s)", cfg.likelihood, note)
-    note = cfg.extra.pop("_defaults_note", None)
-    if note:
-        log.info("defaults from the data and the device: %s", note)
+    if notes:
+        log.info("chosen from the data and the device: %s", "; ".join(notes))
     if main:
         cfg.save(rundir / "config.json")
     set_fast_math(device)

@@ -18,15 +18,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..config import MODEL_OPTIM, TrainConfig
+from ..config import TrainConfig
 from .common import force_option, threads_option
 
 #: what a run folder holds (removed by ``--force`` before a new run starts there)
 RUN_FILES = ("config.json", "log.csv", "run.log", "checkpoints", "summary.json")
 
-#: the papers' optimiser settings per model (TrainConfig.resolve_defaults applies them, or
-#: the cryo-EM ones, to options not given); kept here for scripts that import it
-MODEL_DEFAULTS = MODEL_OPTIM
 
 # (option, TrainConfig field, click type, help); booleans become --x/--no-x flags
 _OPTIONS = [
