@@ -129,6 +129,13 @@ class TrainConfig:
                 raise CryolatentError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0.0 <= self.val_fraction < 1.0):
             raise CryolatentError("--val-fraction must be in [0, 1)")
+        for name, lo, strict in (("converge_window", 1, False), ("converge_tol", 0, False),
+                                 ("kl_warmup", 0, False), ("kl_free_bits", 0, False),
+                                 ("gumbel_tau", 0, True)):
+            v = getattr(self, name)
+            if v is not None and (v <= lo if strict else v < lo):
+                raise CryolatentError(f"--{name.replace('_', '-')} {v}: must be "
+                                      f"{'>' if strict else '>='} {lo}")
         if self.lr is not None and self.lr <= 0:
             raise CryolatentError("--lr must be > 0")
         if self.kernel is not None and self.kernel < 1:

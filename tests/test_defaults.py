@@ -190,3 +190,18 @@ def test_free_bits_floor_each_latent_dimension():
     torch.manual_seed(5)
     ev, pe = m.loss(x)
     assert torch.allclose(ev, pe["recon"] + pe["kl"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("opt", [["--converge-window", "0"], ["--kl-warmup", "-1"],
+                                 ["--gumbel-tau", "0"], ["--kl-free-bits", "-0.1"],
+                                 ["--converge-tol", "-1"]])
+def test_bad_new_options_are_one_line_errors(tmp_path, opt):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cryolatent.cli", "train", str(tmp_path / "x.mrcs"),
+                        "-o", str(tmp_path / "run"), *opt], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and opt[0] in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
