@@ -42,6 +42,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:N"
     command: str = ""                 # the command line that made the run
+    preprocessing: dict[str, Any] | None = None  # what the training images are, relative to
+                                      #   the original particles (written by train:
+                                      #   cryolatent.preprocess.Preprocessing.to_dict())
 
     # --- optimisation (shared) ----------------------------------------------------------
     epochs: int = 100

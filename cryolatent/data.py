@@ -114,6 +114,11 @@ class ParticleData:
         return self.n
 
     @property
+    def particle_set(self):
+        """The ParticleSet read (opened on first use), or None for an in-memory array."""
+        return None if self._array is not None else self._particles()
+
+    @property
     def names(self):
         """(n,) particle names, or None for an in-memory array."""
         if self._array is not None:

@@ -5,20 +5,24 @@ Library entry point: :func:`embed` (callable from a notebook; the click command 
 
 What it does, for ``embed(rundir, input, out)``:
 
-1. loads the run (``cryolatent.train.load_run``) and the geometry of its training images
-   (box ``d`` and pixel size, read from the training set the run's ``config.json`` names);
+1. loads the run (:mod:`cryolatent.run`) and the preprocessing of its training images that
+   ``train`` recorded (:class:`cryolatent.preprocess.Preprocessing`: box ``d``, pixel size,
+   phase flip, inversion, normalisation); the training set itself is not needed (a run
+   of an older cryolatent, which recorded none, has it judged from the training set, with
+   a warning: :func:`cryolatent.run.run_preprocessing`);
 2. streams INPUT in batches (``ParticleSet.iter_batches``), bringing each batch to what the
-   model saw at training time (:class:`InputAdapter`: Fourier crop to ``d`` when INPUT's box
-   differs, then the training set's normalisation), and runs ``model.infer`` on the GPU when
-   there is one, in a background-prefetched loop, with a progress bar;
+   model saw at training time (:class:`InputAdapter`: the recorded preprocessing applied,
+   with a Fourier crop to ``d`` when INPUT's box is larger), and runs ``model.infer`` on the
+   GPU when there is one, in a background-prefetched loop, with a progress bar;
 3. converts the model's pose (RELION convention, pixels of the model's input) to INPUT's Å
-   (:func:`model_pose_to_input`), writes the latent means straight into ``OUT.z.npy`` (a
+   (:func:`cryolatent.pose.model_pose_to_input`), writes the latent means straight into ``OUT.z.npy`` (a
    memory-mapped ``.npy``: never all images, never more than one batch of them in memory);
 4. optionally clusters the latent means (:func:`cryolatent.analysis.cluster.cluster_latents`);
 5. writes ``OUT.star`` (every input column and row, in order, plus ``rlnAnglePsi``,
    ``rlnOriginXAngst``, ``rlnOriginYAngst``, ``cryolatentZ1..D``, and with clusters
    ``rlnClassNumber``), and when INPUT is ``.cs`` also ``OUT.cs`` (every original field and
-   uid, plus ``alignments2D/{pose,shift,psize_A,class,...}``, cryoSPARC's convention).
+   uid, plus ``alignments2D/{pose,shift,psize_A,class,...}``, cryoSPARC's convention:
+   :func:`cryolatent.io.cs.cs_with_alignments`).
 
 Every file goes through :func:`cryolatent.utils.atomic_path`; an output that would overwrite
 INPUT is refused.
@@ -30,73 +34,29 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .errors import CryolatentError, InputError
+from .io.cs import CS_ALIGN2D, cs_with_alignments  # noqa: F401 (re-exported)
+from .pose import model_pose_to_input
+from .preprocess import Preprocessing
+from .run import run_preprocessing, training_set_path
 from .utils import resolve_device
 
 __all__ = [
     "embed", "model_pose_to_input", "output_paths", "EmbedOutputs", "InputAdapter",
-    "TrainingGeometry", "relion_columns", "cs_with_alignments",
-    "background_stats",
+    "relion_columns", "cs_with_alignments",
 ]
 
 log = logging.getLogger("cryolatent")
 
 #: columns ``embed`` writes (besides ``cryolatentZ*`` and, with clusters, ``rlnClassNumber``)
 POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
-
-
-# ============================================================================ pose units
-
-def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int,
-                        apix_input) -> tuple[np.ndarray, np.ndarray]:
-    """Pose from the model's input pixels to RELION columns of INPUT (degrees, Å).
-
-    The models return the pose in RELION's convention (``Inference``: ``psi_deg`` (N,),
-    ``shift_px`` (N, 2) = (rlnOriginX, rlnOriginY) in pixels of the ``box_model`` × ``box_model``
-    image they were given). When INPUT's images (box D = ``box_input``, pixel size
-    ``apix_input``) were Fourier-cropped to d = ``box_model`` on the way in, the model saw
-    pixels of size
-
-        apix_model = apix_input × D / d
-
-    and a Fourier crop keeps the physical image, its axes and its centre
-    (``cryolatent.preprocess.fourier_crop`` maps the rotation centre (D//2, D//2) onto
-    (d//2, d//2) for even and odd boxes). With x the coordinate relative to the original
-    centre and x' the one relative to the cropped centre, the crop maps x' = x·d/D. The
-    model's statement aligned(R(ψ)(x' + t)) = cropped(x') then reads, in the original's
-    coordinates, A(R(ψ)(x + t·D/d)) = particle(x) with A the (rescaled) canonical image. So,
-    exactly:
-
-        rlnAnglePsi      = psi_deg                              (unchanged)
-        rlnOriginXYAngst = shift_px × apix_model                (= t_in × apix_input)
-
-    i.e. the same physical shift: read with INPUT's pixel size it is t·D/d pixels of the
-    unbinned particle, so the pose stays right for the original particles. Without a crop
-    (D == d) this is just ``shift_px × apix_input``.
-
-    psi_deg: (N,) degrees; shift_px: (N, 2); apix_input: scalar or (N,) (per-particle pixel
-    size, e.g. from several optics groups). Returns ``psi_deg`` (N,) float64 wrapped to
-    (-180, 180] as RELION writes it, and ``origin_angst`` (N, 2) float64 =
-    (rlnOriginXAngst, rlnOriginYAngst).
-    """
-    psi = np.asarray(psi_deg, dtype=np.float64).reshape(-1)
-    shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
-    if len(psi) != len(shift):
-        raise ValueError(f"psi ({len(psi)}) and shift ({len(shift)}) lengths differ")
-    if box_model < 1 or box_input < 1:
-        raise ValueError("boxes must be >= 1")
-    apix_model = np.asarray(apix_input, dtype=np.float64) * (box_input / box_model)
-    origin = shift * (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
-    from .pose import wrap_deg_180
-
-    return np.asarray(wrap_deg_180(psi), dtype=np.float64), origin
 
 
 # ============================================================================ output files
@@ -137,122 +97,51 @@ def output_paths(out: str | Path, input_path: str | Path, input_kind: str) -> Em
 
 # ============================================================================ preprocessing
 
-def background_stats(images: np.ndarray, diameter_frac: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sd (n,) of each image's (n, D, D) pixels outside a circle of diameter
-    ``diameter_frac`` × D centred at (D//2, D//2) (RELION's normalisation background)."""
-    d = images.shape[-1]
-    yy, xx = np.mgrid[:d, :d] - d // 2
-    bg = (xx ** 2 + yy ** 2) > (diameter_frac * d / 2) ** 2
-    v = np.asarray(images)[:, bg].astype(np.float64)
-    return v.mean(1), v.std(1)
-
-
-def _looks_normalized(images: np.ndarray) -> bool:
-    """True when the images' backgrounds are mean ~0, sd ~1 (RELION-normalised)."""
-    m, s = background_stats(images)
-    return bool(abs(np.median(m)) < 0.1 and abs(np.median(s) - 1.0) < 0.1)
-
-
 def _median_apix(ps) -> float:
     return float(np.median(ps.apix_per_particle))
 
 
-@dataclass
-class TrainingGeometry:
-    """What the model saw at training time.
-
-    box: image size d the model was built for; apix: their pixel size (Å, None if unknown);
-    normalized: the training images had RELION-normalised backgrounds (mean 0, sd 1 outside
-    the 0.75 × box circle), judged from up to 64 of them; phase_flipped: the training set's
-    optics say ``rlnCtfDataArePhaseFlipped`` = 1 (``cryolatent preprocess --phase-flip``);
-    particles: the training ParticleSet when it could be opened (for calibration), else None.
-    """
-
-    box: int
-    apix: float | None = None
-    normalized: bool = False
-    phase_flipped: bool = False
-    source: str | None = None
-    particles: Any = None
-
-
-def _training_input(cfg, rundir=None) -> str:
-    """The run's training set path: as recorded, else relative to the run folder's parent
-    (a relative path recorded by a run started in a RELION-style project folder)."""
-    p = Path(cfg.input)
-    if not p.exists() and not p.is_absolute() and rundir is not None:
-        cwd0 = (getattr(cfg, "extra", None) or {}).get("cwd")   # where the training ran
-        for base in ([Path(cwd0)] if cwd0 else []) + [Path(rundir).parent, Path(rundir)]:
-            if (base / p).exists():
-                return str(base / p)
-    return str(cfg.input)
-
-
-def training_geometry(cfg, model=None, particles=None, rundir=None) -> TrainingGeometry:
-    """Box, pixel size, normalisation and phase flipping of the run's training images.
-
-    Read from the training set named in the run's config (``cfg.input``, ``cfg.datadir``),
-    or from ``particles`` when that is the training set already opened. When it cannot be opened any more, falls back to what the run recorded (``cfg.extra``
-    keys ``box``/``apix``/``normalized``/``phase_flipped``) or the model's ``box`` attribute,
-    and warns.
-    """
-    from .io import load_particles
-
-    extra = dict(getattr(cfg, "extra", {}) or {})
-    try:
-        # ``particles``: the training set, already open (INPUT is the training set)
-        tps = particles if particles is not None else load_particles(
-            _training_input(cfg, rundir), datadir=cfg.datadir)
-        n = min(len(tps), 64)
-        idx = np.unique(np.linspace(0, len(tps) - 1, n).round().astype(np.int64))
-        normalized = _looks_normalized(tps.images(idx)) if n else False
-        return TrainingGeometry(box=int(tps.box), apix=_median_apix(tps),
-                                normalized=normalized, phase_flipped=bool(tps.optics_flag("rlnCtfDataArePhaseFlipped").any()),
-                                source=str(tps.source), particles=tps)
-    except (CryolatentError, OSError) as e:
-        box = extra.get("box") or getattr(model, "box", None)
-        if box is None:
-            raise CryolatentError(f"cannot open the run's training set {cfg.input!r} ({e}) "
-                                  "and the run does not record its image size")
-        log.warning("training set %s cannot be opened (%s); using the run's recorded box %s",
-                    cfg.input, e, box)
-        return TrainingGeometry(box=int(box), apix=extra.get("apix"),
-                                normalized=bool(extra.get("normalized", False)),
-                                phase_flipped=bool(extra.get("phase_flipped", False)),
-                                source=cfg.input)
+def _same_steps(a: Preprocessing, b: Preprocessing) -> bool:
+    """Whether two descriptions make the same images from the same originals."""
+    return (a.box, a.original_box, a.phase_flip, a.invert, a.normalize) == \
+        (b.box, b.original_box, b.phase_flip, b.invert, b.normalize) and \
+        (not a.normalize or a.diameter_fraction == b.diameter_fraction)
 
 
 class InputAdapter:
     """Brings batches of INPUT images to what the model saw at training time.
 
-    ``adapter(images (n, D_in, D_in) float32 numpy, idx (n,)) -> torch (n, d, d) float32``,
-    in the order of ``cryolatent preprocess`` (so that INPUT = the original of a preprocessed
-    training set gives the training images back):
+    ``adapter(images (n, D_in, D_in) float32 numpy, idx (n,)) -> torch (n, d, d) float32``:
+    the run's :class:`cryolatent.preprocess.Preprocessing` ``prep`` applied
+    (:meth:`~cryolatent.preprocess.Preprocessing.apply`, ``preprocess``'s pipeline, so
+    that INPUT = the originals of a preprocessed training set gives the training images):
 
-    1. Fourier crop (``cryolatent.preprocess.fourier_crop``) to the training box d when the
-       boxes differ (INPUT is then taken as the unbinned set the training data came from;
-       its effective pixel size apix_in × D_in / d is compared with the training one and a
-       mismatch > 1 % is warned about);
-    2. phase flip with INPUT's CTF at the cropped pixel size, when the training set was
-       phase-flipped and INPUT is not;
-    3. contrast inversion when calibration found INPUT inverted relative to training;
-    4. RELION normalisation (background outside 0.75 × d to mean 0, sd 1) when the training
-       images were normalised (idempotent on already normalised images).
+    1. Fourier crop to the training box d when the boxes differ (INPUT is then taken as the
+       unbinned set the training data came from; its effective pixel size apix_in × D_in / d
+       is compared with the training one and a mismatch > 1 % is warned about);
+    2. phase flip with INPUT's CTF at the cropped pixel size, when the training images were
+       phase-flipped and INPUT is not (``rlnCtfDataArePhaseFlipped``);
+    3. contrast inversion when the training images were inverted and INPUT is not;
+    4. RELION normalisation when the training images were normalised.
 
-    Calibration (:meth:`calibrate`): when the training set was made by ``cryolatent
-    preprocess`` from INPUT (its ``rlnImageOriginalName`` are INPUT's ``rlnImageName``), a
-    few matching particles are passed through steps 1–4 and compared with the training
-    images: a correlation near -1 turns on the inversion; anything below 0.9 is warned about.
+    INPUT made by ``preprocess`` itself (its optics table describes it) has the steps it
+    already had left out; with the same description as the training images (the training
+    set, moved or copied) its images go through unchanged, as with ``same_as_training``
+    (INPUT is the training set's file).
 
-    ``same_as_training`` (INPUT is the training set itself): images go through unchanged.
+    ``training``: the training ParticleSet, only for runs that recorded no preprocessing
+    (:meth:`calibrate`).
     """
 
-    def __init__(self, ps, geom: TrainingGeometry, same_as_training: bool = False):
+    def __init__(self, ps, prep: Preprocessing, same_as_training: bool = False,
+                 training=None):
+        from .preprocess import describe_particles
+
         self.box_in = int(ps.box)
-        self.box = int(geom.box)
-        self.geom = geom
+        self.box = int(prep.box)
+        self.prep = prep
         self.ps = ps
-        self.same = same_as_training
+        self.training = training
         if self.box_in < self.box:
             raise CryolatentError(
                 f"{ps.source}: box {self.box_in} px is smaller than the model's {self.box} px; "
@@ -260,70 +149,61 @@ class InputAdapter:
         if same_as_training and self.box_in != self.box:
             raise CryolatentError(f"{ps.source}: box {self.box_in} differs from the model's "
                                   f"{self.box}")
+        mine = None
+        if not same_as_training and getattr(ps, "optics", None) is not None:
+            mine = describe_particles(ps, sample=0)
+            mine = mine if mine.source == "preprocess" else None
+            if mine is not None and _same_steps(mine, prep):
+                same_as_training = True      # the training images, wherever they now are
+        self.same = same_as_training
         self.crop = self.box_in != self.box
         self.apix_model = ps.apix_per_particle * (self.box_in / self.box)
-        self.flip = (not same_as_training) and geom.phase_flipped and not ps.optics_flag("rlnCtfDataArePhaseFlipped").any()
+        flipped = bool(ps.optics_flag("rlnCtfDataArePhaseFlipped").any())
+        self.flip = (not self.same) and prep.phase_flip and not flipped
         self.ctf = None
         if self.flip:
             self.ctf = ps.ctf()
             if self.ctf is None:
                 raise CryolatentError(f"the model was trained on phase-flipped images, but "
                                       f"{ps.source} has no CTF parameters to flip {ps.source}")
-        self.invert = False
-        self.normalize = (not same_as_training) and geom.normalized
+        self.invert = (not self.same) and prep.invert != (mine is not None and mine.invert)
+        self.normalize = (not self.same) and prep.normalize
         self.calibration: float | None = None
-        if geom.apix is not None and not same_as_training:
+        if prep.apix is not None and not self.same:
             eff = float(np.median(self.apix_model))
-            if abs(eff / geom.apix - 1.0) > 0.01:
+            if abs(eff / prep.apix - 1.0) > 0.01:
                 log.warning("%s: pixel size %.4g Å × box %d / %d = %.4g Å differs from the "
                             "training images' %.4g Å; the model may see the wrong scale",
-                            ps.source, _median_apix(ps), self.box_in, self.box, eff, geom.apix)
+                            ps.source, _median_apix(ps), self.box_in, self.box, eff, prep.apix)
+
+    @property
+    def steps(self) -> Preprocessing:
+        """The description applied to INPUT (the run's, less what INPUT already had)."""
+        return replace(self.prep, phase_flip=self.flip, invert=self.invert,
+                       normalize=self.normalize)
 
     def describe(self) -> str:
         if self.same:
-            return "as stored (the training set)"
-        parts = []
-        if self.crop:
-            parts.append(f"Fourier crop {self.box_in} -> {self.box} px")
-        if self.flip:
-            parts.append("phase flip")
-        if self.invert:
-            parts.append("invert")
-        if self.normalize:
-            parts.append("normalise")
-        s = ", ".join(parts) or "as stored"
+            return "as stored (the training images)"
+        s = ", ".join(self.steps.steps(self.box_in)) or "as stored"
         if self.calibration is not None:
             s += f" (matches the training images: r = {self.calibration:.3f})"
         return s
 
     def __call__(self, images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-        from . import preprocess as pp
-
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         if self.same:
             return x
-        if self.crop:
-            x = pp.fourier_crop(x, self.box)
-        if self.flip:
-            from .ctf import compute_ctf
-
-            idx = np.asarray(idx)
-            ctf = torch.empty((len(idx), self.box, self.box), dtype=torch.float32)
-            a = self.apix_model[idx]
-            for v in np.unique(a):
-                sel = np.flatnonzero(a == v)
-                ctf[torch.from_numpy(sel)] = compute_ctf(self.ctf, self.box, float(v),
-                                                         idx=idx[sel]).float()
-            x = pp.phase_flip(x, ctf)
-        if self.invert:
-            x = pp.invert(x)
-        if self.normalize:
-            x = pp.normalize(x)
+        idx = np.asarray(idx)
+        x = self.steps.apply(x, apix=self.ps.apix_per_particle[idx], ctf=self.ctf, idx=idx)
         return x.float().contiguous()
 
     def calibrate(self, n: int = 8) -> None:
-        """Compare INPUT particles with their preprocessed copies in the training set."""
-        tps = self.geom.particles
+        """Runs that recorded no preprocessing (``training`` given): compare INPUT particles
+        with their preprocessed copies in the training set; a correlation near -1 turns on
+        the inversion (unless the training set's optics describe it), anything below 0.9 is
+        warned about. A recorded description needs no calibration (nothing happens)."""
+        tps = self.training
         if self.same or tps is None or "rlnImageOriginalName" not in tps.table.columns \
                 or "rlnImageName" not in self.ps.table.columns:
             return
@@ -352,7 +232,7 @@ class InputAdapter:
         theirs = tps.images(rows).astype(np.float64)
         r = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(mine, theirs)])
         r = float(np.median(r))
-        if r < -0.9:
+        if r < -0.9 and self.prep.source != "preprocess":
             self.invert = True
             r = -r
             log.info("INPUT has the opposite contrast of the training images: inverting")
@@ -502,63 +382,6 @@ def _add_columns(df, cols: dict[str, np.ndarray]):
     return df
 
 
-#: the alignments2D fields cryoSPARC writes (2D classification), with neutral defaults
-CS_ALIGN2D: tuple[tuple[str, str, tuple, Any], ...] = (
-    ("alignments2D/split", "<u4", (), 0),
-    ("alignments2D/shift", "<f4", (2,), 0.0),
-    ("alignments2D/pose", "<f4", (), 0.0),
-    ("alignments2D/psize_A", "<f4", (), 1.0),
-    ("alignments2D/error", "<f4", (), 0.0),
-    ("alignments2D/error_min", "<f4", (), 0.0),
-    ("alignments2D/resid_pow", "<f4", (), 0.0),
-    ("alignments2D/slice_pow", "<f4", (), 0.0),
-    ("alignments2D/image_pow", "<f4", (), 0.0),
-    ("alignments2D/cross_cor", "<f4", (), 0.0),
-    ("alignments2D/alpha", "<f4", (), 1.0),
-    ("alignments2D/alpha_min", "<f4", (), 0.0),
-    ("alignments2D/weight", "<f4", (), 1.0),
-    ("alignments2D/pose_ess", "<f4", (), 0.0),
-    ("alignments2D/shift_ess", "<f4", (), 0.0),
-    ("alignments2D/class_posterior", "<f4", (), 1.0),
-    ("alignments2D/class", "<u4", (), 0),
-    ("alignments2D/class_ess", "<f4", (), 1.0),
-)
-
-
-def cs_with_alignments(cs: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray,
-                       apix: np.ndarray | float, labels: np.ndarray | None,
-                       confidence: np.ndarray | None = None) -> np.ndarray:
-    """A copy of the cryoSPARC structured array ``cs`` (N,) with 2-D alignments set.
-
-    cryoSPARC's 2-D convention as pyem's ``csparc2star`` reads it (the same as RELION's):
-    ``alignments2D/pose`` = radians(rlnAnglePsi) in [0, 2π), ``alignments2D/shift`` =
-    (rlnOriginXAngst, rlnOriginYAngst) / ``alignments2D/psize_A`` in pixels, with psize_A =
-    the particles' pixel size (``blob/psize_A``); ``alignments2D/class`` = class - 1
-    (0-based; without labels an existing class is kept, a new field is 0). Every original
-    field, ``uid`` included, is kept in order; missing alignments2D fields are appended with
-    neutral values. ``class_posterior`` gets the model's pose confidence when given.
-    """
-    n = len(cs)
-    have = set(cs.dtype.names or ())
-    extra = [(name, dt, shape) for name, dt, shape, _ in CS_ALIGN2D if name not in have]
-    out = np.zeros(n, dtype=np.dtype(cs.dtype.descr + [(nm, dt, sh) if sh else (nm, dt)
-                                                       for nm, dt, sh in extra]))
-    for name in cs.dtype.names:
-        out[name] = cs[name]
-    for name, _, _, default in CS_ALIGN2D:
-        if name not in have:
-            out[name] = default
-    apix = np.broadcast_to(np.asarray(apix, np.float64), (n,))
-    out["alignments2D/pose"] = np.deg2rad(np.mod(psi_deg, 360.0))
-    out["alignments2D/psize_A"] = apix
-    out["alignments2D/shift"] = np.asarray(origin_angst, np.float64) / apix[:, None]
-    if labels is not None:
-        out["alignments2D/class"] = np.asarray(labels, np.int64)
-    if confidence is not None:
-        out["alignments2D/class_posterior"] = confidence
-    return out
-
-
 # ============================================================================ entry point
 
 def _same_file(a, b) -> bool:
@@ -611,10 +434,10 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
 
     model, cfg = _load_run(rundir, dev, checkpoint)
     same = _is_training_set(ps, cfg, rundir)
-    geom = training_geometry(cfg, model, particles=ps if same else None, rundir=rundir)
-    adapter = InputAdapter(ps, geom, same_as_training=same)
-    adapter.calibrate()
-    geom.particles = None          # free the training set's tables before the long loop
+    prep, training = run_preprocessing(cfg, model, rundir, particles=ps if same else None)
+    adapter = InputAdapter(ps, prep, same_as_training=same, training=training)
+    adapter.calibrate()            # only for runs that recorded no preprocessing
+    adapter.training = None        # free the training set's tables before the long loop
     bs = int(batch_size or getattr(cfg, "batch_size", 0) or 256)
     z_dim = int(getattr(cfg, "z_dim", 0) or getattr(model, "z_dim"))
     log.info("embed: %d particles of %s (box %d, %.4g Å/px) with %s model of %s on %s, "
@@ -673,7 +496,7 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
 
 def _is_training_set(ps, cfg, rundir=None) -> bool:
     return bool(getattr(cfg, "input", "")) and _same_file(ps.source,
-                                                          _training_input(cfg, rundir))
+                                                          training_set_path(cfg, rundir))
 
 
 def _warn_kept_columns(df, clustering: bool) -> None:
@@ -687,14 +510,14 @@ def _warn_kept_columns(df, clustering: bool) -> None:
 
 def _load_run(rundir: Path, device: torch.device, checkpoint: str = "best"):
     """(model on ``device`` in eval mode, TrainConfig) of a run folder."""
-    from . import train
+    from .run import RunDir
 
     if checkpoint not in ("best", "last"):
         raise CryolatentError(f"--checkpoint {checkpoint!r}: choose best or last")
-    ckdir = Path(rundir) / "checkpoints"
-    if not (ckdir / "best.pt").exists() and not (ckdir / "last.pt").exists():
+    run = RunDir(rundir)
+    if not run.has_checkpoint():
         raise CryolatentError(f"{rundir}: no checkpoints/best.pt or last.pt (not a finished "
                               "cryolatent train run?)")
-    model, cfg = train.load_run(rundir, device, which=checkpoint)
+    model, cfg = run.load(device, which=checkpoint)
     model.eval()
     return model, cfg

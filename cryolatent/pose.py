@@ -47,7 +47,7 @@ Method = Literal["bilinear", "fourier"]
 __all__ = [
     "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
     "pixel_coordinates", "transform_to_particle", "align_particles", "fourier_shift",
-    "rotate_images",
+    "rotate_images", "model_pose_to_input",
 ]
 
 
@@ -279,3 +279,48 @@ def centre_class_frames(psi_deg, origin, labels=None, prior_count: float = 50.0
     oc = offs[inv]
     back = np.stack([c * oc[:, 0] + s * oc[:, 1], -s * oc[:, 0] + c * oc[:, 1]], -1)  # R(-psi) c
     return t - back, offs
+
+
+# ----------------------------------------------------------------------------- units
+
+def model_pose_to_input(psi_deg, shift_px, box_model: int, box_input: int,
+                        apix_input) -> tuple[np.ndarray, np.ndarray]:
+    """Pose from the model's input pixels to RELION columns of INPUT (degrees, Å).
+
+    The models return the pose in RELION's convention (``Inference``: ``psi_deg`` (N,),
+    ``shift_px`` (N, 2) = (rlnOriginX, rlnOriginY) in pixels of the ``box_model`` × ``box_model``
+    image they were given). When INPUT's images (box D = ``box_input``, pixel size
+    ``apix_input``) were Fourier-cropped to d = ``box_model`` on the way in, the model saw
+    pixels of size
+
+        apix_model = apix_input × D / d
+
+    and a Fourier crop keeps the physical image, its axes and its centre
+    (``cryolatent.preprocess.fourier_crop`` maps the rotation centre (D//2, D//2) onto
+    (d//2, d//2) for even and odd boxes). With x the coordinate relative to the original
+    centre and x' the one relative to the cropped centre, the crop maps x' = x·d/D. The
+    model's statement aligned(R(ψ)(x' + t)) = cropped(x') then reads, in the original's
+    coordinates, A(R(ψ)(x + t·D/d)) = particle(x) with A the (rescaled) canonical image. So,
+    exactly:
+
+        rlnAnglePsi      = psi_deg                              (unchanged)
+        rlnOriginXYAngst = shift_px × apix_model                (= t_in × apix_input)
+
+    i.e. the same physical shift: read with INPUT's pixel size it is t·D/d pixels of the
+    unbinned particle, so the pose stays right for the original particles. Without a crop
+    (D == d) this is just ``shift_px × apix_input``.
+
+    psi_deg: (N,) degrees; shift_px: (N, 2); apix_input: scalar or (N,) (per-particle pixel
+    size, e.g. from several optics groups). Returns ``psi_deg`` (N,) float64 wrapped to
+    (-180, 180] as RELION writes it, and ``origin_angst`` (N, 2) float64 =
+    (rlnOriginXAngst, rlnOriginYAngst).
+    """
+    psi = np.asarray(psi_deg, dtype=np.float64).reshape(-1)
+    shift = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
+    if len(psi) != len(shift):
+        raise ValueError(f"psi ({len(psi)}) and shift ({len(shift)}) lengths differ")
+    if box_model < 1 or box_input < 1:
+        raise ValueError("boxes must be >= 1")
+    apix_model = np.asarray(apix_input, dtype=np.float64) * (box_input / box_model)
+    origin = shift * (apix_model[:, None] if apix_model.ndim == 1 else apix_model)
+    return np.asarray(wrap_deg_180(psi), dtype=np.float64), origin

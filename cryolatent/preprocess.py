@@ -1,6 +1,13 @@
 """Particle preprocessing: Fourier cropping, RELION-style normalisation, contrast inversion and
 phase flipping, plus :func:`preprocess`, which streams a whole particle set through them.
 
+:class:`Preprocessing` describes what was done to the original particles to make a set of
+images (box, pixel size, the steps) and applies it (:meth:`Preprocessing.apply`, the one
+pipeline of ``preprocess``, ``embed`` and ``classes``). ``preprocess`` writes it into its
+output's optics table (``cryolatent*`` columns, which RELION's tools keep); ``train`` records
+the description of its training images in ``config.json`` and the checkpoints
+(:func:`describe_particles`), so ``embed`` never needs the training set again.
+
 All image transforms are pure functions on ``(n, D, D)`` arrays, numpy or torch (the result
 has the input's type and floating dtype; integer input becomes float32). The numpy path never
 imports torch, so ``cryolatent preprocess`` without ``--phase-flip`` starts fast. Frequencies
@@ -17,15 +24,17 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError
 
 __all__ = ["fourier_crop", "normalize", "invert", "phase_flip", "preprocess", "crop_matrix",
-           "PreprocessResult", "background_mask"]
+           "PreprocessResult", "background_mask", "background_stats", "looks_normalized",
+           "Preprocessing", "describe_particles", "OPTICS_COLUMNS"]
 
 log = logging.getLogger("cryolatent")
 
@@ -248,6 +257,214 @@ def phase_flip(images, ctf):
     return np.fft.irfft2(np.fft.rfft2(a) * sign, s=(D, D)).astype(a.dtype, copy=False)
 
 
+def background_stats(images, diameter_fraction: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (n,) float64 (ddof 0) of each image's background: the
+    pixels of ``images`` (n, D, D) (numpy or torch) outside :func:`background_mask`."""
+    x = images.detach().cpu().numpy() if _is_tensor(images) else np.asarray(images)
+    x = x[None] if x.ndim == 2 else x
+    v = x[:, background_mask(x.shape[-1], diameter_fraction)].astype(np.float64)
+    return v.mean(1), v.std(1)
+
+
+def looks_normalized(images, diameter_fraction: float = 0.75) -> bool:
+    """True when the images' backgrounds are RELION-normalised (median mean ~0, sd ~1)."""
+    m, s = background_stats(images, diameter_fraction)
+    return bool(len(m)) and bool(abs(np.median(m)) < 0.1 and abs(np.median(s) - 1.0) < 0.1)
+
+
+def _flip_rfft(x, sign: np.ndarray):
+    """(n, d, d) real images times ``sign`` (n, d, d//2+1) in the rfft layout (numpy or torch;
+    the images' type and dtype)."""
+    d = x.shape[-1]
+    if _is_tensor(x):
+        import torch
+
+        s = torch.from_numpy(np.ascontiguousarray(sign)).to(x.device, x.dtype)
+        return torch.fft.irfft2(torch.fft.rfft2(x) * s, s=(d, d)).to(x.dtype)
+    return np.fft.irfft2(np.fft.rfft2(x) * sign.astype(x.dtype, copy=False),
+                         s=(d, d)).astype(x.dtype, copy=False)
+
+
+#: the optics columns in which ``preprocess`` records its :class:`Preprocessing` (RELION's
+#: tools keep unknown labels: relion_star_handler "will ignore (but maintain)" them)
+OPTICS_COLUMNS = {"original_box": "cryolatentOriginalImageSize",
+                  "phase_flip": "cryolatentPhaseFlipped",
+                  "invert": "cryolatentInverted",
+                  "normalize": "cryolatentNormalized",
+                  "diameter_fraction": "cryolatentNormalizeDiameter"}
+
+#: where a description comes from (:attr:`Preprocessing.source`)
+SOURCES = ("preprocess", "stored", "inferred")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What makes a set of images (a run's training images) from the original particles.
+
+    box: the images' box (px); apix: their pixel size (Å, the median over optics groups;
+    None when unknown); original_box: the box of the particles they were made from (None:
+    not recorded). The steps, in the order :meth:`apply` runs them (``preprocess``'s): a
+    Fourier crop to ``box`` (whenever the input's box is larger), ``phase_flip`` (each
+    image's Fourier transform times the sign of its CTF at the cropped pixel size, RELION's
+    rule), ``invert`` (contrast), ``normalize`` (RELION background normalisation outside the
+    circle of diameter ``diameter_fraction`` × box).
+
+    source: "preprocess" (written by ``cryolatent preprocess``: the steps it ran), "stored"
+    (a set not made by ``preprocess``, used as stored (``train``'s loader only converts to
+    float32): the flags say what the images are, judged when the run was trained:
+    ``rlnCtfDataArePhaseFlipped``, RELION-normalised backgrounds), "inferred" (a run that
+    recorded none: judged from its training set when it was embedded).
+
+    Only plain values: :meth:`to_dict` goes into ``config.json`` and the checkpoints (which
+    load with ``torch.load(weights_only=True)``).
+    """
+
+    box: int
+    apix: float | None = None
+    original_box: int | None = None
+    phase_flip: bool = False
+    invert: bool = False
+    normalize: bool = False
+    diameter_fraction: float = 0.75
+    source: str = "preprocess"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        """From :meth:`to_dict`'s dict (unknown keys are ignored); ValueError when malformed."""
+        try:
+            known = {f.name for f in fields(cls)}
+            v = {k: d[k] for k in known if k in d}
+            out = cls(box=int(v.pop("box")),
+                      apix=None if v.get("apix") is None else float(v.pop("apix")),
+                      original_box=None if v.get("original_box") is None
+                      else int(v.pop("original_box")),
+                      **{k: bool(v[k]) for k in ("phase_flip", "invert", "normalize") if k in v},
+                      **({"diameter_fraction": float(v["diameter_fraction"])}
+                         if "diameter_fraction" in v else {}),
+                      **({"source": str(v["source"])} if "source" in v else {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"not a preprocessing description: {d!r} ({e})") from None
+        if out.box < 1:
+            raise ValueError(f"not a preprocessing description: box {out.box}")
+        return out
+
+    def steps(self, box_in: int | None = None) -> list[str]:
+        """The steps :meth:`apply` runs on images of box ``box_in``, in words."""
+        b = self.original_box if box_in is None else box_in
+        out = [f"Fourier crop {b} -> {self.box} px"] if b and b != self.box else []
+        out += [w for w, on in (("phase flip", self.phase_flip), ("invert", self.invert),
+                                ("normalise", self.normalize)) if on]
+        return out
+
+    def then(self, later: "Preprocessing") -> "Preprocessing":
+        """The description of ``later`` run on images this one describes (``preprocess`` of a
+        preprocessed set). Exact unless this one normalises and ``later`` does not (a crop
+        or flip of normalised images is not normalised any more): then a warning."""
+        if self.normalize and not later.normalize and (later.box != self.box
+                                                       or later.phase_flip):
+            log.warning("the input was normalised and is now cropped or flipped without "
+                        "--normalize: embed will normalise the originals after the crop")
+        return replace(later, original_box=self.original_box or later.original_box,
+                       phase_flip=self.phase_flip != later.phase_flip,
+                       invert=self.invert != later.invert,
+                       normalize=self.normalize or later.normalize,
+                       diameter_fraction=(later.diameter_fraction if later.normalize
+                                          else self.diameter_fraction))
+
+    def apply(self, images, apix=None, ctf=None, idx=None):
+        """``images`` (n, D, D) (or (D, D)), numpy or torch, made into this description's
+        images: Fourier crop to ``box`` when D > box, then phase flip, invert and normalise
+        where they are on. The one pipeline of ``preprocess``, ``embed`` and ``classes``.
+
+        apix: the input's pixel size in Å, scalar or (n,), and ctf: the particle set's
+        :class:`cryolatent.ctf.CTFParams`, with idx (n,) the images' rows in it (default
+        0..n-1): needed only for the phase flip (each CTF at the cropped pixel size
+        apix × D / box). Same type out; numpy float32 stays float32, integers become
+        float32; an input that needs no step is returned as it is.
+        """
+        x, squeeze, tensor = _float_batch(images)
+        n, D, d = x.shape[0], x.shape[-1], int(self.box)
+        if D < d:
+            raise ValueError(f"images of box {D} px are smaller than the {d} px to make")
+        out = x if D == d else (_crop_torch(x, d) if tensor else _crop_np(x, d))
+        if self.phase_flip:
+            if ctf is None or apix is None:
+                raise ValueError("the phase flip needs the particles' CTF and pixel size")
+            rows = np.arange(n) if idx is None else np.asarray(idx).reshape(-1)
+            apix_new = np.broadcast_to(np.asarray(apix, dtype=np.float64) * (D / d), (n,))
+            out = _flip_rfft(out, _rfft_sign(ctf, rows, d, apix_new))
+        if self.invert:
+            if out is x:
+                out = -out
+            elif tensor:
+                out.neg_()
+            else:
+                np.negative(out, out=out)
+        if self.normalize:
+            out = normalize(out, self.diameter_fraction)
+        return out[0] if squeeze else out
+
+    def to_optics(self, optics):
+        """``optics`` (DataFrame) with this description's :data:`OPTICS_COLUMNS` set."""
+        o = optics.copy()
+        for k, col in OPTICS_COLUMNS.items():
+            v = getattr(self, k)
+            o[col] = (float(v) if k == "diameter_fraction" else
+                      int(v) if v is not None else int(self.box))
+        return o
+
+
+def _optics_description(ps) -> Preprocessing | None:
+    """The description ``preprocess`` wrote into ``ps``'s optics table, or None."""
+    optics = getattr(ps, "optics", None)
+    if optics is None or OPTICS_COLUMNS["normalize"] not in getattr(optics, "columns", ()):
+        return None
+    try:
+        v = {k: ps.optics_value(col)[0] for k, col in OPTICS_COLUMNS.items()
+             if col in optics.columns}
+        return Preprocessing(
+            box=int(ps.box), apix=float(np.median(ps.apix_per_particle)),
+            original_box=int(float(v.get("original_box", ps.box))),
+            **{k: float(v[k]) > 0.5 for k in ("phase_flip", "invert", "normalize") if k in v},
+            diameter_fraction=float(v.get("diameter_fraction", 0.75)), source="preprocess")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        log.warning("%s: unreadable cryolatent preprocessing columns (%s); ignored",
+                    getattr(ps, "source", "particles"), e)
+        return None
+
+
+def describe_particles(ps, sample: int = 64, source: str = "stored") -> Preprocessing:
+    """The :class:`Preprocessing` of a particle set ``ps`` (a ParticleSet, or anything with
+    ``images(idx)``, ``box`` and ``len``, e.g. :class:`cryolatent.data.ParticleData`).
+
+    The one ``preprocess`` wrote into its optics table when there is one; otherwise what the
+    images are as stored (``source``): their box and pixel size, phase-flipped when
+    ``rlnCtfDataArePhaseFlipped`` says so, normalised when up to ``sample`` of them (evenly
+    spread) have RELION-normalised backgrounds (:func:`looks_normalized`).
+    """
+    desc = _optics_description(ps)
+    if desc is not None:
+        return desc
+    n = len(ps)
+    k = min(n, int(sample))
+    idx = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)) if k else \
+        np.zeros(0, np.int64)
+    normed = looks_normalized(np.asarray(ps.images(idx))) if k else False
+    apix = getattr(ps, "apix_per_particle", None)
+    if apix is not None:
+        apix = float(np.median(apix))
+    else:
+        apix = getattr(ps, "apix", None)
+        apix = float(apix) if apix is not None else None
+    flag = getattr(ps, "optics_flag", None)
+    flipped = bool(flag("rlnCtfDataArePhaseFlipped").any()) if flag is not None else False
+    return Preprocessing(box=int(ps.box), apix=apix, phase_flip=flipped, normalize=normed,
+                         source=source)
+
+
 # --------------------------------------------------------------------------------------------
 # streaming over a particle set
 
@@ -260,6 +477,7 @@ class PreprocessResult:
     box: int
     apix: float
     seconds: float
+    preprocessing: Preprocessing | None = None    # recorded in the output's optics table
 
 
 def _rfft_sign(params, idx: np.ndarray, d: int, apix_new: np.ndarray) -> np.ndarray:
@@ -272,20 +490,6 @@ def _rfft_sign(params, idx: np.ndarray, d: int, apix_new: np.ndarray) -> np.ndar
         c = compute_ctf(params, d, float(a), idx=idx[sel])[..., : d // 2 + 1].numpy()
         out[sel] = np.where(c < 0, -1.0, 1.0)
     return out
-
-
-def _process_chunk(imgs: np.ndarray, d: int, do_norm: bool, do_invert: bool,
-                   sign: np.ndarray | None, diameter_fraction: float) -> np.ndarray:
-    """(n, D, D) float32 -> (n, d, d) float32: crop, phase flip (sign: (n, d, d//2+1) on the
-    cropped grid, rfft layout), invert, normalise."""
-    out = _crop_np(imgs, d) if d != imgs.shape[-1] else imgs
-    if sign is not None:
-        out = np.fft.irfft2(np.fft.rfft2(out) * sign, s=(d, d)).astype(np.float32)
-    if do_invert:
-        out = np.negative(out, out=out) if out is not imgs else -out
-    if do_norm:
-        out = normalize(out, diameter_fraction)
-    return np.asarray(out, dtype=np.float32)
 
 
 def _blas_threads(n: int):
@@ -385,6 +589,13 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     names = np.asarray(ps.names)
     starts = list(range(0, N, chunk))
+    # what this run does, and what the output is relative to the input's originals (an input
+    # made by preprocess already), recorded in the output's optics table
+    steps = Preprocessing(box=d, apix=float(np.median(apix_out)), original_box=D,
+                          phase_flip=phase_flip, invert=invert, normalize=normalize,
+                          diameter_fraction=diameter_fraction)
+    before = _optics_description(ps)
+    record = before.then(steps) if before is not None else steps
 
     def job(s: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.arange(s, min(N, s + chunk))
@@ -392,10 +603,8 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
         release = getattr(ps, "release", None)
         if release is not None:      # one pass: drop the chunk's mapped pages (bounded RSS)
             release(idx)
-        sign = _rfft_sign(params, idx, d, apix_out[idx]) if params is not None else None
-        out = _process_chunk(np.asarray(imgs, dtype=np.float32), d, normalize, invert, sign,
-                             diameter_fraction)
-        return idx, out
+        out = steps.apply(np.asarray(imgs, dtype=np.float32), apix_in[idx], params, idx)
+        return idx, np.asarray(out, dtype=np.float32)
 
     # the threads are shared among the workers (one BLAS thread each on 2 cores)
     # The STAR is written to its temporary name before the stack is renamed into place, so a
@@ -405,6 +614,7 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
     # stack lies below it, else absolute
     particles, optics = _output_tables(ps, utils.relion_path(stack_path), d, factor,
                                        phase_flip)
+    optics = record.to_optics(optics)
     with _blas_threads(max(1, ncpu // workers)), utils.atomic_path(star_path) as star_tmp:
         with MRCStackWriter(stack_path, d, float(apix_out[0])) as w, \
                 cf.ThreadPoolExecutor(max_workers=workers) as pool, \
@@ -437,7 +647,7 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     dt = time.perf_counter() - t0
     log.info("wrote %s and %s (%d particles, %.1f s)", star_path, stack_path, N, dt)
-    return PreprocessResult(star_path, [stack_path], N, d, float(apix_out[0]), dt)
+    return PreprocessResult(star_path, [stack_path], N, d, float(apix_out[0]), dt, record)
 
 
 def _output_tables(ps, stack_name: str, d: int, factor: float, flipped: bool):

@@ -48,7 +48,10 @@ from .data import Batches, ParticleData, split_indices
 from .distributed import DistContext, LossModule, fingerprint, rank_seed, setup
 from .errors import CryolatentError
 from .models import build_model
-from .utils import (atomic_path, defer_sigint, progress, resolve_device, seed_everything,
+from .preprocess import Preprocessing, describe_particles
+from .run import load_checkpoint as _load_checkpoint
+from .run import load_run  # noqa: F401 (re-exported: cryolatent.train.load_run)
+from .utils import (atomic_path, defer_sigint, progress, seed_everything,
                     setup_logging)
 
 log = logging.getLogger("cryolatent")
@@ -240,36 +243,6 @@ def _fmt(v):
     return v
 
 
-def _load_checkpoint(path: Path, device="cpu") -> dict:
-    """A checkpoint's dict, loaded with ``weights_only=True`` (tensors and plain values only).
-
-    Every reader of cryolatent checkpoints goes through here. A file holding other Python
-    objects (which unpickling could run as code) is refused with one line; torch's own
-    message, which advises ``weights_only=False``, is never passed on.
-    """
-    import pickle
-    import zipfile
-
-    path = Path(path)
-    if not path.exists():
-        raise CryolatentError(f"{path}: no checkpoint to resume from")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        inner = str(e.__context__ or "")
-        if zipfile.is_zipfile(path) or "global" in inner.lower():
-            raise CryolatentError(
-                f"{path}: refused: the checkpoint holds Python objects other than tensors "
-                "and plain values (it could run code); not loaded") from None
-        raise CryolatentError(f"{path}: cannot read the checkpoint (not a PyTorch checkpoint, "
-                              "or a damaged file)") from None
-    except Exception as e:  # noqa: BLE001 - truncated / corrupt file: one short line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        first = first.split(". ")[0][:160]
-        raise CryolatentError(f"{path}: cannot read the checkpoint (damaged or incomplete "
-                              f"file: {first})") from None
-
-
 def _rng_state(device: torch.device | None = None) -> dict:
     """CPU RNG and CUDA RNG states; with ``device`` (a DDP rank) only that GPU's."""
     st = {"cpu": torch.get_rng_state()}
@@ -296,7 +269,8 @@ def _merge_resume(cfg: TrainConfig, stored: dict) -> TrainConfig:
     for name in RESUMABLE:
         setattr(new, name, getattr(cfg, name))
     for k, v in cfg.to_dict().items():
-        if k not in RESUMABLE and k != "extra" and stored.get(k, v) != v:
+        if k not in RESUMABLE and k not in ("extra", "preprocessing") \
+                and stored.get(k, v) != v:
             log.warning("--resume: keeping %s=%r from the checkpoint (ignoring %r)",
                         k, stored.get(k), v)
     return new
@@ -346,6 +320,7 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
         cfg.likelihood = "bernoulli" if (lo >= 0.0 and hi <= 1.0 and not with_ctf) else "gaussian"
         notes.append(f"likelihood {cfg.likelihood} (pixel values in [{lo:.3g}, {hi:.3g}])")
     notes += cfg.resolve_defaults(source.box, source.has_ctf, dist.device.type)
+    _record_preprocessing(cfg, source, resumed=ck is not None)
     if cfg.ctf and cfg.likelihood == "bernoulli":
         raise CryolatentError("--ctf needs --likelihood gaussian")
     if dist.world_size > 1:
@@ -358,6 +333,28 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
             raise CryolatentError(f"{n_train} training particles for {dist.world_size} "
                                   "processes: use fewer processes")
     return cfg, ck, source, notes
+
+
+def _record_preprocessing(cfg: TrainConfig, source: ParticleData, resumed: bool) -> None:
+    """``cfg.preprocessing``: what the training images are relative to the original particles
+    (the description ``preprocess`` wrote into the set's optics table, else the images as
+    stored; :func:`cryolatent.preprocess.describe_particles`), so that ``embed`` never needs
+    the training set. A resumed run keeps its record (a warning when the input now differs)."""
+    ps = source.particle_set
+    desc = describe_particles(ps if ps is not None else source)
+    if resumed and cfg.preprocessing:
+        try:
+            old = Preprocessing.from_dict(cfg.preprocessing)
+        except ValueError:
+            old = None
+        if old is not None:
+            if old.steps(old.original_box) != desc.steps(desc.original_box) \
+                    or old.box != desc.box:
+                log.warning("--resume: the input's preprocessing (%s) differs from the run's "
+                            "(%s); keeping the run's record",
+                            ", ".join(desc.steps()) or "none", ", ".join(old.steps()) or "none")
+            return
+    cfg.preprocessing = desc.to_dict()
 
 
 def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
@@ -618,25 +615,6 @@ def _abort(writer: _Writer, ckpt_state, state: dict, epoch: int, main: bool = Tr
         f"training stopped in epoch {epoch + 1}: the loss was NaN/Inf for {MAX_BAD_STEPS} "
         f"steps in a row (try a lower --lr, --amp off, or check the particles for bad "
         f"values); the last good state is in {last}")
-
-
-# ----------------------------------------------------------------------------- loading
-def load_run(rundir, device="auto", which: str = "best"):
-    """Model (eval mode, on ``device``) and TrainConfig of a run.
-
-    which: "best" (lowest validation loss; falls back to "last") or "last".
-    """
-    rundir = Path(rundir)
-    ckdir = rundir / "checkpoints"
-    path = ckdir / f"{which}.pt"
-    if which == "best" and not path.exists():
-        path = ckdir / "last.pt"
-    dev = resolve_device(device)
-    ck = _load_checkpoint(path, device="cpu")
-    cfg = TrainConfig.from_dict(ck["config"])
-    model = build_model(cfg, int(ck["box"]))
-    model.load_state_dict(ck["model"])
-    return model.to(dev).eval(), cfg
 
 
 __all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math",

@@ -8,7 +8,9 @@ import torch
 
 from cryolatent import pose
 from cryolatent.errors import CryolatentError
-from cryolatent.inference import cs_with_alignments, model_pose_to_input, output_paths
+from cryolatent.inference import output_paths
+from cryolatent.io.cs import cs_with_alignments
+from cryolatent.pose import model_pose_to_input
 
 
 # ---------------------------------------------------------------- independent references
@@ -343,21 +345,36 @@ def test_embed_training_set_gives_the_same_angstrom(sim, standin, tmp_path):
 
 
 def test_embed_adapter_reproduces_the_preprocessed_images(sim):
-    """Cropping + normalising the originals on the fly gives the training images."""
-    from cryolatent.inference import InputAdapter, training_geometry
-    from cryolatent.config import TrainConfig
-    from cryolatent.io import load_particles
+    """Cropping + normalising the originals on the fly gives the training images: from the
+    description preprocess wrote into the training set's optics table, and from one judged
+    from the images (the set's optics without it, as an older preprocess wrote them)."""
+    from cryolatent.inference import InputAdapter
+    from cryolatent.io import load_particles, write_star
+    from cryolatent.preprocess import OPTICS_COLUMNS, describe_particles
 
-    geom = training_geometry(TrainConfig(input=str(sim["prep"])))
-    assert (geom.box, geom.normalized) == (BOX_MODEL, True)
-    assert geom.apix == pytest.approx(APIX_RAW * 2)
+    tps = load_particles(sim["prep"])
+    prep = describe_particles(tps)
+    assert prep.source == "preprocess" and (prep.box, prep.original_box) == (BOX_MODEL, BOX_RAW)
+    assert prep.normalize and not prep.invert and not prep.phase_flip
+    assert prep.apix == pytest.approx(APIX_RAW * 2)
     ps = load_particles(sim["dir"] / "raw.star")
-    ad = InputAdapter(ps, geom)
+    idx = np.arange(5)
+    ad = InputAdapter(ps, prep)
+    assert (ad.crop, ad.flip, ad.invert, ad.normalize) == (True, False, False, True)
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), tps.images(idx), atol=1e-4)
+    # the same set without the description: judged normalised from its backgrounds
+    old = sim["dir"] / "prep" / "old.star"
+    write_star(old, tps.table, tps.optics.drop(columns=list(OPTICS_COLUMNS.values())))
+    otps = load_particles(old)
+    guess = describe_particles(otps, source="inferred")
+    assert guess.source == "inferred" and guess.normalize and guess.original_box is None
+    ad = InputAdapter(ps, guess, training=otps)
     ad.calibrate()
     assert ad.calibration > 0.999 and not ad.invert
-    idx = np.arange(5)
-    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(),
-                               geom.particles.images(idx), atol=1e-4)
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), tps.images(idx), atol=1e-4)
+    # INPUT = a copy of the training images (described alike): used as they are
+    ad = InputAdapter(tps, prep)
+    assert ad.same and ad(tps.images(idx), idx).numpy().tobytes() == tps.images(idx).tobytes()
 
 
 def test_embed_updates_stale_pixel_origins(sim, standin, tmp_path):
@@ -540,13 +557,13 @@ def test_embed_when_the_training_set_is_gone(sim, tmp_path, monkeypatch, caplog)
 def test_adapter_reproduces_a_phase_flipped_inverted_training_set(tmp_path):
     """Training set = preprocess(raw, box 32, phase flip, invert, normalise): the adapter
     turns the raw 64-px particles into the same images (flip with each particle's CTF at the
-    cropped pixel size; the inversion is found by calibration)."""
+    cropped pixel size), from the recorded description; without it (an older training set)
+    the inversion is found by calibration."""
     import pandas as pd
 
-    from cryolatent.config import TrainConfig
-    from cryolatent.inference import InputAdapter, training_geometry
+    from cryolatent.inference import InputAdapter
     from cryolatent.io import load_particles, write_mrcs, write_star
-    from cryolatent.preprocess import preprocess
+    from cryolatent.preprocess import OPTICS_COLUMNS, describe_particles, preprocess
 
     rng = np.random.default_rng(3)
     n, box = 12, 64
@@ -563,17 +580,30 @@ def test_adapter_reproduces_a_phase_flipped_inverted_training_set(tmp_path):
                       "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
                       "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
     write_star(tmp_path / "raw.star", t, o)
-    preprocess(tmp_path / "raw.star", tmp_path / "prep", box=32, phase_flip=True, invert=True)
-    geom = training_geometry(TrainConfig(input=str(tmp_path / "prep" / "particles.star")))
-    assert geom.phase_flipped and geom.normalized and geom.box == 32
+    res = preprocess(tmp_path / "raw.star", tmp_path / "prep", box=32, phase_flip=True,
+                     invert=True)
+    tps = load_particles(tmp_path / "prep" / "particles.star")
+    prep = describe_particles(tps)
+    assert prep == res.preprocessing
+    assert (prep.box, prep.original_box, prep.phase_flip, prep.invert, prep.normalize) == \
+        (32, 64, True, True, True)
     ps = load_particles(tmp_path / "raw.star")
-    ad = InputAdapter(ps, geom)
+    idx = np.arange(n)[::-1].copy()
+    ad = InputAdapter(ps, prep)
+    assert ad.flip and ad.invert and ad.normalize
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), tps.images(idx), atol=2e-3)
+    # an older training set (no description): flip and normalisation judged from it, the
+    # inversion found by comparing with the originals
+    write_star(tmp_path / "prep" / "old.star", tps.table,
+               tps.optics.drop(columns=list(OPTICS_COLUMNS.values())))
+    otps = load_particles(tmp_path / "prep" / "old.star")
+    guess = describe_particles(otps, source="inferred")
+    assert guess.phase_flip and guess.normalize and not guess.invert and guess.box == 32
+    ad = InputAdapter(ps, guess, training=otps)
     assert ad.flip and not ad.invert
     ad.calibrate()
     assert ad.invert and ad.calibration > 0.999
-    idx = np.arange(n)[::-1].copy()
-    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), geom.particles.images(idx),
-                               atol=2e-3)
+    np.testing.assert_allclose(ad(ps.images(idx), idx).numpy(), tps.images(idx), atol=2e-3)
 
 
 def test_embed_bare_mrcs_input(sim, standin, tmp_path):

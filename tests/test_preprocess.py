@@ -391,3 +391,95 @@ def test_phase_flip_torch_matches_numpy():
     ctf = compute_ctf(_ctf(2, 24, 2.0), 24, 2.0, dtype=torch.float64)
     np.testing.assert_allclose(phase_flip(torch.from_numpy(x), ctf).numpy(),
                                phase_flip(x, ctf), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ the description
+def test_preprocessing_apply_is_what_preprocess_wrote(tmp_path):
+    """preprocess (crop 32 -> 16, phase flip, invert, normalise) records its Preprocessing in
+    the output's optics; apply() on the input stack gives the written images (numpy: the same
+    pipeline; torch: to float precision), and both equal the composition of the public
+    transforms in float64 (each CTF at the cropped pixel size)."""
+    from cryolatent.io import load_particles
+    from cryolatent.preprocess import Preprocessing, describe_particles, preprocess
+
+    imgs, parts = _make_dataset(tmp_path / "in", n=7, D=32, apix=1.5)
+    res = preprocess(tmp_path / "in" / "in.star", tmp_path / "out", box=16, phase_flip=True,
+                     invert=True, chunk=3)
+    desc = res.preprocessing
+    assert desc == Preprocessing(box=16, apix=3.0, original_box=32, phase_flip=True,
+                                 invert=True, normalize=True, diameter_fraction=0.75,
+                                 source="preprocess")
+    out = load_particles(tmp_path / "out" / "particles.star")
+    assert describe_particles(out) == desc          # read back from the optics table
+    assert int(out.optics["cryolatentOriginalImageSize"].iloc[0]) == 32
+    written = out.images(np.arange(7))
+    src = load_particles(tmp_path / "in" / "in.star")
+    params = src.ctf()
+    idx = np.arange(7)[::-1].copy()                 # any rows, in any order
+    got = desc.apply(imgs[idx], apix=1.5, ctf=params, idx=idx)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (7, 16, 16)
+    np.testing.assert_allclose(got, written[idx], atol=1e-6)
+    t = desc.apply(torch.from_numpy(imgs[idx]), apix=np.full(7, 1.5), ctf=params, idx=idx)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+    np.testing.assert_allclose(t.numpy(), written[idx], atol=1e-5)
+    ctf = compute_ctf(params, 16, 3.0, idx=idx, dtype=torch.float64).numpy()
+    expect = normalize(invert(phase_flip(fourier_crop(imgs[idx].astype(np.float64), 16), ctf)))
+    np.testing.assert_allclose(written[idx], expect, atol=1e-4)
+    # every step is needed: without the flip the images differ
+    from dataclasses import replace
+    assert np.abs(replace(desc, phase_flip=False).apply(imgs[idx]) - written[idx]).max() > 0.1
+    with pytest.raises(ValueError, match="CTF"):
+        desc.apply(imgs)
+    with pytest.raises(ValueError, match="smaller"):
+        desc.apply(imgs[:, :8, :8], apix=1.5, ctf=params)
+
+
+def test_preprocessing_dict_round_trip_and_composition(tmp_path):
+    import json
+
+    from cryolatent.io import load_particles
+    from cryolatent.preprocess import Preprocessing, describe_particles, preprocess
+
+    p = Preprocessing(box=24, apix=2.5, original_box=48, phase_flip=True, normalize=True)
+    d = json.loads(json.dumps(p.to_dict()))
+    assert Preprocessing.from_dict(d) == p
+    assert Preprocessing.from_dict({**d, "future_key": 1}) == p
+    with pytest.raises(ValueError):
+        Preprocessing.from_dict({"apix": 1.0})
+    assert p.steps() == ["Fourier crop 48 -> 24 px", "phase flip", "normalise"]
+    # preprocess of a preprocessed set: the record is relative to the first originals
+    imgs, _ = _make_dataset(tmp_path / "in", n=4, D=32, apix=1.5)
+    preprocess(tmp_path / "in" / "in.star", tmp_path / "a", box=24, invert=True)
+    res = preprocess(tmp_path / "a" / "particles.star", tmp_path / "b", box=16)
+    assert res.preprocessing == Preprocessing(box=16, apix=3.0, original_box=32, invert=True,
+                                              normalize=True)
+    out = load_particles(tmp_path / "b" / "particles.star")
+    assert describe_particles(out) == res.preprocessing
+    np.testing.assert_allclose(res.preprocessing.apply(imgs), out.images(np.arange(4)),
+                               atol=1e-4)
+    # a set not made by preprocess: described as stored, normalised or not from its images
+    from cryolatent.data import ParticleData
+
+    noise = np.random.default_rng(0).normal(size=(5, 16, 16)).astype(np.float32)
+    d1 = describe_particles(ParticleData.from_source(noise))
+    assert (d1.source, d1.box, d1.apix, d1.normalize, d1.phase_flip) == \
+        ("stored", 16, None, True, False)
+    assert not describe_particles(ParticleData.from_source(3 * noise + 1)).normalize
+    from cryolatent.preprocess import background_stats
+    m, sd = background_stats(d1.apply(noise))
+    np.testing.assert_allclose(m, 0, atol=1e-6)
+    np.testing.assert_allclose(sd, 1, atol=1e-5)
+
+
+@pytest.mark.relion
+def test_relion_keeps_the_preprocessing_columns(tmp_path, relion):
+    """relion_star_handler (RELION 3.1) keeps the cryolatent optics columns, so a training
+    set that went through RELION's tools still describes its preprocessing."""
+    from cryolatent.io import load_particles
+    from cryolatent.preprocess import describe_particles, preprocess
+
+    _make_dataset(tmp_path / "in", n=4, D=32, apix=1.5)
+    res = preprocess(tmp_path / "in" / "in.star", tmp_path / "out", box=16, phase_flip=True)
+    relion("relion_star_handler", "--i", tmp_path / "out" / "particles.star", "--o",
+           tmp_path / "copy.star")
+    assert describe_particles(load_particles(tmp_path / "copy.star")) == res.preprocessing

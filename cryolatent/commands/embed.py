@@ -46,8 +46,9 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     then beside the run's recorded training input.
 
     INPUT may be the training set or the original particles it was made from (larger box):
-    these are Fourier-cropped and normalised on the fly as at training, and the origins are
-    written in Å, right for INPUT's pixel size. OUT.star keeps every input column and row, in
+    these get the run's recorded preprocessing on the fly (Fourier crop, phase flip,
+    inversion, normalisation, as at training; the training set itself is not read), and the
+    origins are written in Å, right for INPUT's pixel size. OUT.star keeps every input column and row, in
     order, and adds rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst, cryolatentZ1..D (and
     rlnClassNumber with --clusters).
 

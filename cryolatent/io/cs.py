@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,8 @@ import pandas as pd
 from ..errors import InputError
 from ..utils import atomic_path
 
-__all__ = ["read_cs", "cs_to_relion", "write_cs", "cs_paths"]
+__all__ = ["read_cs", "cs_to_relion", "write_cs", "cs_paths", "cs_with_alignments",
+           "CS_ALIGN2D"]
 
 
 def read_cs(path: str | os.PathLike) -> np.ndarray:
@@ -135,3 +137,60 @@ def write_cs(path: str | os.PathLike, structured_array: np.ndarray) -> Path:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
     return path
+
+
+#: the alignments2D fields cryoSPARC writes (2D classification), with neutral defaults
+CS_ALIGN2D: tuple[tuple[str, str, tuple, Any], ...] = (
+    ("alignments2D/split", "<u4", (), 0),
+    ("alignments2D/shift", "<f4", (2,), 0.0),
+    ("alignments2D/pose", "<f4", (), 0.0),
+    ("alignments2D/psize_A", "<f4", (), 1.0),
+    ("alignments2D/error", "<f4", (), 0.0),
+    ("alignments2D/error_min", "<f4", (), 0.0),
+    ("alignments2D/resid_pow", "<f4", (), 0.0),
+    ("alignments2D/slice_pow", "<f4", (), 0.0),
+    ("alignments2D/image_pow", "<f4", (), 0.0),
+    ("alignments2D/cross_cor", "<f4", (), 0.0),
+    ("alignments2D/alpha", "<f4", (), 1.0),
+    ("alignments2D/alpha_min", "<f4", (), 0.0),
+    ("alignments2D/weight", "<f4", (), 1.0),
+    ("alignments2D/pose_ess", "<f4", (), 0.0),
+    ("alignments2D/shift_ess", "<f4", (), 0.0),
+    ("alignments2D/class_posterior", "<f4", (), 1.0),
+    ("alignments2D/class", "<u4", (), 0),
+    ("alignments2D/class_ess", "<f4", (), 1.0),
+)
+
+
+def cs_with_alignments(cs: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray,
+                       apix: np.ndarray | float, labels: np.ndarray | None,
+                       confidence: np.ndarray | None = None) -> np.ndarray:
+    """A copy of the cryoSPARC structured array ``cs`` (N,) with 2-D alignments set.
+
+    cryoSPARC's 2-D convention as pyem's ``csparc2star`` reads it (the same as RELION's):
+    ``alignments2D/pose`` = radians(rlnAnglePsi) in [0, 2π), ``alignments2D/shift`` =
+    (rlnOriginXAngst, rlnOriginYAngst) / ``alignments2D/psize_A`` in pixels, with psize_A =
+    the particles' pixel size (``blob/psize_A``); ``alignments2D/class`` = class - 1
+    (0-based; without labels an existing class is kept, a new field is 0). Every original
+    field, ``uid`` included, is kept in order; missing alignments2D fields are appended with
+    neutral values. ``class_posterior`` gets the model's pose confidence when given.
+    """
+    n = len(cs)
+    have = set(cs.dtype.names or ())
+    extra = [(name, dt, shape) for name, dt, shape, _ in CS_ALIGN2D if name not in have]
+    out = np.zeros(n, dtype=np.dtype(cs.dtype.descr + [(nm, dt, sh) if sh else (nm, dt)
+                                                       for nm, dt, sh in extra]))
+    for name in cs.dtype.names:
+        out[name] = cs[name]
+    for name, _, _, default in CS_ALIGN2D:
+        if name not in have:
+            out[name] = default
+    apix = np.broadcast_to(np.asarray(apix, np.float64), (n,))
+    out["alignments2D/pose"] = np.deg2rad(np.mod(psi_deg, 360.0))
+    out["alignments2D/psize_A"] = apix
+    out["alignments2D/shift"] = np.asarray(origin_angst, np.float64) / apix[:, None]
+    if labels is not None:
+        out["alignments2D/class"] = np.asarray(labels, np.int64)
+    if confidence is not None:
+        out["alignments2D/class_posterior"] = confidence
+    return out
