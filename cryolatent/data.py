@@ -3,8 +3,10 @@ train/validation split and the per-epoch batches, resident on the device when th
 
 Two ways of feeding the model:
 
-* **resident** — every image (and CTF, when used) is one tensor on the training device (GPU
-  memory, or RAM for the CPU). Batches are index_select-ed on the device from a per-epoch
+* **resident** — every image is one tensor on the training device (GPU memory, or RAM for
+  the CPU), with, when the CTF is used, each particle's CTF parameters ((n, 6) float64,
+  :func:`cryolatent.ctf.ctf_params_tensor`): the model computes the CTF of each batch on the
+  device (:meth:`cryolatent.models.LatentModel.forward`), so the CTF costs no (n, D, D) copy. Batches are index_select-ed on the device from a per-epoch
   permutation that is copied there once per epoch: no host round trip per step.
 * **streamed** — a ``torch.utils.data.DataLoader`` whose items are whole batches (sorted
   indices, so memory-mapped stacks are read in order), read by worker processes and handed
@@ -46,7 +48,8 @@ class ParticleData:
     ``ParticleData.from_source(x)`` with x a path (.star/.cs/.mrcs, read with
     :func:`cryolatent.io.load_particles`), a ParticleSet, a numpy array or a torch tensor
     (n, box, box). ``images(idx)`` -> float32 (n, box, box) numpy; ``ctf(idx)`` -> float32
-    (n, box, box) torch tensor (unshifted FFT layout) or None when the set has no CTF.
+    (n, box, box) torch tensor (unshifted FFT layout) or None when the set has no CTF;
+    ``ctf_param_tensor(idx)`` -> (n, 6) float64 CTF parameters (what training batches carry).
     """
 
     def __init__(self, array: np.ndarray | None = None, particles=None, path=None,
@@ -165,6 +168,15 @@ class ParticleData:
         return compute_ctf(self.ctf_params, self.box, self.apix, idx=np.asarray(idx),
                            device=device, dtype=torch.float32)
 
+    def ctf_param_tensor(self, idx, device=None) -> torch.Tensor | None:
+        """(n, 6) float64 CTF parameters of particles ``idx``
+        (:func:`cryolatent.ctf.ctf_params_tensor`), or None when the set has no CTF."""
+        if not self.has_ctf:
+            return None
+        from .ctf import ctf_params_tensor
+
+        return ctf_params_tensor(self.ctf_params, self.apix, idx=np.asarray(idx), device=device)
+
     def value_range(self, sample: int = 1000, seed: int = 0) -> tuple[float, float]:
         """(min, max) over up to ``sample`` random images."""
         rng = np.random.default_rng(seed)
@@ -206,7 +218,8 @@ class _ChunkSampler:
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """Items are whole batches: index array -> (images (b, D, D), ctf or empty tensor)."""
+    """Items are whole batches: index array -> (images (b, D, D), CTF parameters (b, 6) or
+    an empty tensor)."""
 
     def __init__(self, data: ParticleData, with_ctf: bool):
         self.data, self.with_ctf = data, with_ctf
@@ -222,7 +235,7 @@ class _BatchDataset(torch.utils.data.Dataset):
             x.share_memory_()  # read straight into shared memory: no copy on the way back
         try:
             self.data.read_into(idx, x.numpy())
-            c = self.data.ctf(idx) if self.with_ctf else torch.empty(0)
+            c = self.data.ctf_param_tensor(idx) if self.with_ctf else torch.empty(0)
         except CryolatentError as e:
             # handed back as a value: DataLoader would re-raise it with the worker's
             # traceback folded into the message; Batches raises it as it was
@@ -254,10 +267,12 @@ def _free_memory(device: torch.device) -> int:
 class Batches:
     """Per-epoch batches for training and validation on ``device``.
 
-    ``resident``: None decides from the size (images [+ CTFs] up to 40 % of the free GPU
+    ``resident``: None decides from the size (images up to 40 % of the free GPU
     memory, or 50 % of the free RAM for the CPU shared by the ``local_world_size`` processes
     of the node). ``rank`` / ``world_size``: this process's piece of every global batch
-    (module docstring); ``batch_size`` is the global batch.
+    (module docstring); ``batch_size`` is the global batch. Batches are ``(images (b, D, D),
+    ctf_params (b, 6) float64 or None)``, what :meth:`cryolatent.models.LatentModel.forward`
+    takes.
     """
 
     def __init__(self, data: ParticleData, train_idx: np.ndarray, val_idx: np.ndarray,
@@ -272,7 +287,7 @@ class Batches:
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.batch_size, self.with_ctf, self.num_workers = batch_size, with_ctf, num_workers
         self.drop_last = drop_last and len(self.train_idx) >= batch_size
-        need = data.nbytes * (2 if with_ctf else 1)
+        need = data.nbytes + (data.n * 48 if with_ctf else 0)
         if resident is None:
             frac = 0.4 if device.type == "cuda" else 0.5 / max(1, local_world_size)
             resident = need <= frac * _free_memory(device)
@@ -286,14 +301,11 @@ class Batches:
     def _load_resident(self) -> None:
         d = self.data
         self.x = torch.empty((d.n, d.box, d.box), dtype=torch.float32, device=self.device)
-        self.c = (torch.empty((d.n, d.box, d.box), dtype=torch.float32, device=self.device)
-                  if self.with_ctf else None)
+        self.c = d.ctf_param_tensor(np.arange(d.n), device=self.device) if self.with_ctf else None
         step = max(1, (64 << 20) // max(1, d.box * d.box * 4))
         for i in range(0, d.n, step):
             idx = np.arange(i, min(d.n, i + step))
             self.x[i:i + len(idx)] = torch.from_numpy(d.images(idx)).to(self.device)
-            if self.c is not None:
-                self.c[i:i + len(idx)] = d.ctf(idx, device=self.device)
 
     # ------------------------------------------------------------------ orders
     def epoch_order(self, epoch: int) -> np.ndarray:

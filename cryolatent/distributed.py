@@ -7,8 +7,8 @@
 initialises NCCL on GPUs and gloo on the CPU, and returns a :class:`DistContext` that the
 training loop (:mod:`cryolatent.train`) uses for the few collective operations it needs:
 
-* :meth:`DistContext.wrap` — ``DistributedDataParallel`` around a :class:`LossModule`
-  (DDP wraps ``forward``; ours calls ``model.loss``; ``infer`` / ``generate`` stay on the
+* :meth:`DistContext.wrap` — ``DistributedDataParallel`` around the model (DDP wraps
+  ``forward``, which is the model's training objective; ``infer`` / ``generate`` stay on the
   unwrapped model). Buffers are broadcast only when the model has running statistics
   (BatchNorm: IRL-INR); TARGET-VAE's buffers are constants and cost no collective.
 * :meth:`DistContext.agree` — one ``all_gather`` of every rank's status and fingerprint
@@ -107,9 +107,9 @@ class DistContext:
 
     # ------------------------------------------------------------------ model
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module whose ``forward(images, ctf)`` returns ``model.loss(images, ctf)``:
-        ``LossModule(model)``, in DDP when distributed."""
-        mod = LossModule(model)
+        """The model in DDP when distributed (its ``forward(images, ctf_params)`` is the
+        training objective, :meth:`cryolatent.models.LatentModel.forward`), else the model."""
+        mod = model
         if not self.enabled:
             return mod
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -155,17 +155,6 @@ class DistContext:
         if self._owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             self._owns_group = False
-
-
-class LossModule(nn.Module):
-    """``forward(images, ctf) -> model.loss(images, ctf)``: what DDP wraps."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, ctf: torch.Tensor | None = None):
-        return self.model.loss(images, ctf)
 
 
 _DATA_KEYS = ("particles", "box", "apix", "names_sha256", "images_sha256")
@@ -267,5 +256,5 @@ def fingerprint(cfg_dict: dict, data) -> dict:
     return fp
 
 
-__all__ = ["DistContext", "LossModule", "setup", "fingerprint", "rank_seed", "env_world",
+__all__ = ["DistContext", "setup", "fingerprint", "rank_seed", "env_world",
            "RANK_LOCAL_FIELDS"]

@@ -184,9 +184,9 @@ def fourier_crop(images, new_box: int):
 def background_mask(box: int, diameter_fraction: float = 0.75) -> np.ndarray:
     """(box, box) bool: True outside the circle of diameter ``diameter_fraction * box``
     centred on pixel (box//2, box//2) (RELION's background for normalisation)."""
-    r = diameter_fraction * box / 2.0
-    c = np.arange(box) - box // 2
-    return (c[:, None] ** 2 + c[None, :] ** 2) > r * r
+    from .masks import circular_mask_np
+
+    return circular_mask_np(box, diameter_fraction * box / 2.0, outside=True)
 
 
 def normalize(images, diameter_fraction: float = 0.75):

@@ -45,7 +45,7 @@ import torch
 
 from .config import TrainConfig
 from .data import Batches, ParticleData, split_indices
-from .distributed import DistContext, LossModule, fingerprint, rank_seed, setup
+from .distributed import DistContext, fingerprint, rank_seed, setup
 from .errors import CryolatentError
 from .models import build_model
 from .preprocess import Preprocessing, describe_particles
@@ -96,23 +96,21 @@ def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
 class StepRunner:
     """One optimisation / evaluation step without host synchronisation.
 
-    ``train_step(x, ctf)`` returns detached device scalars {"loss", parts...}. Non-finite
-    losses are skipped on the device; ``bad_run`` counts them in a row, ``max_bad_run`` the
-    longest such run since the last :meth:`read_bad` call.
+    ``train_step(x, ctf_params)`` calls the model (its ``forward`` is the objective,
+    :meth:`cryolatent.models.LatentModel.forward`; under DDP the model is what DDP wraps) and
+    returns detached device scalars {"loss", parts...}. Non-finite losses are skipped on the
+    device; ``bad_run`` counts them in a row, ``max_bad_run`` the longest such run since the
+    last :meth:`read_bad` call.
     """
 
     def __init__(self, model, optimizer, device: torch.device, amp: torch.dtype | None = None,
                  compile: bool = False, dist: DistContext | None = None):
         self.model, self.opt, self.device, self.amp = model, optimizer, device, amp
         self.dist = dist if dist is not None and dist.enabled else None
-        if self.dist is None:
-            self.module = model
-            self.loss_fn = torch.compile(model.loss) if compile else model.loss
-            self.eval_fn = self.loss_fn
-        else:  # DDP wraps LossModule.forward; validation runs on the bare model (no collective)
-            self.module = self.dist.wrap(model)
-            self.loss_fn = torch.compile(self.module) if compile else self.module
-            self.eval_fn = model.loss
+        self.module = model if self.dist is None else self.dist.wrap(model)
+        self.loss_fn = torch.compile(self.module) if compile else self.module
+        # validation under DDP runs on the bare model (no collective)
+        self.eval_fn = self.loss_fn if self.dist is None else model
         self.bad_run = torch.zeros((), device=device)
         self.max_bad_run = torch.zeros((), device=device)
         self.n_bad = torch.zeros((), device=device)
@@ -123,8 +121,10 @@ class StepRunner:
 
     def train_step(self, x: torch.Tensor, ctf: torch.Tensor | None = None,
                    weight: float = 1.0):
-        """``weight`` multiplies the loss for the gradient only (DDP: ``W * b_rank / g``);
-        the returned values are the unweighted batch means."""
+        """``ctf``: the batch's CTF parameters (B, 6) (or a (B, D, D) CTF image, see
+        :meth:`cryolatent.models.LatentModel.forward`). ``weight`` multiplies the loss for
+        the gradient only (DDP: ``W * b_rank / g``); the returned values are the unweighted
+        batch means."""
         self.module.train()
         with self._autocast():
             loss, parts = self.loss_fn(x, ctf)
@@ -617,5 +617,4 @@ def _abort(writer: _Writer, ckpt_state, state: dict, epoch: int, main: bool = Tr
         f"values); the last good state is in {last}")
 
 
-__all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math",
-           "LossModule"]
+__all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math"]

@@ -40,16 +40,34 @@ class Inference:
 
 
 class LatentModel(nn.Module):
-    """Base class. Subclasses set ``name`` and implement the three methods below."""
+    """Base class. Subclasses set ``name`` and implement :meth:`loss`, :meth:`infer` and
+    :meth:`generate`; training calls the module itself (:meth:`forward`)."""
 
     name: str = "base"
+
+    def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training objective for a batch: (loss, parts), as :meth:`loss`.
+
+        images: (B, D, D); ctf_params: None, or the particles' CTF parameters (B, 6)
+        (:func:`cryolatent.ctf.ctf_params_tensor`), from which the CTF is computed here, on
+        the images' device (:func:`cryolatent.ctf.ctf_from_params`); a (B, D, D) CTF image
+        (unshifted FFT layout) is accepted too. No host synchronisation.
+        """
+        ctf = ctf_params
+        if ctf is not None and ctf.ndim == 2:
+            from ..ctf import ctf_from_params
+
+            ctf = ctf_from_params(ctf, images.shape[-1], half=True)
+        return self.loss(images, ctf)
 
     def loss(self, images: torch.Tensor, ctf: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training objective for a batch.
 
-        images: (B, D, D); ctf: optional (B, D, D) CTF (unshifted FFT layout) for models that
-        put the CTF in the likelihood. Returns the scalar loss to minimise and a dict of
+        images: (B, D, D); ctf: optional (B, D, D) CTF (unshifted FFT layout) or its rfft2
+        half (B, D, D//2 + 1), for models that put the CTF in the likelihood
+        (:func:`cryolatent.ctf.apply_ctf`). Returns the scalar loss to minimise and a dict of
         detached scalar tensors (loss parts, for the log). Must not synchronise with the host
         (no ``.item()``, ``.cpu()``).
         """

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import circular_mask
+
 
 def pixel_coordinates(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(n*n, 2) coordinates (x = column, y = row) of an n x n grid, row-major, in half-box units
@@ -180,8 +182,7 @@ class GroupConvP(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel * kernel))
         self.bias = nn.Parameter(torch.zeros(channels))
         c = kernel // 2
-        ar = torch.arange(kernel, dtype=torch.float64) - c
-        disc = (ar[None, :] ** 2 + ar[:, None] ** 2) <= (c + 0.5) ** 2
+        disc = circular_mask(kernel, c + 0.5)          # taps within half a pixel of the rim
         fan_in = int(disc.sum())
         nn.init.uniform_(self.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         idx, w = _rotation_gather(kernel, rotations)

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ctf import apply_ctf
+from ..masks import circular_mask
 from .base import Inference, LatentModel
 from .blocks import FourierFeatures, pixel_coordinates
 
@@ -139,10 +141,9 @@ def _masks(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     background ring outside the circle of diameter 0.75 n (RELION's normalisation area)."""
     key = (n, str(device))
     if key not in _MASK_CACHE:
-        p = grid_coords(n, device, torch.float32) * (n / 2.0)
-        rr = (p * p).sum(-1).sqrt()
-        inside = (rr <= n / 2.0).float()
-        outer = torch.nonzero(rr > 0.375 * n).squeeze(1)
+        inside = circular_mask(n, device=device, dtype=torch.float32).reshape(-1)
+        outer = torch.nonzero(circular_mask(n, 0.375 * n, outside=True, device=device)
+                              .reshape(-1)).squeeze(1)
         _MASK_CACHE[key] = (inside, outer)
     return _MASK_CACHE[key]
 
@@ -450,7 +451,7 @@ class IRLINR(LatentModel):
         z, u, tau = self.encode(allx)
         pred = self.render(z[:B], u[:B], tau[:B], N).float()
         if ctf is not None:
-            pred = torch.fft.ifft2(torch.fft.fft2(pred) * ctf.to(pred.dtype)).real
+            pred = apply_ctf(pred, ctf)
         l_rec = ((pred - images.float()) ** 2).mean()
         z1, z2 = z[B:2 * B], z[2 * B:]
         if self.consistency_loss == "cosine":

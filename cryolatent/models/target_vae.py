@@ -84,6 +84,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Inference, LatentModel
+from ..ctf import apply_ctf
+from ..masks import circular_mask
 from .blocks import FourierFeatures, GroupConvP, GroupLinear, MLP, pixel_coordinates
 
 LOGSTD_MIN, LOGSTD_MAX = -9.0, 4.0
@@ -220,9 +222,7 @@ class TargetVAE(LatentModel):
         self.register_buffer("cell_cos", torch.cos(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("cell_sin", torch.sin(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("coords", pixel_coordinates(box), persistent=False)
-        yy, xx = torch.meshgrid(torch.arange(box) - box // 2, torch.arange(box) - box // 2,
-                                indexing="ij")
-        self.register_buffer("mask2d", ((xx ** 2 + yy ** 2) <= (box / 2) ** 2).float(),
+        self.register_buffer("mask2d", circular_mask(box, dtype=torch.float32),
                              persistent=False)
 
     # ------------------------------------------------------------------ encoder
@@ -299,9 +299,7 @@ class TargetVAE(LatentModel):
             if self.use_ctf:
                 if ctf is None:
                     raise ValueError("this model puts the CTF in the likelihood: pass ctf")
-                mean = torch.fft.irfft2(
-                    torch.fft.rfft2(mean.reshape(b, n, n)) * ctf[..., : n // 2 + 1].float(),
-                    s=(n, n)).reshape(b, -1)
+                mean = apply_ctf(mean.reshape(b, n, n), ctf).reshape(b, -1)
             if out.shape[-1] > 1:
                 ls = out[..., 1].clamp(LOGSTD_MIN, LOGSTD_MAX)
                 nll = 0.5 * ((y - mean) * torch.exp(-ls)) ** 2 + ls + 0.5 * _LOG2PI
