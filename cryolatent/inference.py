@@ -13,7 +13,8 @@ What it does, for ``embed(rundir, input, out)``:
 2. streams INPUT in batches (``ParticleSet.iter_batches``), bringing each batch to what the
    model saw at training time (:class:`InputAdapter`: the recorded preprocessing applied,
    with a Fourier crop to ``d`` when INPUT's box is larger), and runs ``model.infer`` on the
-   GPU when there is one, in a background-prefetched loop, with a progress bar;
+   GPU when there is one, in a background-prefetched loop (:func:`cryolatent.utils.prefetch`),
+   with a progress bar;
 3. converts the model's pose (RELION convention, pixels of the model's input) to INPUT's Å
    (:func:`cryolatent.pose.model_pose_to_input`), writes the latent means straight into ``OUT.z.npy`` (a
    memory-mapped ``.npy``: never all images, never more than one batch of them in memory);
@@ -31,22 +32,25 @@ INPUT is refused.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
+from .analysis.cluster import METHODS, cluster_latents
+from .analysis.trust import embed_report_safe
 from .errors import CryolatentError, InputError
+from .io import load_particles, write_cs, write_star
 from .io.cs import CS_ALIGN2D, cs_with_alignments  # noqa: F401 (re-exported)
-from .pose import model_pose_to_input
-from .preprocess import Preprocessing
-from .run import run_preprocessing, training_set_path
-from .utils import resolve_device
+from .io.particles import nth_keys, particle_keys
+from .pose import centre_class_frames, model_pose_to_input
+from .preprocess import Preprocessing, describe_particles
+from .run import RunDir, run_preprocessing, training_set_path
+from .utils import atomic_path, prefetch, progress, relion_path, resolve_device
 
 __all__ = [
     "embed", "model_pose_to_input", "output_paths", "EmbedOutputs", "InputAdapter",
@@ -135,8 +139,6 @@ class InputAdapter:
 
     def __init__(self, ps, prep: Preprocessing, same_as_training: bool = False,
                  training=None):
-        from .preprocess import describe_particles
-
         self.box_in = int(ps.box)
         self.box = int(prep.box)
         self.prep = prep
@@ -162,7 +164,7 @@ class InputAdapter:
         self.flip = (not self.same) and prep.phase_flip and not flipped
         self.ctf = None
         if self.flip:
-            self.ctf = ps.ctf()
+            self.ctf = ps.ctf_params()
             if self.ctf is None:
                 raise CryolatentError(f"the model was trained on phase-flipped images, but "
                                       f"{ps.source} has no CTF parameters to flip {ps.source}")
@@ -207,23 +209,10 @@ class InputAdapter:
         if self.same or tps is None or "rlnImageOriginalName" not in tps.table.columns \
                 or "rlnImageName" not in self.ps.table.columns:
             return
-        import pandas as pd
-
-        def key(names):
-            # "000012@Particles/x.mrcs" and "12@/abs/Particles/x.mrcs" are the same image
-            s = pd.Series(np.asarray(names, dtype=str))
-            num = s.str.extract(r"^0*(\d+)@", expand=False).fillna("1")
-            base = s.str.replace(r"^\d+@", "", regex=True).str.replace(r".*/", "", regex=True)
-            return (num + "@" + base).to_numpy()
-
-        def nth(keys):
-            # a repeated name: its k-th row pairs with its k-th row in the other set
-            s = pd.Series(keys)
-            k = s.groupby(s.to_numpy(), sort=False).cumcount().astype(str)
-            return (s + "\x00" + k).to_numpy()
-
-        inp = pd.Index(nth(key(self.ps.table["rlnImageName"].to_numpy())))
-        orig = nth(key(tps.table["rlnImageOriginalName"].to_numpy()[: 50 * n]))
+        # "000012@Particles/x.mrcs" and "12@/abs/Particles/x.mrcs" are the same image; a
+        # repeated name pairs its k-th row with its k-th row in the other set
+        inp = pd.Index(nth_keys(particle_keys(self.ps.table["rlnImageName"])))
+        orig = nth_keys(particle_keys(tps.table["rlnImageOriginalName"].to_numpy()[: 50 * n]))
         pos = inp.get_indexer(orig)
         rows = np.flatnonzero(pos >= 0)[:n]
         if len(rows) == 0:
@@ -244,42 +233,6 @@ class InputAdapter:
 
 
 # ============================================================================ the batch loop
-
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run iterator ``it`` in a background thread, ``depth`` items ahead (I/O + crop overlap
-    the model). Exceptions are re-raised in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True, name="cryolatent-prefetch")
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
 
 @dataclass
 class _Results:
@@ -313,8 +266,6 @@ def run_model(model, ps, adapter: Callable[[np.ndarray, np.ndarray], torch.Tenso
                 x = x.pin_memory()
             yield np.asarray(idx), x
 
-    from .utils import progress
-
     def store(idx, inf, bar):
         zb = inf.z_mean.detach().float().cpu().numpy()
         if zb.ndim != 2 or zb.shape[1] != z_dim:
@@ -332,7 +283,7 @@ def run_model(model, ps, adapter: Callable[[np.ndarray, np.ndarray], torch.Tenso
         # the host copy of batch i waits until batch i+1 has been queued on the device,
         # so a GPU never idles on the device->host copy
         pending = None
-        for idx, x in _prefetch(batches()):
+        for idx, x in prefetch(batches()):
             inf = model.infer(x.to(device, non_blocking=True))
             if pending is not None:
                 store(*pending, bar)
@@ -371,8 +322,6 @@ def relion_columns(psi_deg: np.ndarray, origin_angst: np.ndarray, z: np.ndarray,
 
 def _add_columns(df, cols: dict[str, np.ndarray]):
     """Set columns in place: existing ones keep their position, new ones are appended."""
-    import pandas as pd
-
     new = {k: v for k, v in cols.items() if k not in df.columns}
     for k, v in cols.items():
         if k in df.columns:
@@ -408,10 +357,6 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
     (:func:`cryolatent.pose.centre_class_frames`); trust: write the trust signals to
     ``OUT_summary.json`` (:func:`cryolatent.analysis.trust.embed_report`).
     """
-    from .analysis.cluster import METHODS, cluster_latents
-    from .io import load_particles, write_star
-    from .utils import atomic_path
-
     if cluster_method not in METHODS:
         raise CryolatentError(f"--cluster-method {cluster_method!r}: choose from "
                               f"{', '.join(METHODS)}")
@@ -453,8 +398,6 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
             log.info("clustering %d latents into %d classes (%s)", n, clusters, cluster_method)
             labels = cluster_latents(np.asarray(res.z), clusters, cluster_method, seed=seed)
         if centre:
-            from .pose import centre_class_frames
-
             origin, offs = centre_class_frames(psi, origin, labels)
             log.info("centred the frames: offsets (Å) %s",
                      "; ".join(f"{x:+.2f}, {y:+.2f}" for x, y in offs[:20]))
@@ -468,8 +411,6 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
             # a bare stack has no original names: relative to the current directory (RELION
             # resolves names from its working folder) when the stack lies below it, else
             # absolute
-            from .utils import relion_path
-
             stack = relion_path(ps.stack_paths[0])
             cols["rlnImageName"] = np.array([f"{i + 1:06d}@{stack}"
                                              for i in np.asarray(ps.image_index)], dtype=object)
@@ -477,8 +418,6 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
 
         write_star(outs.star, table, ps.optics)       # bounded memory (row chunks)
         if outs.cs is not None:
-            from .io import write_cs
-
             if ps.cs_array is None:
                 raise CryolatentError(f"{input}: the original .cs fields are not available")
             write_cs(outs.cs, cs_with_alignments(ps.cs_array, psi, origin,
@@ -486,8 +425,6 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
                                                  res.confidence))
     log.info("wrote %s, %s%s", outs.star, outs.z, f", {outs.cs}" if outs.cs else "")
     if trust:  # half-set resolution per class, shift edge, latent use (docs/trust.md)
-        from .analysis.trust import embed_report_safe
-
         embed_report_safe(outs.star, ps, table, labels, model, res.psi, res.shift,
                           np.load(outs.z, mmap_mode="r"), rundir, seed, bs, dev,
                           adapter=adapter)
@@ -510,8 +447,6 @@ def _warn_kept_columns(df, clustering: bool) -> None:
 
 def _load_run(rundir: Path, device: torch.device, checkpoint: str = "best"):
     """(model on ``device`` in eval mode, TrainConfig) of a run folder."""
-    from .run import RunDir
-
     if checkpoint not in ("best", "last"):
         raise CryolatentError(f"--checkpoint {checkpoint!r}: choose best or last")
     run = RunDir(rundir)

@@ -28,14 +28,17 @@ Particles are matched by name, never by row order (:func:`match_particles`).
 
 from __future__ import annotations
 
+import logging
 import math
-import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .io import read_particle_table
+from .io.particles import nth_keys, particle_keys
+from .pose import wrap_deg_180
 
 __all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class",
            "rotation_agreement_per_class", "rotation_error_per_class", "pearson",
@@ -98,7 +101,7 @@ def rotation_error_per_class(pred_deg, true_deg, true_class) -> float | None:
     vals = []
     for d in _per_class_differences(pred_deg, true_deg, true_class):
         r = d - circular_mean(d)
-        vals.append(float(np.median(np.abs(np.degrees(np.angle(np.exp(1j * r)))))))
+        vals.append(float(np.median(np.abs(wrap_deg_180(np.degrees(r))))))
     return float(np.mean(vals)) if vals else None
 
 
@@ -129,17 +132,6 @@ def cluster_accuracy(pred_labels, true_labels) -> float:
     return float(cont[r, c].sum() / len(p))
 
 
-_NAME = re.compile(r"^\s*0*(\d+)@(.+?)\s*$")
-
-
-def _normalise_name(name: str) -> str:
-    """'000012@Path/to/stack.mrcs' -> '12@stack.mrcs' (index as int, stack basename)."""
-    m = _NAME.match(str(name))
-    if not m:
-        return str(name).strip()
-    return f"{int(m.group(1))}@{PurePosixPath(m.group(2).replace(chr(92), '/')).name}"
-
-
 def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
                     pred_label: str = "PRED", truth_label: str = "TRUTH") -> tuple[np.ndarray, np.ndarray]:
     """Row indices (pi, ti) pairing every particle of ``pred`` with its truth, by name.
@@ -166,11 +158,10 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
              if cp in pred.columns and ct in truth.columns]
     best = None
     for norm in (False, True):
-        f = _normalise_name if norm else str.strip
         for cp, ct in pairs:
-            pb, tb = pred[cp].astype(str).map(f), truth[ct].astype(str).map(f)
-            pn, tn = _nth(pb), _nth(tb)
-            ti = pn.map(pd.Series(np.arange(len(tn)), index=tn.values))
+            pb, tb = _keys(pred[cp], norm), _keys(truth[ct], norm)
+            pn, tn = pd.Series(nth_keys(pb), index=pb.index), nth_keys(tb)
+            ti = pn.map(pd.Series(np.arange(len(tn)), index=tn))
             if ti.isna().any():   # more repeats in PRED than in TRUTH: the same image
                 last = pd.Series(np.arange(len(tb)), index=tb.values)
                 ti = ti.fillna(pb.map(last[~last.index.duplicated(keep="last")]))
@@ -192,19 +183,17 @@ def match_particles(pred: pd.DataFrame, truth: pd.DataFrame,
             f"{truth_label}'s {ct})")
     n_rep = int(pred[cp].astype(str).duplicated().sum())
     if n_rep:
-        import logging
-
         logging.getLogger("cryolatent").warning(
             "%s: %d repeated names in %s, matched to %s by position (k-th with k-th)",
             pred_label, n_rep, cp, truth_label)
     return np.arange(len(pred)), ti.to_numpy().astype(np.int64)
 
 
-def _nth(names: pd.Series) -> pd.Series:
-    """``name`` -> ``name\x00k`` for its k-th occurrence: unique keys that pair repeated
-    names by position (and leave unique names unchanged in meaning)."""
-    k = names.groupby(names.to_numpy(), sort=False).cumcount()
-    return names + "\x00" + k.astype(str)
+def _keys(names: pd.Series, norm: bool) -> pd.Series:
+    """Names as written (white space stripped), or with ``norm`` as (index, stack file name)
+    keys (:func:`cryolatent.io.particles.particle_keys`); the index of ``names`` kept."""
+    s = names.astype(str)
+    return pd.Series(particle_keys(s), index=s.index) if norm else s.str.strip()
 
 
 def _col(df: pd.DataFrame, col: str) -> np.ndarray | None:
@@ -264,8 +253,6 @@ def _particles_table(path: Path, extra: tuple[str, ...] = ()):
     """The particle table of ``path`` (PRED or TRUTH), checked by
     :func:`cryolatent.io.read_particle_table`: a missing file, no particles, a non-number in
     a pose / class column or a duplicate name is a one-line InputError naming the file."""
-    from .io import read_particle_table
-
     return read_particle_table(path, numeric=NUMERIC + tuple(extra))[0]
 
 

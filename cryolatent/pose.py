@@ -46,7 +46,7 @@ Method = Literal["bilinear", "fourier"]
 
 __all__ = [
     "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
-    "pixel_coordinates", "transform_to_particle", "align_particles", "fourier_shift",
+    "centre_offsets_px", "transform_to_particle", "align_particles", "fourier_shift",
     "rotate_images", "model_pose_to_input",
 ]
 
@@ -113,10 +113,12 @@ def angstrom_to_px(angst, apix: float):
     return angst / apix
 
 
-def pixel_coordinates(n: int, device=None, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of every pixel relative to the rotation centre (n//2, n//2).
+def centre_offsets_px(n: int, device=None, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) offsets of every pixel from the rotation centre (n//2, n//2), in pixels.
 
     Returns two (n, n) tensors: ``x[row, col] = col - n//2``, ``y[row, col] = row - n//2``.
+    (The models' coordinates, :func:`cryolatent.models.blocks.pixel_coordinates`, are one
+    (n*n, 2) tensor in half-box units.)
     """
     r = torch.arange(n, device=device, dtype=dtype) - (n // 2)
     y, x = torch.meshgrid(r, r, indexing="ij")
@@ -204,7 +206,7 @@ def transform_to_particle(canonical: torch.Tensor, psi_deg, shift_px,
     Returns (B, D, D), same dtype and device. The canonical centre ends at -t in the particle.
     """
     B, D, psi, t = _prep(canonical, psi_deg, shift_px)
-    x, y = pixel_coordinates(D, device=canonical.device)
+    x, y = centre_offsets_px(D, device=canonical.device)
     c, s = _cos_sin_deg(psi)
     c, s = c[:, None, None], s[:, None, None]
     if method == "bilinear":
@@ -227,7 +229,7 @@ def align_particles(particles: torch.Tensor, psi_deg, shift_px,
     Returns (B, D, D), same dtype and device.
     """
     B, D, psi, t = _prep(particles, psi_deg, shift_px)
-    x, y = pixel_coordinates(D, device=particles.device)
+    x, y = centre_offsets_px(D, device=particles.device)
     c, s = _cos_sin_deg(psi)
     c, s = c[:, None, None], s[:, None, None]
     # R(-psi) y = (c x + s y, -s x + c y)

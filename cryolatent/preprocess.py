@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from . import utils
 from .errors import InputError
+from .io import MRCStackWriter, load_particles, write_star
 
 __all__ = ["fourier_crop", "normalize", "invert", "phase_flip", "preprocess", "crop_matrix",
            "PreprocessResult", "background_mask", "background_stats", "looks_normalized",
@@ -537,9 +540,6 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
     ``rlnImagePixelSize`` and ``rlnImageSize`` are updated, and ``rlnCtfDataArePhaseFlipped``
     is set to 1 after phase flipping.
     """
-    from . import utils
-    from .io import MRCStackWriter, load_particles, write_star
-
     t0 = time.perf_counter()
     outdir = Path(outdir)
     ps = load_particles(input, datadir=datadir, apix=apix)
@@ -565,7 +565,7 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
     params = None
     if phase_flip:
-        params = ps.ctf()
+        params = ps.ctf_params()
         if params is None:
             raise InputError(f"{input}: --phase-flip needs CTF parameters (rlnDefocusU, ...), "
                              f"which this particle set does not have")
@@ -651,8 +651,6 @@ def preprocess(input: str | os.PathLike, outdir: str | os.PathLike, box: int | N
 
 
 def _output_tables(ps, stack_name: str, d: int, factor: float, flipped: bool):
-    import pandas as pd
-
     N = len(ps)
     particles = ps.table.copy()
     new_names = [f"{i + 1:06d}@{stack_name}" for i in range(N)]

@@ -16,11 +16,18 @@ Checkpoints are read with ``torch.load(weights_only=True)`` only (:func:`load_ch
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
+
+import torch
 
 from .config import TrainConfig
 from .errors import CryolatentError
-from .preprocess import Preprocessing
+from .io import load_particles
+from .models import build_model
+from .preprocess import Preprocessing, describe_particles
+from .utils import resolve_device
 
 __all__ = ["RunDir", "load_run", "load_checkpoint", "training_set_path", "run_preprocessing"]
 
@@ -34,11 +41,6 @@ def load_checkpoint(path, device="cpu") -> dict:
     objects (which unpickling could run as code) is refused with one line; torch's own
     message, which advises ``weights_only=False``, is never passed on.
     """
-    import pickle
-    import zipfile
-
-    import torch
-
     path = Path(path)
     if not path.exists():
         raise CryolatentError(f"{path}: no checkpoint to resume from")
@@ -90,9 +92,6 @@ def run_preprocessing(cfg: TrainConfig, model=None, rundir=None, particles=None)
         except ValueError as e:
             log.warning("the run's recorded preprocessing is unreadable (%s); judging it "
                         "from the training set", e)
-    from .io import load_particles
-    from .preprocess import describe_particles
-
     where = f"{rundir}: " if rundir is not None else ""
     try:
         tps = particles if particles is not None else load_particles(
@@ -151,9 +150,6 @@ class RunDir:
 
     def load(self, device="auto", which: str = "best"):
         """Model (eval mode, on ``device``) and TrainConfig of the checkpoint ``which``."""
-        from .models import build_model
-        from .utils import resolve_device
-
         ck = self.checkpoint(which, device="cpu")
         cfg = TrainConfig.from_dict(ck["config"])
         model = build_model(cfg, int(ck["box"]))

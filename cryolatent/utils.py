@@ -2,17 +2,33 @@
 
 Everything that writes a user-visible file goes through :func:`atomic_path`, so an interrupted
 or failing write never leaves a half-written file under the final name.
+
+torch is imported inside the functions that use it: :mod:`cryolatent.io` (and so ``select``,
+``evaluate`` and ``plot``) use this module without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import queue
+import random
+import shlex
+import shutil
+import signal
+import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import CryolatentError
 
 
 @contextlib.contextmanager
@@ -77,8 +93,6 @@ def _default_mode(tmp: Path, final: Path) -> None:
     """Give the new file the permissions a plain ``open(final, "w")`` would, instead of
     mkstemp's 0o600: those of the file it replaces, else 0o666 & ~umask. Folders, links
     and special files are left alone."""
-    import stat
-
     try:
         if not tmp.is_file() or tmp.is_symlink():
             return
@@ -109,8 +123,6 @@ def _fsync(p: Path) -> None:
 
 def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **kw):
     """A tqdm progress bar on a terminal, silent otherwise (CI logs, pipes)."""
-    from tqdm.auto import tqdm
-
     disable = kw.pop("disable", None)
     if disable is None:
         disable = not sys.stderr.isatty()
@@ -118,11 +130,46 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
                 dynamic_ncols=True, **kw)
 
 
+def prefetch(it, depth: int = 2) -> Iterator:
+    """The items of iterator ``it``, produced ``depth`` items ahead in a background thread (the
+    reads and transforms of batch i+1 overlap the work on batch i); order kept, an exception
+    raised in ``it`` is re-raised in the consumer, and leaving the loop early stops the
+    thread. ``ParticleSet.iter_batches(prefetch=...)`` and ``embed``'s batch loop use it."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="cryolatent-prefetch")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
-    import random
-
-    import numpy as np
     import torch
 
     random.seed(seed)
@@ -137,8 +184,6 @@ def resolve_device(device="auto"):
     device without CUDA, or a name torch does not know, is a one-line CryolatentError.
     """
     import torch
-
-    from .errors import CryolatentError
 
     if isinstance(device, torch.device):
         dev = device
@@ -157,8 +202,6 @@ def resolve_device(device="auto"):
 
 def command_line() -> str:
     """The command line as typed (for config.json / run.log)."""
-    import shlex
-
     return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
@@ -168,8 +211,6 @@ def setup_logging(folder: str | os.PathLike | None = None, name: str = "run.log"
     Returns the logger. Calling it again replaces the handlers it installed before, so a
     notebook user can call library entry points repeatedly.
     """
-    import logging
-
     logger = logging.getLogger("cryolatent")
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
@@ -198,9 +239,6 @@ def defer_sigint() -> Iterator[None]:
     For writes that belong together (a checkpoint and its log row): an interrupt arriving in
     between would leave them out of step. Outside the main thread it does nothing.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -318,7 +356,7 @@ def set_threads(n: int | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # not a declared dependency
 
         threadpool_limits(limits=n)
     except Exception:  # noqa: BLE001 - threadpoolctl missing or a library it cannot limit
@@ -340,8 +378,6 @@ def check_outdir(path: str | os.PathLike, force: bool = False, extra: str = "") 
     overwrite its files[EXTRA] or choose another -o". ``extra`` adds alternatives, e.g.
     ", --resume to continue it" for ``train``.
     """
-    from .errors import CryolatentError
-
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise CryolatentError(f"{p}: exists and is not a folder; choose another -o")
@@ -363,8 +399,6 @@ def output_folder(path: str | os.PathLike, force: bool = False, extra: str = "",
     ``keep``: a callable ``keep(path) -> bool``, checked on failure; True keeps everything
     (e.g. a training run that already saved a checkpoint it can ``--resume`` from).
     """
-    import shutil
-
     p = Path(path)
     check_outdir(p, force, extra)
     existed = p.is_dir()
@@ -397,8 +431,6 @@ def output_folder(path: str | os.PathLike, force: bool = False, extra: str = "",
 
 def _close_logs_under(folder: Path) -> None:
     """Detach the cryolatent log files that live under ``folder`` (about to be removed)."""
-    import logging
-
     logger = logging.getLogger("cryolatent")
     root = os.path.abspath(folder)
     for h in list(logger.handlers):

@@ -123,7 +123,7 @@ def test_ctf_wiener_average_recovers_canonical(tmp_path):
     CTF. The astigmatism angle must be rotated with the particle (+psi)."""
     star, canon, _ = make_particles(tmp_path, n_per_class=40, ctf=True)
     ps = load_particles(star)
-    assert ps.ctf() is not None
+    assert ps.ctf_params() is not None
     avg, counts = aligned_class_averages(ps, wiener_snr=1e3)
     plain, _ = aligned_class_averages(ps, ctf=False)
     for k in range(3):
@@ -142,7 +142,7 @@ def test_ctf_rotation_of_astigmatism(tmp_path):
                                         astig_A=(5000, 6000))
     ps = load_particles(star)
     good, _ = aligned_class_averages(ps, wiener_snr=1e3)
-    orig = ps.ctf
+    orig = ps.ctf_params
 
     def flipped_ctf():
         p = orig()
@@ -152,7 +152,7 @@ def test_ctf_rotation_of_astigmatism(tmp_path):
                          voltage=p.voltage, cs=p.cs, amplitude_contrast=p.amplitude_contrast,
                          phase_shift=p.phase_shift)
 
-    ps.ctf = flipped_ctf
+    ps.ctf_params = flipped_ctf
     bad, _ = ca.aligned_class_averages(ps, wiener_snr=1e3)
     for k in range(3):
         e_good = rel_err(inner(good[k]), inner(canon[k]))
@@ -266,7 +266,7 @@ def test_cli_classes_full_resolution_with_standin_model(tmp_path, monkeypatch):
     binned copy (rlnImageOriginalName -> the full set); averages come out at full size."""
     import mrcfile
 
-    import cryolatent.train as train_mod
+    import cryolatent.analysis.class_averages as ca_mod
     from cryolatent.cli import main
     from cryolatent.io import read_star
 
@@ -283,7 +283,7 @@ def test_cli_classes_full_resolution_with_standin_model(tmp_path, monkeypatch):
     from cryolatent.io import write_star
 
     write_star(tmp_path / "out.star", out, optics)
-    monkeypatch.setattr(train_mod, "load_run", lambda rundir, device="auto", which="best":
+    monkeypatch.setattr(ca_mod, "load_run", lambda rundir, device="auto", which="best":
                         (AnalyticModel(24), None))
     (tmp_path / "run").mkdir()
     rc = main(["classes", str(tmp_path / "run"), str(tmp_path / "out.star"), "-o",

@@ -302,3 +302,20 @@ def test_classes_bad_checkpoint_leaves_no_output(base, tmp_path, capsys):
                "--device", "cpu", "--traversal-steps", "2"])
     check_one_error_line(rc, capsys.readouterr().err, r"\.pt: cannot read the checkpoint")
     assert _outputs(out) == [] and _temps(tmp_path) == []
+
+
+def test_help_does_not_import_torch():
+    """`cryolatent --help` and every command's --help stay fast: torch is imported by the
+    commands' bodies only (cli.py and commands/ import lazily)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cryolatent.cli import cli, COMMANDS\n"
+        "for args in [['--help']] + [[c, '--help'] for c in COMMANDS]:\n"
+        "    r = CliRunner().invoke(cli, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "    assert 'torch' not in sys.modules, args\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

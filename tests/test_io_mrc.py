@@ -159,6 +159,9 @@ def test_lazy_reads_equal_mrcfile_on_real_stacks(shared_data):
             np.testing.assert_array_equal(im, full[ps.image_index[ii]])
             seen.append(ii)
         assert np.array_equal(np.concatenate(seen), np.arange(len(ps)))
+        ahead = list(ps.iter_batches(16, indices=idx, prefetch=2))   # read in a thread
+        assert np.array_equal(np.concatenate([ii for ii, _ in ahead]), idx)
+        np.testing.assert_array_equal(np.concatenate([im for _, im in ahead]), ps.images(idx))
         assert ps[3].shape == (ps.box, ps.box) and ps.images(3).shape == (1, ps.box, ps.box)
 
 

@@ -42,7 +42,7 @@ def test_star_set_images_ctf_and_lookup(tmp_path, monkeypatch):
     order = [5, 0, 3, 3, 1]
     np.testing.assert_array_equal(ps.images(order), imgs[order])
     np.testing.assert_array_equal(ps.optics_value("rlnVoltage"), np.full(6, 300.0))
-    ctf = ps.ctf()
+    ctf = ps.ctf_params()
     if ctf is not None:
         np.testing.assert_allclose(ctf.defocus_u, parts["rlnDefocusU"])
         np.testing.assert_allclose(ctf.defocus_v, parts["rlnDefocusV"])
@@ -69,7 +69,7 @@ def test_relion30_star_upgraded_on_load(shared_data):
     raw = next(iter(read_star(shared_data / "particles/betagal_17/"
                                          "sample_particles_relion30.star").values()))
     np.testing.assert_allclose(ps.shifts_angst()[:, 0], raw["rlnOriginX"] * 1.338)
-    ctf = ps.ctf()
+    ctf = ps.ctf_params()
     if ctf is not None:
         np.testing.assert_allclose(ctf.voltage, raw["rlnVoltage"])
 
@@ -235,7 +235,7 @@ def test_bad_inputs(tmp_path, shared_data):
         import cryolatent.ctf  # noqa: F401
     except ImportError:
         pytest.skip("cryolatent.ctf not available yet")
-    _expect(r"inc.star: column rlnVoltage is missing", ps.ctf)
+    _expect(r"inc.star: column rlnVoltage is missing", ps.ctf_params)
     # unknown file type
     (tmp_path / "x.txt").write_text("1")
     _expect(r"x.txt: unknown particle file type", load_particles, tmp_path / "x.txt")
@@ -252,3 +252,49 @@ def test_optics_flag_and_apix_per_particle(tmp_path):
     write_star(star, parts, optics)
     flag = load_particles(star).optics_flag("rlnCtfDataArePhaseFlipped")
     assert flag.dtype == bool and flag.all() and flag.shape == (6,)
+
+
+def test_particle_keys_one_rule():
+    """One key rule for every command that pairs particles of two files by name (embed's
+    calibration, classes --particles, evaluate): zero padding, folders (/ or \\), white
+    space and a missing index do not matter; repeated names pair by position."""
+    from cryolatent.io import nth_keys, particle_keys
+
+    names = ["000012@Particles/stack.mrcs", " 12@/abs/Particles/stack.mrcs ",
+             "12@C:\\data\\stack.mrcs", "12@stack.mrcs"]
+    assert set(particle_keys(names)) == {"12@stack.mrcs"}
+    assert list(particle_keys(["img.mrc", "/a/img.mrc", "000@s.mrcs", "x@a/s.mrcs"])) == \
+        ["1@img.mrc", "1@img.mrc", "0@s.mrcs", "x@s.mrcs"]
+    assert len(particle_keys([])) == 0
+    k = nth_keys(["a", "b", "a"])
+    assert len(set(k)) == 3 and k[0] != k[2] and k[0] == nth_keys(["a"])[0]
+
+
+def test_particle_block_one_rule(tmp_path):
+    """data_particles, else data_images / data_, else the first block with rlnImageName;
+    load_particles and read_particle_table agree."""
+    from cryolatent.io import particle_block, read_particle_table
+
+    t = pd.DataFrame({"rlnImageName": ["1@a.mrcs"]})
+    other = pd.DataFrame({"rlnFoo": [1.0]})
+    assert particle_block({"optics": other, "particles": t}, "x")[0] == "particles"
+    assert particle_block({"images": t, "model": other}, "x")[0] == "images"
+    assert particle_block({"model": other, "mine": t}, "x")[0] == "mine"
+    with pytest.raises(InputError, match="x: no particle table"):
+        particle_block({"optics": t, "model": other}, "x")
+    star = tmp_path / "p.star"
+    star.write_text("data_optics\nloop_\n_rlnOpticsGroup #1\n1\n\n"
+                    "data_mine\nloop_\n_rlnImageName #1\n1@a.mrcs\n")
+    table, _ = read_particle_table(star)
+    assert list(table["rlnImageName"]) == ["1@a.mrcs"]
+
+
+def test_ctf_alias_is_deprecated(shared_data):
+    """ParticleSet.ctf() (parameters, not images) is ctf_params(), with a warning."""
+    ps = load_particles(shared_data / "particles/betagal_17/sample_particles_relion30.star")
+    with pytest.warns(DeprecationWarning, match="ctf_params"):
+        old = ps.ctf()
+    new = ps.ctf_params()
+    assert (old is None) == (new is None)
+    if new is not None:
+        np.testing.assert_array_equal(old.defocus_u, new.defocus_u)

@@ -414,7 +414,7 @@ def test_preprocessing_apply_is_what_preprocess_wrote(tmp_path):
     assert int(out.optics["cryolatentOriginalImageSize"].iloc[0]) == 32
     written = out.images(np.arange(7))
     src = load_particles(tmp_path / "in" / "in.star")
-    params = src.ctf()
+    params = src.ctf_params()
     idx = np.arange(7)[::-1].copy()                 # any rows, in any order
     got = desc.apply(imgs[idx], apix=1.5, ctf=params, idx=idx)
     assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (7, 16, 16)

@@ -71,3 +71,26 @@ def test_defer_sigint_holds_ctrl_c_until_the_block_ends():
     with defer_sigint():                           # no signal: nothing raised
         done.append("third")
     assert done[-1] == "third"
+
+
+def test_prefetch_keeps_order_errors_and_stops():
+    """utils.prefetch: the items in order, an error re-raised in the consumer, an early exit
+    stops the producer; ParticleSet.iter_batches(prefetch=N) gives the same batches."""
+    import itertools
+
+    from cryolatent.utils import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def bad():
+        yield 1
+        raise ValueError("boom")
+
+    it = prefetch(bad())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+    made = []
+    counter = (made.append(i) or i for i in itertools.count())
+    first = list(itertools.islice(prefetch(counter, depth=2), 5))
+    assert first == [0, 1, 2, 3, 4] and len(made) < 1000

@@ -49,8 +49,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..ctf import compute_ctf
 from ..errors import CryolatentError
+from ..io import load_particles, read_particle_table, write_mrcs
+from ..io.particles import nth_keys, particle_keys
+from ..pose import align_particles
+from ..run import RunDir, load_run
 from ..utils import atomic_path, progress, resolve_device
+from .plots import _mpl, latent_columns, save_figure, style
 
 log = logging.getLogger("cryolatent")
 
@@ -93,34 +99,6 @@ def _poses(table, source: str) -> tuple[np.ndarray, np.ndarray]:
     return psi, shift
 
 
-def _name_keys(names) -> list[str]:
-    """``000012@Particles/stack.mrcs`` -> ``12@stack.mrcs`` (index and file name only)."""
-    out = []
-    for n in names:
-        s = str(n)
-        if "@" in s:
-            i, p = s.split("@", 1)
-            try:
-                i = str(int(i))
-            except ValueError:
-                pass
-            out.append(f"{i}@{Path(p).name}")
-        else:
-            out.append(Path(s).name)
-    return out
-
-
-def _nth_keys(keys: Sequence[str]) -> list[tuple[str, int]]:
-    """(key, k) for the k-th occurrence of each key: repeated names pair by position."""
-    seen: dict[str, int] = {}
-    out = []
-    for k in keys:
-        c = seen.get(k, 0)
-        seen[k] = c + 1
-        out.append((k, c))
-    return out
-
-
 def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
                 ) -> np.ndarray:
     """For each particle of a set, the row of ``table`` (an ``embed`` output) describing it.
@@ -128,7 +106,7 @@ def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
     particle_names: (N,) the set's ``rlnImageName`` values (``ParticleSet.names``).
     Matched on ``rlnImageName`` or ``rlnImageOriginalName`` (what ``preprocess`` keeps, so an
     unbinned set finds the rows of its binned copy), exactly or else by image index and stack
-    file name, whichever matches the most particles; a set with as many particles as the
+    file name (:func:`cryolatent.io.particles.particle_keys`), whichever matches the most particles; a set with as many particles as the
     table and no names in common is matched by order (warned). Returns (N,) int64 row indices, -1 where a particle has no row.
     """
     names = [str(n) for n in particle_names]
@@ -137,14 +115,14 @@ def match_table(particle_names: Sequence[str], table, source: str = "OUT.star"
             list(map(str, table["rlnImageName"])) == names:
         return np.arange(n)
     best = None  # (matches, rows, column): exact names first, then index@file-name keys
-    for keyf, cols in ((lambda x: x, ("rlnImageName", "rlnImageOriginalName")),
-                       (_name_keys, ("rlnImageOriginalName", "rlnImageName"))):
+    for keyf, cols in ((lambda x: [str(v) for v in x], ("rlnImageName", "rlnImageOriginalName")),
+                       (particle_keys, ("rlnImageOriginalName", "rlnImageName"))):
         for col in cols:
             if col not in table:
                 continue
             # a repeated name pairs its k-th particle with its k-th row (by position)
-            lut = {k: j for j, k in enumerate(_nth_keys(keyf([str(v) for v in table[col]])))}
-            rows = np.array([lut.get(k, -1) for k in _nth_keys(keyf(names))], dtype=np.int64)
+            lut = pd.Index(nth_keys(keyf(table[col])))
+            rows = lut.get_indexer(nth_keys(keyf(names))).astype(np.int64)
             hits = int((rows >= 0).sum())
             if hits and (best is None or hits > best[0]):
                 best = (hits, rows, col)
@@ -180,8 +158,6 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
     Returns ``(averages (K, D, D) float32, counts (K,) int64)``; class k is ``averages[k-1]``,
     K = ``n_classes`` or the largest class number.
     """
-    from ..pose import align_particles
-
     table = particle_set.table if table is None else table
     n = len(particle_set)
     if len(table) != n:
@@ -198,7 +174,7 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
     apix = float(particle_set.apix)
     dev = torch.device(device)
 
-    params = particle_set.ctf() if ctf in ("auto", True) else None
+    params = particle_set.ctf_params() if ctf in ("auto", True) else None
     if ctf is True and params is None:
         raise CryolatentError(f"{src}: CTF correction asked for but the particles have no "
                               f"CTF parameters")
@@ -209,8 +185,6 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
         flipped = particle_set.optics_flag("rlnCtfDataArePhaseFlipped")
         premult = particle_set.optics_flag("rlnCtfDataAreCtfPremultiplied")
         log.info("CTF-corrected class averages (Wiener, 1/SNR = %g)", 1.0 / wiener_snr)
-        from ..ctf import compute_ctf
-
         params_aligned = params.subset(slice(None))
         # the CTF in the aligned frame: rotating by R(psi) turns the astigmatism by +psi
         params_aligned.astigmatism = params.astigmatism + psi
@@ -222,7 +196,7 @@ def aligned_class_averages(particle_set, table=None, *, n_classes: int | None = 
 
     bar = progress(total=len(keep), desc="class averages", unit="particle",
                    disable=None if show_progress else True)
-    for idx, imgs in particle_set.iter_batches(batch_size, indices=keep):
+    for idx, imgs in particle_set.iter_batches(batch_size, indices=keep, prefetch=2):
         idx = np.asarray(idx, dtype=np.int64)
         x = torch.as_tensor(np.asarray(imgs, dtype=np.float32), device=dev)
         al = align_particles(x, torch.as_tensor(psi[idx]), torch.as_tensor(shift_px[idx]),
@@ -435,8 +409,6 @@ def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.nd
     ``notes``: class index (0-based) -> a third title line (e.g. the estimated resolution).
     Writes ``out_path`` with each suffix of ``fmt``; returns the paths.
     """
-    from .plots import _mpl, save_figure, style
-
     _, plt = _mpl()
     rows_kind = [(k, a, p) for k, a, p in (("aligned", aligned, apix),
                                            ("denoised", denoised, denoised_apix))
@@ -479,8 +451,6 @@ def plot_gallery(out_path: str | Path, aligned: np.ndarray | None, counts: np.nd
 def plot_traversal(out_path: str | Path, trav: Traversal, apix: float | None = None,
                    fmt: Sequence[str] = ("png",)) -> list[Path]:
     """One row per principal axis, one column per step, labelled in sd along the axis."""
-    from .plots import _mpl, save_figure, style
-
     _, plt = _mpl()
     n_axes, steps = trav.images.shape[:2]
     with style():
@@ -508,8 +478,6 @@ def plot_traversal(out_path: str | Path, trav: Traversal, apix: float | None = N
 def write_counts(path: str | Path, counts: np.ndarray, stack_name: str | None = None,
                  centres: np.ndarray | None = None) -> Path:
     """CSV with ``class, count, fraction[, image][, z1..zD]``; row k is class k (1-based)."""
-    import pandas as pd
-
     counts = np.asarray(counts, dtype=np.int64)
     K = len(counts)
     df = pd.DataFrame({"class": np.arange(1, K + 1), "count": counts,
@@ -541,9 +509,6 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
     ``summary.json`` (:func:`cryolatent.analysis.trust.classes_report`).
     Returns ``{"files": [...], "counts": (K,), "aligned": ..., "denoised": ...}``.
     """
-    from ..io import load_particles, read_particle_table, write_mrcs
-    from .plots import latent_columns
-
     out_dir = Path(out_dir)
     star = Path(star)
     # a missing file, no particles, text in a pose / class column, a duplicate name:
@@ -572,14 +537,12 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
         ptable = table.iloc[np.where(rows >= 0, rows, 0)].reset_index(drop=True).copy()
         ptable.loc[rows < 0, "rlnClassNumber"] = 0  # unmatched: left out
     dev = resolve_device(device)
-    model = None
+    model = run_cfg = None
     if rundir is not None:  # before anything is written: a bad run leaves no partial output
         if not zcols:
             raise CryolatentError(f"{star}: no cryolatentZ columns; run `cryolatent embed` "
                                   f"first")
-        from ..train import load_run
-
-        model, _cfg = load_run(rundir, dev)
+        model, run_cfg = load_run(rundir, dev)
         model.eval()
     log.info("aligning %d particles of box %d px (%.4g Å/px) into %d classes",
              int((rows >= 0).sum()), ps.box, ps.apix, K)
@@ -598,7 +561,7 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
         centres, _ = class_centres(z, labels, K)
     if model is not None:
         size = int(getattr(model, "box", 0)) or int(ps.box)
-        d_apix = _field_of_view(optics, ps) / size
+        d_apix = _model_apix(rundir, run_cfg, optics, ps, size)
         denoised = denoised_class_averages(model, z, labels, size=size, n_classes=K)
         write_mrcs(out_dir / "denoised_averages.mrcs", denoised, d_apix)
         files.append(out_dir / "denoised_averages.mrcs")
@@ -610,7 +573,7 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
                               centres))
     summary = None
     if trust:  # half-set resolution, pose agreement, distinguishability (docs/trust.md)
-        from .trust import classes_report_safe, gallery_notes
+        from .trust import classes_report_safe, gallery_notes  # trust imports this module
 
         summary = classes_report_safe(
             star, out_dir, ps, ptable, class_labels(ptable, str(star)), K, model=model,
@@ -627,8 +590,21 @@ def make_class_averages(rundir: str | Path | None, star: str | Path, out_dir: st
             "traversal": trav, "summary": summary}
 
 
+def _model_apix(rundir, cfg, optics, ps, size: int) -> float:
+    """Pixel size (Å) of the generator's ``size``-px images: the field of view of the
+    training images (box × pixel size, as the run recorded them:
+    :meth:`cryolatent.run.RunDir.preprocessing`) over ``size``. A run that recorded no
+    preprocessing (an older cryolatent) or no pixel size: :func:`_field_of_view`'s guess."""
+    if cfg is not None and getattr(cfg, "preprocessing", None):
+        prep = RunDir(rundir).preprocessing(cfg)
+        if prep.apix is not None:
+            return float(prep.box) * float(prep.apix) / size
+    return _field_of_view(optics, ps) / size
+
+
 def _field_of_view(optics, ps) -> float:
-    """Box edge in Å of the images the model saw: the ``embed`` input's optics table
+    """Box edge in Å of the images the model saw, guessed for runs that do not record it:
+    the ``embed`` input's optics table
     (rlnImageSize × rlnImagePixelSize) when the STAR has them, else the averaged set's."""
     try:
         if optics is not None and len(optics) and {"rlnImageSize", "rlnImagePixelSize"} <= \

@@ -24,11 +24,15 @@ Methods
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CryolatentError
+from ..io import read_cs, read_star, upgrade_relion30, write_cs, write_star
+from ..io.particles import particle_block
 
 __all__ = ["METHODS", "cluster_latents", "relabel_by_size", "parse_classes", "select_classes"]
 
@@ -129,8 +133,6 @@ def cluster_latents(z: np.ndarray, k: int, method: str = "kmeans", seed: int = 0
 
 def parse_classes(text: str) -> list[int]:
     """``"1,3,5-7"`` -> ``[1, 3, 5, 6, 7]`` (1-based class numbers, as rlnClassNumber)."""
-    import re
-
     out: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         if not part:
@@ -159,8 +161,6 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
     table as it is (RELION 3.0 input is written in 3.1 layout, upgraded as RELION does).
     Refuses to overwrite ``input`` and to write an empty selection. Returns ``out``.
     """
-    import logging
-
     log = logging.getLogger("cryolatent")
     input, out = Path(input), Path(out)
     if isinstance(classes, str):
@@ -177,8 +177,6 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
         raise CryolatentError(f"-o {out}: would overwrite the input; choose another name")
 
     if kind == ".cs":
-        from ..io import read_cs, write_cs
-
         arr = read_cs(input)
         names = arr.dtype.names or ()
         field = next((f for f in ("alignments2D/class", "alignments3D/class") if f in names),
@@ -188,18 +186,11 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
                                   "--clusters K on it first)")
         number = arr[field].astype(np.int64) + 1
     else:
-        from ..io import read_star, write_star
-
         blocks = read_star(input)
-        if "particles" in blocks:
-            table, optics = blocks["particles"], blocks.get("optics")
-        else:
-            cand = [b for b, df in blocks.items() if "rlnClassNumber" in df.columns]
-            if len(cand) != 1:
-                raise CryolatentError(f"{input}: no particle table with rlnClassNumber")
-            from ..io import upgrade_relion30
-
-            table, optics = upgrade_relion30(blocks[cand[0]])
+        key, table = particle_block(blocks, input)
+        optics = blocks.get("optics")
+        if key != "particles":   # RELION 3.0 (or older writers): upgraded as RELION does
+            table, optics = upgrade_relion30(table)
         if "rlnClassNumber" not in table.columns:
             raise CryolatentError(f"{input}: column rlnClassNumber is missing (run cryolatent "
                                   "embed --clusters K first)")

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from ..errors import CryolatentError
+from ..io import read_particle_table
 from ..utils import atomic_path
 
 log = logging.getLogger("cryolatent")
@@ -176,8 +180,6 @@ def umap_2d(z: np.ndarray, sample: int = UMAP_SAMPLE, seed: int = 0,
     n = len(z)
     if n < 10:
         raise CryolatentError(f"UMAP needs at least 10 particles, got {n}; use PCA")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba / n_jobs chatter
         import umap
@@ -185,8 +187,6 @@ def umap_2d(z: np.ndarray, sample: int = UMAP_SAMPLE, seed: int = 0,
     fit_idx = _subsample(n, max(int(sample), 10), seed)
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(fit_idx) - 1),
                         min_dist=min_dist, random_state=seed, transform_seed=seed)
-    import time
-
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -444,8 +444,6 @@ def plot_training_curves(log_csv: str | Path, out_dir: str | Path = ".",
     ``val_X`` (or ``X_train`` / ``X_val``) pairs are drawn on one panel. Writes
     ``out_dir/<name>.<fmt>``; returns the paths.
     """
-    import pandas as pd
-
     path = Path(log_csv)
     try:
         df = pd.read_csv(path)
@@ -516,8 +514,6 @@ def read_embedding(star: str | Path):
     Returns the particles DataFrame; raises :class:`CryolatentError` when the file cannot be
     read or has no ``cryolatentZ`` columns (then ``cryolatent embed`` has not been run on it).
     """
-    from ..io import read_particle_table
-
     star = Path(star)
     # a missing file, no particles, text in cryolatentZ* / pose / class columns: one line
     # naming the file, column and particle (names may repeat: a symmetry-expanded set)

@@ -53,7 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..pose import align_particles, rotate_images, wrap_deg_180
+from ..preprocess import fourier_crop
 from ..utils import atomic_path
+from .class_averages import _model_device, aligned_class_averages
 
 log = logging.getLogger("cryolatent")
 
@@ -118,12 +121,6 @@ def _plain(x):
     if isinstance(x, np.bool_):
         return bool(x)
     return x
-
-
-def _model_device(model) -> torch.device:
-    from .class_averages import _model_device as dev
-
-    return dev(model)
 
 
 def _warn(warnings: list[str], text: str) -> None:
@@ -199,8 +196,6 @@ def frc_resolution(curve: np.ndarray, box: int, apix: float,
 def _prepare_for_alignment(imgs: np.ndarray, lowpass_ring: float | None) -> torch.Tensor:
     """Masked, Fourier-cropped to <= ALIGN_BOX, optionally low-passed (Gaussian, sd at
     ``lowpass_ring`` of the original box), unit-norm images (M, d, d) float64."""
-    from ..preprocess import fourier_crop
-
     x = _masked(np.asarray(imgs, dtype=np.float64))
     n = x.shape[-1]
     d = min(n, ALIGN_BOX)
@@ -226,8 +221,6 @@ def align_images(refs: torch.Tensor, movs: torch.Tensor, pairs: list[tuple[int, 
     (default d/4). Returns per pair ``{"cc", "psi_deg", "shift_px": (x, y)}``: the largest
     normalised correlation and where: ``rotate_images(mov, psi)`` moved by +shift matches ref.
     """
-    from ..pose import rotate_images
-
     d = refs.shape[-1]
     max_shift = d / 4 if max_shift is None else max_shift
     angles = torch.arange(0.0, 360.0, step_deg, dtype=torch.float64)
@@ -273,8 +266,6 @@ def half_set_averages(particle_set, table, labels: np.ndarray, n_classes: int, s
     correction as the class averages) with class k's half h as class ``2(k-1) + h + 1``.
     ``labels``: (N,) class numbers 1..K (< 1: left out). ``kw``: passed on
     (``ctf``, ``wiener_snr``, ``batch_size``, ``device``)."""
-    from .class_averages import aligned_class_averages
-
     labels = np.asarray(labels, dtype=np.int64)
     half = half_split(labels, seed)
     t = table[["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]].copy()
@@ -580,7 +571,7 @@ def class_report(halves: np.ndarray, counts: np.ndarray, apix: float,
         res = align_images(t, t, pairs + cross)
         within = {}
         for k, r in zip(ok, res[:len(ok)]):
-            psi = (r["psi_deg"] + 180.0) % 360.0 - 180.0
+            psi = wrap_deg_180(r["psi_deg"])
             sh = np.asarray(r["shift_px"]) * scale * apix
             within[k] = r["cc"]
             classes[k].update({"halves_cc": r["cc"], "pose_residual_psi_deg": psi,
@@ -741,19 +732,32 @@ def embed_report(star, particle_set, table, labels: np.ndarray | None, model,
                         device=device)
     rep["kind"] = "embed"
     rep["clustered"] = labels is not None
-    path = write_summary(summary_path_for(star), rep)
+    return _write_report(summary_path_for(star), rep)
+
+
+def _write_report(path, rep: dict[str, Any]) -> dict[str, Any]:
+    """Write ``rep`` to ``path`` (:func:`write_summary`), log where and how many warnings."""
+    path = write_summary(path, rep)
     log.info("trust signals: %s (%d warning%s)", path, len(rep["warnings"]),
              "" if len(rep["warnings"]) == 1 else "s")
     return rep
 
 
-def embed_report_safe(*args, **kw) -> dict[str, Any] | None:
-    """:func:`embed_report` that logs instead of raising (the embedding is written already)."""
-    try:
-        return embed_report(*args, **kw)
-    except Exception as e:  # noqa: BLE001
-        log.warning("WARNING: no trust report for the embedding (%s: %s)", type(e).__name__, e)
-        return None
+def _logging_errors(report, what: str):
+    """``report`` that logs instead of raising (what it reports on is written already)."""
+    def safe(*args, **kw) -> dict[str, Any] | None:
+        try:
+            return report(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            log.warning("WARNING: no trust report for %s (%s: %s)", what, type(e).__name__, e)
+            return None
+
+    safe.__name__ = f"{report.__name__}_safe"
+    safe.__doc__ = f":func:`{report.__name__}` that logs instead of raising."
+    return safe
+
+
+embed_report_safe = _logging_errors(embed_report, "the embedding")
 
 
 def classes_report(star, out_dir, particle_set, table, labels: np.ndarray, n_classes: int,
@@ -776,19 +780,10 @@ def classes_report(star, out_dir, particle_set, table, labels: np.ndarray, n_cla
     if shifts is None:
         rep["shifts"] = {"note": f"no {p.name} beside {Path(star).name}: run embed for the "
                                  "translation-search statistic"}
-    path = write_summary(Path(out_dir) / "summary.json", rep)
-    log.info("trust signals: %s (%d warning%s)", path, len(rep["warnings"]),
-             "" if len(rep["warnings"]) == 1 else "s")
-    return rep
+    return _write_report(Path(out_dir) / "summary.json", rep)
 
 
-def classes_report_safe(*args, **kw) -> dict[str, Any] | None:
-    """:func:`classes_report` that logs instead of raising."""
-    try:
-        return classes_report(*args, **kw)
-    except Exception as e:  # noqa: BLE001
-        log.warning("WARNING: no trust report for the classes (%s: %s)", type(e).__name__, e)
-        return None
+classes_report_safe = _logging_errors(classes_report, "the classes")
 
 
 # ============================================================================ aligned-noise null
@@ -812,8 +807,6 @@ def aligned_noise_null(model, images: torch.Tensor, apix: float, seed: int = 0,
     :func:`cryolatent.pose.align_particles`, split into two random halves and averaged.
     Returns ``{"particles", "frc" (d//2+1,), "resolution_A", "apix"}``; a class average is
     evidence of signal only where its FRC exceeds this one."""
-    from ..pose import align_particles
-
     g = torch.Generator().manual_seed(seed + 17)
     M, d, _ = images.shape
     flat = images.reshape(M, -1).float().cpu()

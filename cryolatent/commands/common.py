@@ -39,15 +39,16 @@ def run_search_dirs(rundir) -> list:
     --datadir, beside the STAR and the current directory): beside the run's recorded training
     input, its --datadir, and the folder the training ran from (a RELION project directory).
     Relative records are taken from that folder, else from the run folder's parent."""
-    import json
     from pathlib import Path
 
+    from ..errors import CryolatentError
+    from ..run import RunDir   # here, not at the top: it imports torch (`--help` stays fast)
+
     try:
-        cfg = json.loads((Path(rundir) / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = RunDir(rundir).config()
+    except (CryolatentError, TypeError, AttributeError):   # no run, or not a config
         return []
-    extra = cfg.get("extra") or {}
-    cwd0 = extra.get("cwd")
+    cwd0 = cfg.extra.get("cwd")
     bases = [Path(b) for b in (cwd0, Path(rundir).parent) if b]
     out: list[Path] = []
 
@@ -55,7 +56,7 @@ def run_search_dirs(rundir) -> list:
         if p.is_dir() and p not in out:
             out.append(p)
 
-    for rec, parent in ((cfg.get("input"), True), (cfg.get("datadir"), False)):
+    for rec, parent in ((cfg.input, True), (cfg.datadir, False)):
         if not rec:
             continue
         p = Path(rec)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from ..metrics import evaluate_files
-
 
 @click.command("evaluate")
 @click.argument("pred", type=click.Path(path_type=Path))
@@ -25,6 +23,8 @@ def command(pred: Path, truth: Path, truth_class_column: str):
     columns are missing is null. Particles are matched by name (rlnImageName, or
     rlnImageOriginalName where a stack was rewritten), not by row order.
     """
+    from ..metrics import evaluate_files   # here: it imports torch (`--help` stays fast)
+
     res = evaluate_files(pred, truth, truth_class_column)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in res.items()}

@@ -16,6 +16,7 @@ header (nz, statistics) is fixed up at close and the file is renamed into place 
 
 from __future__ import annotations
 
+import mmap as _mmap
 import os
 import threading
 from collections import OrderedDict
@@ -178,8 +179,6 @@ def release_pages(path: str | os.PathLike, indices, header: MRCHeader | None = N
     lost. Returns True when pages were released, False when the platform cannot (no
     ``MADV_DONTNEED``, an empty or non-mapped stack); never raises for that reason.
     """
-    import mmap as _mmap
-
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     adv = getattr(_mmap, "MADV_DONTNEED", None)
     if adv is None or len(idx) == 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -26,12 +27,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..utils import prefetch as prefetch_items
 from .cs import cs_to_relion, read_cs
 from .mrc import (MRCHeader, check_finite, open_stack, read_header, read_images,
                   release_pages)
 from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
 
-__all__ = ["ParticleSet", "load_particles", "read_particle_table"]
+__all__ = ["ParticleSet", "load_particles", "read_particle_table", "particle_keys", "nth_keys",
+           "particle_block"]
 
 log = logging.getLogger("cryolatent")
 
@@ -117,8 +120,10 @@ class ParticleSet:
                     self.apix_per_particle
         return out
 
-    def ctf(self):
-        """:class:`cryolatent.ctf.CTFParams` of (N,) arrays, or None without rlnDefocusU."""
+    def ctf_params(self):
+        """The particles' CTF parameters: :class:`cryolatent.ctf.CTFParams` of (N,) arrays,
+        or None without rlnDefocusU. (The CTF images are
+        :func:`cryolatent.ctf.compute_ctf` of these.)"""
         if "rlnDefocusU" not in self.table.columns:
             return None
         from ..ctf import CTFParams  # lazy: ctf pulls in torch
@@ -146,6 +151,12 @@ class ParticleSet:
                          cs=col("rlnSphericalAberration", required=True),
                          amplitude_contrast=col("rlnAmplitudeContrast", 0.1),
                          phase_shift=col("rlnPhaseShift", 0.0))
+
+    def ctf(self):
+        """Deprecated name of :meth:`ctf_params` (it returns parameters, not CTF images)."""
+        warnings.warn("ParticleSet.ctf() is deprecated: use ctf_params()", DeprecationWarning,
+                      stacklevel=2)
+        return self.ctf_params()
 
     # ------------------------------------------------------------------------------- images
     def _as_indices(self, idx) -> tuple[np.ndarray, bool]:
@@ -233,16 +244,17 @@ class ParticleSet:
             release_pages(self.stack_paths[int(s)], self.image_index[ii[st == s]],
                           self._headers[int(s)])
 
-    def iter_batches(self, batch_size: int, indices=None,
-                     check: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(self, batch_size: int, indices=None, check: bool = True,
+                     prefetch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(indices (n,), images (n, box, box) float32)`` in order, n <= batch_size.
 
-        ``check`` as in :meth:`images`."""
+        ``check`` as in :meth:`images`. ``prefetch``: read that many batches ahead in a
+        background thread (:func:`cryolatent.utils.prefetch`; 0: read each when asked)."""
         ii = np.arange(len(self)) if indices is None else self._as_indices(indices)[0]
         bs = max(1, int(batch_size))
-        for s in range(0, len(ii), bs):
-            sel = ii[s:s + bs]
-            yield sel, self._read(sel, check)
+        batches = ((ii[s:s + bs], self._read(ii[s:s + bs], check))
+                   for s in range(0, len(ii), bs))
+        return prefetch_items(batches, prefetch) if prefetch > 0 else batches
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -287,13 +299,27 @@ def _check_numeric(df: pd.DataFrame, source, what: str, extra=()) -> None:
                              f"has {df[c].iloc[j]!r}")
 
 
+def particle_block(blocks: dict[str, pd.DataFrame], path) -> tuple[str, pd.DataFrame]:
+    """``(name, table)`` of the particle table among a STAR file's blocks
+    (:func:`cryolatent.io.read_star`'s dict), the one rule of every reader: ``data_particles``
+    (RELION 3.1), else ``data_images`` or ``data_`` (older writers, RELION 3.0), else the
+    first other block with ``rlnImageName``; a block without columns does not count.
+    InputError naming ``path`` when there is none."""
+    for name in ("particles", "images", ""):
+        if name in blocks and len(blocks[name].columns):
+            return name, blocks[name]
+    for name, df in blocks.items():
+        if name != "optics" and "rlnImageName" in df.columns:
+            return name, df
+    raise InputError(f"{path}: no particle table (no data_particles block)")
+
+
 def read_particle_table(path: str | os.PathLike, numeric=(), allow_empty: bool = False,
                         unique: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """``(particles, optics)`` of a particle STAR without opening any image stack.
 
     For commands that need only the metadata (select, evaluate, plot, classes): the particle
-    table is ``data_particles`` (else ``data_images``, ``data_``, or the first block with
-    rlnImageName); ``optics`` is ``data_optics`` or None (RELION 3.0). Checked, each with an
+    table is :func:`particle_block`'s; ``optics`` is ``data_optics`` or None (RELION 3.0). Checked, each with an
     :class:`InputError` naming the file and the particle/column: a missing file, no particle
     table, zero rows (unless ``allow_empty``), a non-number in a numeric column (RELION's
     numeric labels, ``cryolatentZ*`` and the labels in ``numeric``). With ``unique``,
@@ -305,18 +331,7 @@ def read_particle_table(path: str | os.PathLike, numeric=(), allow_empty: bool =
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     blocks = read_star(path)
-    table = None
-    for name in ("particles", "images", ""):
-        if name in blocks and len(blocks[name].columns):
-            table, key = blocks[name], name
-            break
-    if table is None:
-        for name, df in blocks.items():
-            if name != "optics" and "rlnImageName" in df.columns:
-                table, key = df, name
-                break
-    if table is None:
-        raise InputError(f"{path}: no particle table (no data_particles block)")
+    key, table = particle_block(blocks, path)
     if len(table) == 0 and not allow_empty:
         raise InputError(f"{path}: data_{key} has no particles (empty loop)")
     table = table.reset_index(drop=True)
@@ -432,6 +447,39 @@ def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_
     return paths, headers, code, idx0
 
 
+# ------------------------------------------------------------------------- particle names
+def particle_keys(names) -> np.ndarray:
+    """(N,) str keys under which particle names from different files compare: the image
+    index without its zero padding, the stack's file name without its folders.
+
+    ``000012@Particles/stack.mrcs``, `` 12@/abs/Particles/stack.mrcs`` and
+    ``12@C:\\data\\stack.mrcs`` all give ``12@stack.mrcs``; a name without ``@`` is image 1
+    of a single-image file (``img.mrc`` -> ``1@img.mrc``); an index that is not a number is
+    kept as written. The one rule of every command that pairs particles of two files by name
+    (``embed``'s calibration, ``classes --particles``, ``evaluate``): exact names first,
+    these keys when the folders differ.
+    """
+    s = pd.Series(np.asarray(names, dtype=object).reshape(-1), dtype=object).astype(str)
+    if len(s) == 0:
+        return np.empty(0, dtype=object)
+    parts = s.str.strip().str.partition("@")
+    has_at = parts[1] == "@"
+    idx = parts[0].where(has_at, "1").str.strip()
+    idx = idx.where(~idx.str.fullmatch(r"\d+"), idx.str.replace(r"^0+(?=\d)", "", regex=True))
+    path = parts[2].where(has_at, parts[0])
+    base = path.str.replace("\\", "/", regex=False).str.rsplit("/", n=1).str[-1]
+    return (idx + "@" + base).to_numpy(dtype=object)
+
+
+def nth_keys(keys) -> np.ndarray:
+    """(N,) unique keys ``key\\x00k`` for the k-th occurrence (0-based) of each key: a
+    repeated name (a joined or re-extracted set) pairs its k-th row in one file with its
+    k-th row in the other, i.e. by position; unique names keep their meaning."""
+    s = pd.Series(np.asarray(keys, dtype=object).reshape(-1), dtype=object).astype(str)
+    k = s.groupby(s.to_numpy(), sort=False).cumcount().astype(str)
+    return (s + "\x00" + k).to_numpy(dtype=object)
+
+
 def duplicate_names(names) -> tuple[int, tuple[str, int, int] | None]:
     """(count, first pair): how many rows repeat an earlier row's name, and the first
     repeated name with its first two rows (0-based), or (0, None)."""
@@ -509,14 +557,7 @@ def load_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = 
 def _load_star(path: Path, datadir, apix) -> ParticleSet:
     blocks = read_star(path)
     optics = blocks.get("optics")
-    if "particles" in blocks:
-        key = "particles"
-    else:
-        cand = [k for k, v in blocks.items() if k != "optics" and "rlnImageName" in v.columns]
-        if not cand:
-            raise InputError(f"{path}: no particle table (no data block with rlnImageName)")
-        key = cand[0]
-    table = blocks[key]
+    key, table = particle_block(blocks, path)
     if "rlnImageName" not in table.columns:
         raise InputError(f"{path}: data_{key} has no rlnImageName column")
     if len(table) == 0:

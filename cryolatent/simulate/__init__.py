@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from ..io import MRCStackWriter, write_star
+from ..utils import progress, relion_path
 from ..utils import resolve_device  # noqa: F401  (used by mnist.py / cryoem.py)
 
 log = logging.getLogger("cryolatent")
@@ -62,15 +64,10 @@ def write_particle_set(outdir: str | os.PathLike, chunks: Iterable[np.ndarray],
     so an interrupted run never leaves a STAR pointing at a partial stack.
     Returns the STAR path.
     """
-    from ..io import MRCStackWriter, write_star
-    from ..utils import progress
-
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(table)
     table = table.copy()
-    from ..utils import relion_path
-
     # relative to the current directory (RELION's project directory) when the stack lies
     # below it, else absolute
     table.insert(0, "rlnImageName", image_names(n, relion_path(out / STACK_NAME)))

@@ -40,10 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import gemmi
 import numpy as np
 import pandas as pd
+import torch
 
+from ..ctf import CTFParams, compute_ctf
 from ..errors import CryolatentError, InputError
+from ..pose import wrap_deg_180
+from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
+               rng_streams, write_particle_set)
 
 log = logging.getLogger("cryolatent")
 
@@ -70,8 +76,6 @@ class Structure:
 def load_structure(path: str | os.PathLike) -> Structure:
     """Read a PDB / mmCIF file with gemmi: first model, no waters, no hydrogens, centred on
     the mass-weighted centre; weights = atomic numbers."""
-    import gemmi
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: structure file not found")
@@ -144,8 +148,6 @@ def render_projections(coords: np.ndarray, weights: np.ndarray, rot, tilt, psi, 
     c = box//2, (x_a, y_a) = (A r_a)[:2] / apix - t, s = blur / apix, evaluated exactly at
     the pixel centres within TRUNCATE·s pixels of each atom (per axis) and scattered.
     """
-    import torch
-
     A = euler_matrix(rot, tilt, psi)                        # (B, 3, 3)
     t = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
     B = A.shape[0]
@@ -180,10 +182,6 @@ def apply_ctf(images, ctf_params, apix: float, pad: int = 2):
     images: (B, D, D) torch; ctf_params: CTFParams of B particles. Returns (B, D, D).
     The rotation centre (D//2) stays at the padded canvas's centre (P//2).
     """
-    import torch
-
-    from ..ctf import compute_ctf
-
     B, D, _ = images.shape
     P = pad * D
     off = P // 2 - D // 2
@@ -231,13 +229,6 @@ def simulate_cryoem(outdir: str | os.PathLike,
     rlnClassNumber, [cryolatentViewNumber], [rlnDefocusU, rlnDefocusV, rlnDefocusAngle,
     rlnPhaseShift].
     """
-    import torch
-
-    from ..ctf import CTFParams
-    from ..pose import wrap_deg_180
-    from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
-                   rng_streams, write_particle_set)
-
     if n < 1:
         raise CryolatentError(f"--n must be positive, got {n}")
     if box < 8:

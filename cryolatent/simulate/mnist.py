@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..errors import CryolatentError, InputError
+from ..pose import transform_to_particle, wrap_deg_180
+from . import chunk_slices, resolve_device, rng_streams, write_particle_set
 
 log = logging.getLogger("cryolatent")
 
@@ -86,8 +89,6 @@ def mnist_poses(n: int, variant: str, seed: int, shift_sd: float = 5.0,
     """psi (n,) degrees and shifts (n, 2) px: U(0, 360) (variant 'u') or N(0, 45²) degrees
     (= N(0, π²/16) rad, variant 'n'); shifts N(0, shift_sd²) per axis (0 when centered).
     One random stream per quantity, so the first m of n particles do not depend on n."""
-    from . import rng_streams
-
     r_psi, r_t = rng_streams(seed, 2)
     if variant == "u":
         psi = r_psi.uniform(0.0, 360.0, n)
@@ -113,11 +114,6 @@ def simulate_mnist(outdir: str | os.PathLike, variant: str = "u", n: int | None 
     the box, first chunk) / snr; values are clipped to [0, 1] before noise, not after.
     Returns the path of ``particles.star``.
     """
-    import torch
-
-    from ..pose import transform_to_particle, wrap_deg_180
-    from . import chunk_slices, resolve_device, write_particle_set
-
     digits, labels = load_mnist(mnist, split)
     if n is not None:
         if n < 1:
