@@ -12,7 +12,8 @@ from cryolatent.metrics import evaluate_files
 from cryolatent.preprocess import preprocess
 from cryolatent.simulate.cryoem import simulate_cryoem
 from cryolatent.simulate.synthetic import hinge_pair
-from cryolatent.train import load_run, train
+from cryolatent.run import load_run
+from cryolatent.train import train
 
 out = Path("example_out")
 

@@ -350,3 +350,20 @@ def test_real_tiny_models_denoised_and_traversal(model_name):
     assert tr.images.shape == (2, 4, 16, 16) and np.isfinite(tr.images).all()
     for a in range(2):
         assert np.abs(tr.images[a, -1] - tr.images[a, 0]).max() > 1e-6
+
+
+def test_denoised_pixel_size_from_the_recorded_preprocessing(tmp_path):
+    """The generator's pixel size is the run's recorded field of view (box × apix of the
+    training images) over the output size; a run that recorded none gets the old guess
+    (the embed input's optics table, else the averaged set)."""
+    from types import SimpleNamespace
+
+    from cryolatent.analysis.class_averages import _model_apix
+    from cryolatent.config import TrainConfig
+
+    ps = SimpleNamespace(box=64, apix=1.5)
+    optics = pd.DataFrame({"rlnImageSize": [32], "rlnImagePixelSize": [2.5]})
+    cfg = TrainConfig(preprocessing={"box": 32, "apix": 3.0, "original_box": 64})
+    assert _model_apix(tmp_path, cfg, optics, ps, 16) == pytest.approx(32 * 3.0 / 16)
+    assert _model_apix(tmp_path, TrainConfig(), optics, ps, 16) == pytest.approx(32 * 2.5 / 16)
+    assert _model_apix(tmp_path, None, None, ps, 16) == pytest.approx(64 * 1.5 / 16)
