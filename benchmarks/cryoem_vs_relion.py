@@ -292,6 +292,44 @@ def run_cryolatent(setdir: Path, threads: int, redo: bool, train_args: list[str]
     return res
 
 
+def run_refine(setdir: Path, threads: int, redo: bool, start: str = "model") -> dict:
+    """``cryolatent refine`` (2D alignment EM, default options) started from the model's
+    classes and poses (``start="model"``: embed's output, SET/cryolatent/refine), or — the
+    control that says what the model's start is worth — from random classes with zero poses
+    (``start="random"``, SET/cryolatent/refine_random). Timed (CPU of the refine command only;
+    the model's start also costs preprocess+train+embed). Cached."""
+    out = setdir / "cryolatent" / ("refine" if start == "model" else "refine_random")
+    done = out / "done.json"
+    if done.exists() and not redo:
+        res = json.loads(done.read_text())
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if start == "model":
+            src = setdir / "cryolatent" / "embedded.star"
+        else:
+            from cryolatent.io import read_star, write_star
+
+            blocks = read_star(setdir / "particles.star")
+            p = blocks["particles"].copy()
+            p["rlnClassNumber"] = np.random.default_rng(0).integers(1, 7, len(p))
+            p["rlnAnglePsi"] = 0.0
+            p["rlnOriginXAngst"] = 0.0
+            p["rlnOriginYAngst"] = 0.0
+            src = write_star(out / "random_start.star", p, blocks["optics"])
+        w, c = _timed([CLI, "refine", str(src), "-o", str(out / "refined.star"), "--datadir",
+                       str(setdir), "-j", str(threads)], out / "commands.log")
+        info = json.loads((out / "refined_refine.json").read_text())
+        res = {"start": start, "wall_s": round(w, 1), "cpu_s": round(c, 1),
+               "threads": threads, "rounds": info["iterations_run"],
+               "search_box": info["search_box"], "history": info["history"],
+               "refined": str(out / "refined.star"),
+               "classes_mrcs": str(out / "refined_classes.mrcs")}
+        done.write_text(json.dumps(res, indent=2) + "\n")
+    res["metrics"] = score(Path(res["refined"]), setdir / "truth.star", centre=False)
+    return res
+
+
 def gallery(setdir: Path, out_png: Path) -> None:
     """RELION's class averages (top) beside cryolatent's aligned averages and generator
     images (below), each tool's classes in its own order, with class sizes."""
@@ -328,6 +366,14 @@ def gallery(setdir: Path, out_png: Path) -> None:
             if st.exists():
                 imgs = read_images(st, np.arange(read_header(st).nz), read_header(st))
                 rows.append((label, imgs, [int((d == k + 1).sum()) for k in range(len(imgs))]))
+    ref = setdir / "cryolatent" / "refine" / "done.json"
+    if ref.exists():
+        r = json.loads(ref.read_text())
+        st = Path(r["classes_mrcs"])
+        imgs = read_images(st, np.arange(read_header(st).nz), read_header(st))
+        d = read_star(r["refined"])["particles"]["rlnClassNumber"].astype(int)
+        rows.append(("cryolatent model + refine", imgs,
+                     [int((d == k + 1).sum()) for k in range(len(imgs))]))
     if not rows:
         return
     k = max(len(r[1]) for r in rows)
@@ -359,7 +405,12 @@ def main(argv=None) -> dict:
                          "SET/relion (still going or stopped) with its CPU time so far")
     ap.add_argument("--only", choices=["data", "relion"], default=None,
                     help="stop after this step (e.g. start RELION early)")
-    ap.add_argument("--redo", nargs="*", default=[], choices=["relion", "cryolatent"])
+    ap.add_argument("--redo", nargs="*", default=[], choices=["relion", "cryolatent", "refine"])
+    ap.add_argument("--no-refine", action="store_true",
+                    help="stop cryolatent after embed (the model's answer alone)")
+    ap.add_argument("--refine-control", action="store_true",
+                    help="also run refine from random classes and zero poses: what the "
+                         "model's start is worth")
     ap.add_argument("--train-args", default="",
                     help="extra options for cryolatent train (default none: its defaults)")
     a = ap.parse_args(argv)
@@ -383,6 +434,13 @@ def main(argv=None) -> dict:
         r["cryolatent"] = run_cryolatent(setdir, a.threads, "cryolatent" in a.redo,
                                          a.train_args.split())
         print("cryolatent", json.dumps(r["cryolatent"]["metrics"]), flush=True)
+        if not a.no_refine:
+            r["refine"] = run_refine(setdir, a.threads, "refine" in a.redo, "model")
+            print("cryolatent + refine", json.dumps(r["refine"]["metrics"]), flush=True)
+        if a.refine_control:
+            r["refine_random"] = run_refine(setdir, a.threads, "refine" in a.redo, "random")
+            print("refine from random classes", json.dumps(r["refine_random"]["metrics"]),
+                  flush=True)
         gallery(setdir, a.outdir / f"gallery_{name}.png")
     (a.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
@@ -402,20 +460,31 @@ def table(results: dict) -> str:
     lines = []
     for name, r in results["sets"].items():
         c, rl = r.get("cryolatent"), r.get("relion")
+        rf, rr = r.get("refine"), r.get("refine_random")
         lines += [f"set {name} ({', '.join(r['data']['structures'])})", "",
-                  "| metric | cryolatent | RELION 3.1 Class2D |", "|---|---|---|"]
+                  "| metric | cryolatent model (train+embed) | model + refine | "
+                  "refine from random classes (control) | RELION 3.1 Class2D |",
+                  "|---|---|---|---|---|"]
         for m in METRICS:
             lines.append(f"| {m} | {f(c and c['metrics'].get(m))} | "
+                         f"{f(rf and rf['metrics'].get(m))} | "
+                         f"{f(rr and rr['metrics'].get(m))} | "
                          f"{f(rl and rl['metrics'].get(m))} |")
         if rl and rl.get("partial"):
             rcpu = (f"{f(rl['cpu_s_now'], 1)} so far (iteration {rl['iteration']} of 25 scored;"
                     " unfinished)")
         else:
             rcpu = f(rl and rl.get("cpu_s"), 1)
-        lines.append(f"| CPU s (preprocess+train+embed / relion_refine) | "
-                     f"{f(c and c['cpu_s'], 1)} | {rcpu} |")
+        both = c and rf and c["cpu_s"] + rf["cpu_s"]
+        lines.append(f"| CPU s (preprocess+train+embed / + refine / refine / relion_refine) | "
+                     f"{f(c and c['cpu_s'], 1)} | {f(both, 1)} | {f(rr and rr['cpu_s'], 1)} | "
+                     f"{rcpu} |")
         lines.append(f"| wall s | {f(c and c['wall_s'], 1)} | "
-                     f"{f(rl and rl.get('wall_s'), 1)} |")
+                     f"{f(c and rf and c['wall_s'] + rf['wall_s'], 1)} | "
+                     f"{f(rr and rr['wall_s'], 1)} | {f(rl and rl.get('wall_s'), 1)} |")
+        if rf:
+            lines.append(f"| refine rounds (search box px) | | {rf['rounds']} "
+                         f"({rf['search_box']}) | {rr and rr['rounds']} | |")
         if c:
             lines.append(f"| epochs run (convergence or the --epochs cap) | {c['epochs']} | |")
         lines.append("")

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("embed", "Infer pose, shift, latent and class of every particle; write STAR/.cs."),
     "evaluate": ("evaluate", "Compare predicted poses/classes with the ground truth (JSON)."),
     "plot": ("plot", "Latent-space maps (UMAP/PCA) and pose histograms."),
+    "refine": ("refine", "Refine embed's classes and poses by 2D alignment to class averages."),
     "classes": ("classes", "Aligned and denoised class averages."),
     "select": ("select", "Keep (or drop) the particles of chosen classes."),
     "demo": ("demo", "The whole chain on a small built-in example (CPU, minutes)."),
