@@ -1,23 +1,36 @@
 """The typed training configuration, saved as ``RUNDIR/config.json`` and inside checkpoints.
 
-One flat dataclass holds every option of ``cryolatent train`` (common ones, then each model's),
-so the CLI, ``config.json`` and checkpoints share one definition. Only plain types (str, int,
-float, bool, None, lists) appear, so checkpoints load with ``torch.load(weights_only=True)``.
+One class per model holds that model's options, with their defaults and choices
+(:class:`TargetVAEConfig`, :class:`IRLINRConfig`; the models are built as ``Model(box, cfg)``);
+:class:`TrainConfig` adds the options every run shares (data, optimisation, stopping) and
+inherits both models' fields, so that ``config.json`` stays one flat table (an old run
+folder's loads as it is: :meth:`TrainConfig.from_dict` maps the renamed options) and every
+option stays ``cfg.name``. The CLI's options are checked against these classes
+(``tests/test_config.py``). Only plain types (str, int, float, bool, None, lists) appear, so
+checkpoints load with ``torch.load(weights_only=True)``.
+
+Renamed options (the old names still work in the CLI, in ``TrainConfig(...)``, as model
+keywords and in old ``config.json`` files): ``fourier_features`` (one count for both models)
+is now ``gen_fourier_features`` (TARGET-VAE's generator) and ``inr_fourier_features``
+(IRL-INR's INR); ``fourier_sigma`` (IRL-INR's, in cycles per half box) is
+``inr_fourier_sigma``; ``gen_fourier_sigma`` (TARGET-VAE's, cycles per pixel) is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from .errors import CryolatentError
 
 
 #: model sizes of the papers (TARGET-VAE encoder filters, generator width, Fourier features)
-PAPER_SIZES = {"enc_channels": 128, "gen_width": 512, "fourier_features": 256}
+PAPER_SIZES = {"enc_channels": 128, "gen_width": 512, "gen_fourier_features": 256}
 #: optimiser settings per model (the papers'), where not given
 MODEL_OPTIM = {"target-vae": {"lr": 2e-4, "batch_size": 100, "weight_decay": 0.0},
                "irl-inr": {"lr": 1e-4, "batch_size": 128, "weight_decay": 5e-4}}
@@ -29,16 +42,112 @@ CRYO_TARGET_VAE = {"z_dim": 8, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.0
                    "kl_warmup": 5.0, "kl_free_bits": 0.0}
 #: TARGET-VAE sizes chosen on the CPU when left to "auto" (benchmarks/README.md: cryo-EM
 #: benchmark against RELION)
-CPU_SIZES = {"enc_channels": 64, "gen_width": 128, "fourier_features": 64}
+CPU_SIZES = {"enc_channels": 64, "gen_width": 128, "gen_fourier_features": 64}
+
+
+class _ModelConfig:
+    """What both model configurations share: building one from another configuration (a
+    :class:`TrainConfig`) and keyword options, old option names included."""
+
+    #: old option name -> this model's field
+    ALIASES: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def of(cls, cfg=None, **options):
+        """This model's configuration: the fields of ``cfg`` (any object that has them, e.g.
+        a :class:`TrainConfig`; None: the defaults), then ``options`` (field names or
+        :attr:`ALIASES`). An unknown option raises TypeError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        vals = {n: getattr(cfg, n) for n in names if cfg is not None and hasattr(cfg, n)}
+        for k, v in options.items():
+            k = cls.ALIASES.get(k, k)
+            if k not in names:
+                raise TypeError(f"{cls.__name__}: unknown option {k!r}")
+            vals[k] = v
+        return cls(**vals)
 
 
 @dataclass
-class TrainConfig:
+class TargetVAEConfig(_ModelConfig):
+    """TARGET-VAE's options (:class:`cryolatent.models.target_vae.TargetVAE`). ``None``: chosen
+    from the data and the device by :meth:`TrainConfig.resolve_defaults`; a model built from
+    a configuration that was not resolved takes the paper's values."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"fourier_features": "gen_fourier_features",
+                                         "fourier_sigma": "gen_fourier_sigma"}
+
+    z_dim: int | None = None          # latent dimension (None: 2, the papers' MNIST setting;
+                                      #   TARGET-VAE on cryo-EM sets 8)
+    ctf: bool | None = None           # put each particle's CTF in the likelihood (None: on when
+                                      #   the particle set has CTF parameters)
+    likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto"
+    mask: bool | None = None          # likelihood only inside the circle of diameter box
+                                      #   (None: on for cryo-EM sets, off otherwise)
+    rotations: Literal[4, 8, 16] = 8  # P_r group
+    enc_channels: int | None = None   # kernels of the group convolution (None: 128, the
+                                      #   paper's, on a GPU; 64 on the CPU)
+    kernel: int | None = None         # group-conv kernel size (None: derived from the box)
+    enc_layers: int = 3               # 1x1 group convolutions after the first layer
+    gen_width: int | None = None      # generator width (None: 512 on a GPU, 128 on the CPU)
+    gen_layers: int = 2
+    gen_fourier_features: int | None = None  # random Fourier features of the generator's
+                                      #   coordinates (None: 256, the paper's; 64 on the CPU)
+    gen_fourier_sigma: float = 0.05   # their sd, cycles/pixel
+    rotation_prior: Literal["uniform", "normal"] = "uniform"
+    rotation_prior_sd: float = 45.0   # degrees, for rotation_prior == "normal"
+    translation_prior: float | None = None  # sigma_t of p(t), px of the training images
+                                      #   (None: cryo-EM sets T/2, other sets 5 px)
+    translation_range: int | None = None  # |t| px covered by the translation grid (None:
+                                      #   cryo-EM sets round(0.15 box); other sets
+                                      #   min(box//2, ceil(4 * translation_prior)))
+    learn_sigma: bool = False         # Gaussian likelihood: learned per-pixel scale
+    gumbel_tau: float | None = None   # Gumbel-softmax temperature over (t, r) (None: 1, the
+                                      #   paper's; cryo-EM sets 0.5)
+    kl_warmup: float | None = None    # epochs over which the weight of KL_z rises 0 -> 1
+                                      #   (None: 0, cryo-EM sets 5)
+    kl_free_bits: float | None = None # nats per latent dimension below which its KL is not
+                                      #   penalised in training (None: 0, off)
+    subpixel: bool = False            # sub-pixel offset within each translation cell
+    recentre: bool = True             # report poses about the generated object's centre of mass
+
+
+@dataclass
+class IRLINRConfig(_ModelConfig):
+    """IRL-INR's options (:class:`cryolatent.models.irl_inr.IRLINR`)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"fourier_features": "inr_fourier_features",
+                                         "fourier_sigma": "inr_fourier_sigma"}
+
+    z_dim: int | None = None          # latent dimension (None: 2)
+    ctf: bool | None = None           # apply each particle's CTF to the rendering (None: on
+                                      #   when the particle set has CTF parameters)
+    enc_width: int = 64               # ResNet-18 base width
+    hyper_width: int = 256
+    hyper_layers: int = 3
+    inr_width: int = 256
+    inr_layers: int = 3
+    inr_fourier_features: int = 256   # random Fourier features of the INR's coordinates
+    inr_fourier_sigma: float = 2.0    # their sd, cycles per half box
+    lambda_recon: float = 1.0
+    lambda_consistency: float = 1.0
+    lambda_symmetry: float = 15.0
+    consistency_loss: Literal["mse", "cosine"] = "mse"   # "mse" (paper, sec. 4.2) | "cosine"
+    rotation_rule: Literal["moments", "com"] = "moments"  # "moments" (ours) | "com" (paper)
+
+
+#: ``--model`` name -> its configuration class
+MODEL_CONFIGS: dict[str, type] = {"target-vae": TargetVAEConfig, "irl-inr": IRLINRConfig}
+
+
+@dataclass
+class RunConfig:
+    """The options every run shares, whatever the model."""
+
     # --- data and run -----------------------------------------------------------------
     input: str = ""                   # particle set (.star / .cs / .mrcs)
     outdir: str = ""                  # run folder
     datadir: str | None = None        # where relative stack paths are looked up
-    model: str = "target-vae"         # "target-vae" | "irl-inr"
+    model: Literal["target-vae", "irl-inr"] = "target-vae"
     seed: int = 0
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:N"
     command: str = ""                 # the command line that made the run
@@ -46,7 +155,7 @@ class TrainConfig:
                                       #   the original particles (written by train:
                                       #   cryolatent.preprocess.Preprocessing.to_dict())
 
-    # --- optimisation (shared) ----------------------------------------------------------
+    # --- optimisation -------------------------------------------------------------------
     epochs: int = 100
     batch_size: int | None = None     # None: the model's (MODEL_OPTIM), or CRYO_TARGET_VAE
     lr: float | None = None           # None: as batch_size
@@ -55,66 +164,63 @@ class TrainConfig:
     lr_patience: int = 10             # ReduceLROnPlateau: epochs without improvement
     lr_factor: float = 0.5
     early_stop: int = 20              # stop after this many epochs without improvement (0: never)
-    kl_warmup: float | None = None    # epochs over which the weight of KL_z rises 0 -> 1
-                                      #   (TARGET-VAE; None: 0, cryo-EM sets 5)
-    kl_free_bits: float | None = None # TARGET-VAE: nats per latent dimension below which its
-                                      #   KL is not penalised in training (None: 0, off)
     converge_window: int = 5          # convergence: stop when, over this many epochs, the best
     converge_tol: float = 0.01        #   validation loss fell by less than converge_tol x its
                                       #   whole fall since epoch 1 (0: never; --epochs caps)
-    amp: str = "auto"                 # "auto" (bf16 on CUDA and AMX/AVX512-BF16 CPUs) | "bf16" | "off"
+    amp: Literal["auto", "bf16", "off"] = "auto"  # "auto": bf16 on CUDA and AMX/AVX512-BF16 CPUs
     compile: bool = False             # torch.compile the model's loss
     num_workers: int = 2              # data-loading worker processes (out-of-core sets)
-    z_dim: int | None = None          # latent dimension (None: 2, the papers' MNIST setting;
-                                      #   TARGET-VAE on cryo-EM sets 8)
-    ctf: bool | None = None           # put each particle's CTF in the likelihood (None: on when
-                                      #   the particle set has CTF parameters)
     threads: int | None = None        # CPU threads (None: leave the process's setting; the
                                       #   CLI passes -j, default the cores it may use)
 
-    # --- TARGET-VAE ---------------------------------------------------------------------
-    rotations: int = 8                # P_r group: 4, 8 or 16
-    enc_channels: int | None = None   # kernels of the group convolution (None: 128, the
-                                      #   paper's, on a GPU; 64 on the CPU)
-    kernel: int | None = None         # group-conv kernel size (None: derived from the box)
-    enc_layers: int = 3               # 1x1 group convolutions after the first layer
-    gen_width: int | None = None      # generator width (None: 512 on a GPU, 128 on the CPU)
-    gen_layers: int = 2
-    rotation_prior: str = "uniform"   # "uniform" | "normal"
-    rotation_prior_sd: float = 45.0   # degrees, for rotation_prior == "normal"
-    translation_prior: float | None = None  # sigma_t of p(t), px of the training images
-                                      #   (None: cryo-EM sets T/2, other sets 5 px)
-    likelihood: str = "auto"          # "auto" | "bernoulli" | "gaussian"
-    learn_sigma: bool = False         # Gaussian likelihood: learned per-pixel scale
-    mask: bool | None = None          # likelihood only inside the circle of diameter box
-                                      #   (None: on for cryo-EM sets, off otherwise)
-    translation_range: int | None = None  # |t| px covered by the translation grid (None:
-                                      #   cryo-EM sets round(0.1 box), RELION's default
-                                      #   offset search of 5 px at a 50-px box; other sets
-                                      #   min(box//2, ceil(4 * translation_prior)))
-    gen_fourier_sigma: float = 0.05   # TARGET-VAE generator Fourier features, cycles/pixel
-                                      #   (count: fourier_features)
-    gumbel_tau: float | None = None   # Gumbel-softmax temperature over (t, r) (None: 1, the
-                                      #   paper's; cryo-EM sets 0.5)
-    subpixel: bool = False            # TARGET-VAE sub-pixel offset within each translation cell
-    recentre: bool = True             # report poses about the generated object's centre of mass
-
-    # --- IRL-INR ------------------------------------------------------------------------
-    enc_width: int = 64               # ResNet-18 base width
-    hyper_width: int = 256
-    hyper_layers: int = 3
-    inr_width: int = 256
-    inr_layers: int = 3
-    fourier_features: int | None = None  # random Fourier features of the coordinates (None:
-                                      #   256, the papers'; TARGET-VAE on the CPU: 64)
-    fourier_sigma: float = 2.0
-    lambda_recon: float = 1.0
-    lambda_consistency: float = 1.0
-    lambda_symmetry: float = 15.0
-    consistency_loss: str = "mse"     # "mse" (paper, sec. 4.2) | "cosine" (paper, with SCAN)
-    rotation_rule: str = "moments"    # "moments" (ours, defined for centred particles) | "com" (paper)
-
     extra: dict[str, Any] = field(default_factory=dict)  # forward-compatible free options
+
+
+def literal_choices(cls: type, name: str) -> tuple | None:
+    """The allowed values of field ``name`` of the dataclass ``cls`` when its type is a
+    ``Literal`` (possibly ``| None``), else None."""
+    hint = _hints(cls).get(name)
+    for t in (hint, *typing.get_args(hint)):
+        if typing.get_origin(t) is Literal:
+            return typing.get_args(t)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+@dataclass
+class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
+    """Every option of ``cryolatent train``: :class:`RunConfig`'s, then each model's
+    (:class:`TargetVAEConfig`, :class:`IRLINRConfig`; :meth:`model_config` is the running
+    model's). ``fourier_features`` / ``fourier_sigma`` are the old names (module docstring):
+    setting ``fourier_features`` sets both models' counts, reading it gives the model's."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"fourier_sigma": "inr_fourier_sigma"}
+
+    @property
+    def fourier_features(self) -> int | None:
+        return self.inr_fourier_features if self.model == "irl-inr" else self.gen_fourier_features
+
+    @fourier_features.setter
+    def fourier_features(self, value: int | None) -> None:
+        self.gen_fourier_features = value
+        if value is not None:
+            self.inr_fourier_features = value
+
+    @property
+    def fourier_sigma(self) -> float:
+        return self.inr_fourier_sigma
+
+    @fourier_sigma.setter
+    def fourier_sigma(self, value: float) -> None:
+        self.inr_fourier_sigma = value
+
+    def model_config(self):
+        """The running model's configuration (:data:`MODEL_CONFIGS`), a copy."""
+        return MODEL_CONFIGS[self.model].of(self)
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -127,7 +233,7 @@ class TrainConfig:
             raise CryolatentError(f"--rotations {self.rotations}: must be 4, 8 or 16")
         for name in ("epochs", "batch_size", "z_dim", "enc_channels", "gen_width",
                      "gen_layers", "enc_width", "hyper_width", "inr_width",
-                     "fourier_features"):
+                     "gen_fourier_features", "inr_fourier_features"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CryolatentError(f"--{name.replace('_', '-')} must be >= 1")
         if not (0.0 <= self.val_fraction < 1.0):
@@ -143,14 +249,12 @@ class TrainConfig:
             raise CryolatentError("--lr must be > 0")
         if self.kernel is not None and self.kernel < 1:
             raise CryolatentError("--kernel must be >= 1")
-        choices = {"rotation_prior": ("uniform", "normal"), "amp": ("auto", "bf16", "off"),
-                   "likelihood": ("auto", "bernoulli", "gaussian"),
-                   "consistency_loss": ("cosine", "mse"), "rotation_rule": ("moments", "com")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for f in dataclasses.fields(self):      # the Literal choices of the classes
+            allowed = literal_choices(type(self), f.name)
+            if allowed is not None and getattr(self, f.name) not in allowed:
                 raise CryolatentError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose from "
-                    + ", ".join(allowed))
+                    f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: choose from "
+                    + ", ".join(map(str, allowed)))
         return self
 
     def resolve_defaults(self, box: int, has_ctf: bool, device_type: str = "cpu") -> list[str]:
@@ -166,10 +270,8 @@ class TrainConfig:
             if self.ctf:
                 notes.append("CTF in the likelihood: on (the set has CTF parameters)")
         sizes = PAPER_SIZES if device_type == "cuda" else CPU_SIZES
-        for name, value in sizes.items():
+        for name, value in sizes.items() if self.model == "target-vae" else ():
             if getattr(self, name) is None:
-                if self.model != "target-vae":
-                    value = PAPER_SIZES[name]
                 setattr(self, name, value)
                 notes.append(f"{name.replace('_', '-')} {value} ("
                              + ("the paper's" if value == PAPER_SIZES[name]
@@ -207,6 +309,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """From :meth:`to_dict`'s table, or an older one (renamed options, module docstring;
+        unknown keys go to ``extra``)."""
+        d = dict(d)
+        if "fourier_features" in d:      # one count for both models: the run's model's
+            v = d.pop("fourier_features")
+            if v is not None:
+                d.setdefault("inr_fourier_features" if d.get("model") == "irl-inr"
+                             else "gen_fourier_features", v)
+        if "fourier_sigma" in d:
+            d.setdefault("inr_fourier_sigma", d.pop("fourier_sigma"))
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -226,3 +338,22 @@ class TrainConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as e:
             raise CryolatentError(f"{path}: cannot read the run configuration ({e})")
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _train_config_init(self, *args, fourier_features=None, fourier_sigma=None, **kwargs):
+    # the old names as keywords (module docstring); the new ones win when both are given
+    _dataclass_init(self, *args, **kwargs)
+    if fourier_features is not None:
+        if "gen_fourier_features" not in kwargs:
+            self.gen_fourier_features = fourier_features
+        if "inr_fourier_features" not in kwargs:
+            self.inr_fourier_features = fourier_features
+    if fourier_sigma is not None and "inr_fourier_sigma" not in kwargs:
+        self.inr_fourier_sigma = fourier_sigma
+
+
+TrainConfig.__init__ = _train_config_init

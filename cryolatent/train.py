@@ -265,14 +265,15 @@ def _set_rng_state(st: dict, device: torch.device | None = None) -> None:
 
 
 def _merge_resume(cfg: TrainConfig, stored: dict) -> TrainConfig:
-    new = TrainConfig.from_dict(stored)
+    new = TrainConfig.from_dict(stored)     # an older checkpoint's names mapped
+    old = new.to_dict()
     for name in RESUMABLE:
         setattr(new, name, getattr(cfg, name))
     for k, v in cfg.to_dict().items():
         if k not in RESUMABLE and k not in ("extra", "preprocessing") \
-                and stored.get(k, v) != v:
+                and old.get(k, v) != v:
             log.warning("--resume: keeping %s=%r from the checkpoint (ignoring %r)",
-                        k, stored.get(k), v)
+                        k, old.get(k), v)
     return new
 
 

@@ -25,11 +25,16 @@ from .common import force_option, threads_option
 RUN_FILES = ("config.json", "log.csv", "run.log", "checkpoints", "summary.json")
 
 
-# (option, TrainConfig field, click type, help); booleans become --x/--no-x flags
+#: click type of an option whose choices are its TrainConfig field's ``Literal``
+CHOICE = "choice"
+
+# (option or (option, alias...), TrainConfig field, click type, help); booleans become
+# --x/--no-x flags. Defaults in [brackets] and choices are checked against the configuration
+# classes (cryolatent.config) by tests/test_config.py.
 _OPTIONS = [
-    ("--model", "model", click.Choice(["target-vae", "irl-inr"]),
+    ("--model", "model", CHOICE,
      "Model to train [target-vae]."),
-    ("--rotations", "rotations", click.Choice(["4", "8", "16"]),
+    ("--rotations", "rotations", CHOICE,
      "TARGET-VAE: discrete rotations of the P_r group convolution [8]."),
     ("--z-dim", "z_dim", int, "Latent dimension [2; TARGET-VAE on particle sets with CTF "
      "parameters 8]."),
@@ -58,7 +63,7 @@ _OPTIONS = [
     ("--converge-tol", "converge_tol", float,
      "Stop when the validation loss fell over the last --converge-window epochs by less than "
      "this share of its fall since epoch 1; 0 never (--epochs caps the run) [0.01]."),
-    ("--amp", "amp", click.Choice(["auto", "bf16", "off"]),
+    ("--amp", "amp", CHOICE,
      "Mixed precision: auto = bf16 autocast on CUDA and on CPUs with hardware bf16 (AMX, "
      "AVX512-BF16); off = float32 [auto]."),
     ("--compile", "compile", bool, "torch.compile the loss [off]."),
@@ -72,9 +77,12 @@ _OPTIONS = [
     ("--gen-width", "gen_width", int,
      "TARGET-VAE generator width [512 (the paper's) on a GPU, 128 on the CPU]."),
     ("--gen-layers", "gen_layers", int, "TARGET-VAE generator hidden layers [2]."),
+    ("--gen-fourier-features", "gen_fourier_features", int,
+     "TARGET-VAE random Fourier features of the generator's coordinates [256 (the paper's) "
+     "on a GPU, 64 on the CPU]."),
     ("--gen-fourier-sigma", "gen_fourier_sigma", float,
      "TARGET-VAE Fourier-feature sd, cycles/pixel [0.05]."),
-    ("--rotation-prior", "rotation_prior", click.Choice(["uniform", "normal"]),
+    ("--rotation-prior", "rotation_prior", CHOICE,
      "TARGET-VAE prior over the discrete rotations [uniform]."),
     ("--rotation-prior-sd", "rotation_prior_sd", float,
      "SD in degrees of the normal rotation prior [45]."),
@@ -84,9 +92,9 @@ _OPTIONS = [
      "half the translation range; others 5]."),
     ("--translation-range", "translation_range", int,
      "TARGET-VAE max |shift| on the grid, px of the training images (see "
-     "--translation-range-angst) [particle sets with CTF parameters: 0.1 x box, as RELION's "
-     "5-px offset range at a 50-px box; others min(box/2, 4 x prior SD)]."),
-    ("--likelihood", "likelihood", click.Choice(["auto", "bernoulli", "gaussian"]),
+     "--translation-range-angst) [particle sets with CTF parameters: 0.15 x box, at least 3; "
+     "others min(box/2, 4 x prior SD)]."),
+    ("--likelihood", "likelihood", CHOICE,
      "auto: Bernoulli for images in [0, 1], else Gaussian [auto]."),
     ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
     ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [on for "
@@ -102,16 +110,19 @@ _OPTIONS = [
     ("--hyper-layers", "hyper_layers", int, "IRL-INR hypernetwork layers [3]."),
     ("--inr-width", "inr_width", int, "IRL-INR implicit network width [256]."),
     ("--inr-layers", "inr_layers", int, "IRL-INR implicit network layers [3]."),
+    ("--inr-fourier-features", "inr_fourier_features", int,
+     "IRL-INR random Fourier features of the INR's coordinates [256]."),
+    (("--inr-fourier-sigma", "--fourier-sigma"), "inr_fourier_sigma", float,
+     "IRL-INR Fourier-feature SD, cycles per half box (--fourier-sigma: the old name) [2]."),
     ("--fourier-features", "fourier_features", int,
-     "Random Fourier features of the generator's coordinates [256 (the papers'); TARGET-VAE "
-     "on the CPU 64]."),
-    ("--fourier-sigma", "fourier_sigma", float, "IRL-INR Fourier-feature SD [2]."),
+     "Old name: sets --gen-fourier-features and --inr-fourier-features (those win when "
+     "given too) [the model's]."),
     ("--lambda-recon", "lambda_recon", float, "IRL-INR reconstruction weight [1]."),
     ("--lambda-consistency", "lambda_consistency", float, "IRL-INR consistency weight [1]."),
     ("--lambda-symmetry", "lambda_symmetry", float, "IRL-INR symmetry weight [15]."),
-    ("--consistency-loss", "consistency_loss", click.Choice(["cosine", "mse"]),
+    ("--consistency-loss", "consistency_loss", CHOICE,
      "IRL-INR consistency loss between the two views' z: mse (as the paper's sec. 4.2) or cosine (its SCAN setting) [mse]."),
-    ("--rotation-rule", "rotation_rule", click.Choice(["moments", "com"]),
+    ("--rotation-rule", "rotation_rule", CHOICE,
      "IRL-INR canonical rotation rule [moments]."),
 ]
 
@@ -146,12 +157,17 @@ def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a) -> None:
 
 
 def _add_options(f):
+    from ..config import literal_choices
+
     for opt, field, typ, helptext in reversed(_OPTIONS):
+        opts = (opt,) if isinstance(opt, str) else tuple(opt)
         if typ is bool:
-            name = opt[2:]
+            name = opts[0][2:]
             f = click.option(f"--{name}/--no-{name}", field, default=None, help=helptext)(f)
         else:
-            f = click.option(opt, field, type=typ, default=None, help=helptext)(f)
+            if typ == CHOICE:
+                typ = click.Choice([str(c) for c in literal_choices(TrainConfig, field)])
+            f = click.option(*opts, field, type=typ, default=None, help=helptext)(f)
     return f
 
 
@@ -229,8 +245,9 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
         cfg = TrainConfig(model=model)
     if "rotations" in given:
         given["rotations"] = int(given["rotations"])
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for k, v in given.items():
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"fourier_features"}
+    # the old --fourier-features first: the per-model options given with it win
+    for k, v in sorted(given.items(), key=lambda kv: kv[0] != "fourier_features"):
         if k in names:
             setattr(cfg, k, v)
     cfg.threads = given.get("threads")   # not inherited by --resume: the default is fresh

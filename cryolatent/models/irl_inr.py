@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import IRLINRConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .base import Inference, LatentModel
@@ -352,14 +353,24 @@ class IRLINR(LatentModel):
 
     name = "irl-inr"
 
-    def __init__(self, box: int, z_dim: int = 2, enc_width: int = 64, hyper_width: int = 256,
-                 hyper_layers: int = 3, inr_width: int = 256, inr_layers: int = 3,
-                 fourier_features: int = 256, fourier_sigma: float = 2.0,
-                 lambda_recon: float = 1.0, lambda_consistency: float = 1.0,
-                 lambda_symmetry: float = 15.0, consistency_loss: str = "mse",
-                 rotation_rule: str = "moments", consistency_shift: float = CONSISTENCY_SHIFT,
-                 seed: int = 0):
+    def __init__(self, box: int, cfg: IRLINRConfig | None = None, *,
+                 consistency_shift: float | None = None, seed: int | None = None, **options):
+        """IRL-INR for ``box``-pixel images. ``cfg``: an :class:`IRLINRConfig` or any
+        configuration with its fields (a :class:`cryolatent.config.TrainConfig`); keyword
+        ``options`` override its fields (old names accepted, ``IRLINRConfig.ALIASES``).
+        ``consistency_shift`` (default ``cfg.extra["consistency_shift"]``, else
+        :data:`CONSISTENCY_SHIFT`) and ``seed`` (default ``cfg.seed``, else 0)."""
         super().__init__()
+        extra = getattr(cfg, "extra", None) or {}
+        if consistency_shift is None:
+            consistency_shift = float(extra.get("consistency_shift", CONSISTENCY_SHIFT))
+        seed = int(getattr(cfg, "seed", 0)) if seed is None else seed
+        c = IRLINRConfig.of(cfg, **options)
+        self.cfg = c
+        z_dim, enc_width, consistency_loss, rotation_rule = (
+            c.z_dim or 2, c.enc_width, c.consistency_loss, c.rotation_rule)
+        lambda_recon, lambda_consistency, lambda_symmetry = (
+            c.lambda_recon, c.lambda_consistency, c.lambda_symmetry)
         if consistency_loss not in ("cosine", "mse"):
             raise ValueError(f"consistency_loss {consistency_loss!r}")
         if rotation_rule not in ("moments", "com"):
@@ -375,8 +386,8 @@ class IRLINR(LatentModel):
         with torch.no_grad():  # start near tau = 0
             self.head[-1].weight[z_dim + 2:].mul_(0.01)
             self.head[-1].bias[z_dim + 2:].zero_()
-        self.hyper = HyperINR(z_dim, hyper_width, hyper_layers, inr_width, inr_layers,
-                              fourier_features, fourier_sigma, generator=g)
+        self.hyper = HyperINR(z_dim, c.hyper_width, c.hyper_layers, c.inr_width, c.inr_layers,
+                              c.inr_fourier_features, c.inr_fourier_sigma, generator=g)
         self._channels_last = False
 
     # -- pieces ---------------------------------------------------------------------
@@ -482,14 +493,5 @@ class IRLINR(LatentModel):
 
 
 def build(cfg, box: int) -> IRLINR:
-    """``build(cfg: TrainConfig, box)`` for the model registry."""
-    extra = getattr(cfg, "extra", {}) or {}
-    return IRLINR(
-        box, z_dim=cfg.z_dim or 2, enc_width=cfg.enc_width, hyper_width=cfg.hyper_width,
-        hyper_layers=cfg.hyper_layers, inr_width=cfg.inr_width, inr_layers=cfg.inr_layers,
-        fourier_features=cfg.fourier_features or 256, fourier_sigma=cfg.fourier_sigma,
-        lambda_recon=cfg.lambda_recon, lambda_consistency=cfg.lambda_consistency,
-        lambda_symmetry=cfg.lambda_symmetry, consistency_loss=cfg.consistency_loss,
-        rotation_rule=cfg.rotation_rule,
-        consistency_shift=float(extra.get("consistency_shift", CONSISTENCY_SHIFT)),
-        seed=cfg.seed)
+    """``IRLINR(box, cfg)`` (the model registry's entry, :func:`cryolatent.models.build_model`)."""
+    return IRLINR(box, cfg)

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Inference, LatentModel
+from ..config import PAPER_SIZES, TargetVAEConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .blocks import FourierFeatures, GroupConvP, GroupLinear, MLP, pixel_coordinates
@@ -154,16 +155,29 @@ def kl_divergence(log_q: torch.Tensor, log_p_tr: torch.Tensor, z_mu: torch.Tenso
 class TargetVAE(LatentModel):
     name = "target-vae"
 
-    def __init__(self, box: int, z_dim: int = 2, rotations: int = 8, enc_channels: int = 128,
-                 kernel: int | None = None, enc_layers: int = 3, gen_width: int = 512,
-                 gen_layers: int = 2, fourier_features: int = 256,
-                 fourier_sigma: float = 0.05, translation_prior: float = 5.0,
-                 translation_range: int | None = None, rotation_prior: str = "uniform",
-                 rotation_prior_sd: float = 45.0, likelihood: str = "bernoulli",
-                 learn_sigma: bool = False, mask: bool = False, ctf: bool = False,
-                 gumbel_tau: float = 1.0, subpixel: bool = False, recentre: bool = True,
-                 kl_free_bits: float = 0.0, seed: int = 0):
+    def __init__(self, box: int, cfg: TargetVAEConfig | None = None, *,
+                 seed: int | None = None, **options):
+        """TARGET-VAE for ``box``-pixel images. ``cfg``: a :class:`TargetVAEConfig` or any
+        configuration with its fields (a :class:`cryolatent.config.TrainConfig`); keyword
+        ``options`` override its fields (old names accepted, ``TargetVAEConfig.ALIASES``).
+        Options left ``None`` (not resolved by :meth:`TrainConfig.resolve_defaults`) take the
+        paper's values; ``likelihood "auto"`` means Gaussian. ``seed`` (default ``cfg.seed``,
+        else 0) draws the generator's Fourier features."""
         super().__init__()
+        seed = int(getattr(cfg, "seed", 0)) if seed is None else seed
+        c = TargetVAEConfig.of(cfg, **options)
+        self.cfg = c
+        z_dim, rotations, kernel, enc_layers = c.z_dim or 2, c.rotations, c.kernel, c.enc_layers
+        enc_channels = c.enc_channels or PAPER_SIZES["enc_channels"]
+        gen_width = c.gen_width or PAPER_SIZES["gen_width"]
+        gen_layers = c.gen_layers
+        fourier_features = c.gen_fourier_features or PAPER_SIZES["gen_fourier_features"]
+        translation_prior = 5.0 if c.translation_prior is None else c.translation_prior
+        translation_range, rotation_prior = c.translation_range, c.rotation_prior
+        likelihood = c.likelihood if c.likelihood != "auto" else "gaussian"
+        learn_sigma, mask, ctf = c.learn_sigma, bool(c.mask), bool(c.ctf)
+        gumbel_tau, kl_free_bits = c.gumbel_tau or 1.0, c.kl_free_bits or 0.0
+        subpixel, recentre = c.subpixel, c.recentre
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood {likelihood!r}")
         if ctf and likelihood != "gaussian":
@@ -194,7 +208,7 @@ class TargetVAE(LatentModel):
 
         # --- generator
         g = torch.Generator().manual_seed(seed + 7919)
-        self.ff = FourierFeatures(fourier_features, fourier_sigma * self.scale, generator=g)
+        self.ff = FourierFeatures(fourier_features, c.gen_fourier_sigma * self.scale, generator=g)
         self.coord_in = nn.Linear(self.ff.out_dim, gen_width)
         self.z_in = nn.Linear(z_dim, gen_width, bias=False)
         self.gen = MLP(gen_width, gen_layers, 2 if (learn_sigma and likelihood == "gaussian")
@@ -211,7 +225,7 @@ class TargetVAE(LatentModel):
         if rotation_prior == "uniform":
             log_pr = torch.full((R,), -math.log(R), dtype=torch.float64)
         else:
-            sd = math.radians(rotation_prior_sd)
+            sd = math.radians(c.rotation_prior_sd)
             wrapped = torch.remainder(offsets + math.pi, 2 * math.pi) - math.pi
             log_pr = torch.log_softmax(-wrapped ** 2 / (2 * sd ** 2), 0)
         # cells are ordered (row, col, r): index = (i * G + j) * R + r
@@ -437,21 +451,5 @@ class TargetVAE(LatentModel):
 
 
 def build(cfg, box: int) -> TargetVAE:
-    """TARGET-VAE for ``box``-pixel images from a :class:`cryolatent.config.TrainConfig`.
-    ``likelihood == "auto"`` (not resolved from the data by the trainer) means Gaussian.
-    Options left ``None`` (not resolved by the trainer, :meth:`TrainConfig.resolve_defaults`)
-    take the paper's values."""
-    from ..config import PAPER_SIZES
-
-    lik = cfg.likelihood if cfg.likelihood != "auto" else "gaussian"
-    size = {k: getattr(cfg, k) or v for k, v in PAPER_SIZES.items()}
-    return TargetVAE(
-        box, z_dim=cfg.z_dim or 2, rotations=cfg.rotations, enc_channels=size["enc_channels"],
-        kernel=cfg.kernel, enc_layers=cfg.enc_layers, gen_width=size["gen_width"],
-        gen_layers=cfg.gen_layers, fourier_features=size["fourier_features"],
-        fourier_sigma=cfg.gen_fourier_sigma,
-        translation_prior=5.0 if cfg.translation_prior is None else cfg.translation_prior,
-        translation_range=cfg.translation_range, rotation_prior=cfg.rotation_prior,
-        rotation_prior_sd=cfg.rotation_prior_sd, likelihood=lik, learn_sigma=cfg.learn_sigma,
-        mask=bool(cfg.mask), ctf=bool(cfg.ctf), gumbel_tau=cfg.gumbel_tau or 1.0, subpixel=cfg.subpixel,
-        recentre=cfg.recentre, kl_free_bits=cfg.kl_free_bits or 0.0, seed=cfg.seed)
+    """``TargetVAE(box, cfg)`` (the model registry's entry, :func:`cryolatent.models.build_model`)."""
+    return TargetVAE(box, cfg)
