@@ -88,7 +88,7 @@ class ParticleData:
     @classmethod
     def _from_ps(cls, ps, path=None, datadir=None) -> "ParticleData":
         try:
-            params = ps.ctf()
+            params = (ps.ctf_params if hasattr(ps, "ctf_params") else ps.ctf)()
         except Exception as e:  # a malformed CTF column is only an error if the CTF is used
             log.warning("CTF parameters unusable (%s); training without the CTF is possible", e)
             params = None

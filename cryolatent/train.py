@@ -16,9 +16,11 @@ once whatever moment a SIGKILL landed in).
 Speed: data resident on the GPU when they fit (:mod:`cryolatent.data`), bf16 autocast on
 CUDA with float32 master weights, TF32 matrix products, optional ``torch.compile``, fused
 Adam. The step never waits for the GPU: losses are summed on the device and read once per
-epoch (and every ``LOG_EVERY`` steps for the progress bar and the non-finite check); a
-non-finite loss makes the fused Adam kernel skip the update on the device (``found_inf``),
-and the run stops with an error after ``MAX_BAD_STEPS`` such steps in a row.
+epoch (and every ``LOG_EVERY`` steps for the progress bar and the non-finite check); a step
+whose gradients are not finite (a NaN/Inf loss) is skipped on the device by
+``torch.amp.GradScaler`` at a constant scale of 1 (exact: no loss scaling; with the fused
+optimiser no host synchronisation), and the run stops with an error after ``MAX_BAD_STEPS``
+non-finite losses in a row.
 
 Several GPUs / nodes: the same command under ``torchrun`` (docs/distributed.md). The
 environment is read by :func:`cryolatent.distributed.setup`; ``--batch-size`` is the global
@@ -111,6 +113,10 @@ class StepRunner:
         self.loss_fn = torch.compile(self.module) if compile else self.module
         # validation under DDP runs on the bare model (no collective)
         self.eval_fn = self.loss_fn if self.dist is None else model
+        # skips the optimiser step, on the device, when a gradient is not finite; the scale
+        # stays 1 (loss and gradients multiplied by exactly 1), so it changes no value
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0,
+                                           growth_interval=2 ** 30)
         self.bad_run = torch.zeros((), device=device)
         self.max_bad_run = torch.zeros((), device=device)
         self.n_bad = torch.zeros((), device=device)
@@ -129,13 +135,14 @@ class StepRunner:
         with self._autocast():
             loss, parts = self.loss_fn(x, ctf)
         self.opt.zero_grad(set_to_none=True)
-        (loss * weight if weight != 1.0 else loss).backward()
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        # a non-finite gradient (any rank's NaN poisons DDP's average: all ranks skip) leaves
+        # the parameters and the optimiser state untouched
+        self.scaler.step(self.opt)
+        self.scaler.update(1.0)
         bad = (~torch.isfinite(loss.detach())).float()
-        if self.dist is not None:  # any rank's NaN poisons the averaged gradient: all skip
+        if self.dist is not None:  # the count of non-finite losses is global
             self.dist.all_reduce_max(bad)
-        # fused Adam reads found_inf on the device and leaves params and state untouched
-        self.opt.found_inf = bad
-        self.opt.step()
         self.bad_run = (self.bad_run + 1) * bad
         self.max_bad_run = torch.maximum(self.max_bad_run, self.bad_run)
         self.n_bad = self.n_bad + bad
