@@ -1,4 +1,7 @@
-"""Models. Each model module defines ``build(cfg: TrainConfig, box: int) -> LatentModel``."""
+"""Models. Each is built as ``Model(box, cfg)`` from its configuration class
+(:data:`cryolatent.config.MODEL_CONFIGS`, or a :class:`~cryolatent.config.TrainConfig`); its
+module's ``build(cfg, box)`` does that for the registry. Training calls the model itself:
+``model(images, ctf_params) -> (loss, parts)`` (:meth:`LatentModel.forward`)."""
 
 from __future__ import annotations
 
