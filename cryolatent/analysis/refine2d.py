@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..masks import circular_mask
 from ..pose import align_particles, rotate_images
 from ..preprocess import fourier_crop
 from ..utils import progress
@@ -110,15 +111,6 @@ def shell_mean(values: torch.Tensor, shells: torch.Tensor, weights: torch.Tensor
     tot.index_add_(0, shells.reshape(-1), (v.sum(0) * w).reshape(-1))
     cnt.index_add_(0, shells.reshape(-1), (w * v.shape[0]).reshape(-1))
     return tot / cnt.clamp(min=1e-12)
-
-
-def soft_circular_mask(D: int, radius: float, edge: float = 3.0, device=None) -> torch.Tensor:
-    """(D, D) float32: 1 inside ``radius`` px of the centre (D//2, D//2), a raised-cosine edge
-    of ``edge`` px, 0 beyond (RELION's soft mask)."""
-    r = torch.arange(D, dtype=torch.float64, device=device) - D // 2
-    rr = torch.sqrt(r[:, None] ** 2 + r[None, :] ** 2)
-    m = 0.5 * (1 + torch.cos(math.pi * ((rr - radius) / max(edge, 1e-6)).clamp(0, 1)))
-    return m.float()
 
 
 def rotated_references(averages: torch.Tensor, psi_deg: torch.Tensor,
@@ -213,7 +205,7 @@ def _shift_window(D: int, max_shift: float, device=None):
 def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float = 5.0,
                    max_shift: float = 5.0, mask_radius: float | None = None,
                    tau2_fudge: float = 2.0, chunk: int | None = None, reseed_below: float = 1 / 3,
-                   max_reseeds: int = 3, coarse_start=(0.25, 0.5),
+                   max_reseeds: int = 3, coarse_start=(0.25, 0.5), verbose: bool = True,
                    tol_changed: float = 0.002, device: str | torch.device = "cpu",
                    show_progress: bool = True, ctf_aligned_fn=None,
                    psi_deg=None, shift_px=None) -> Refine2DResult:
@@ -244,7 +236,8 @@ def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float
     t = np.zeros((N, 2)) if shift_px is None else np.asarray(shift_px, dtype=np.float64)
     angles = torch.arange(0.0, 360.0 - 1e-9, psi_step, dtype=torch.float64)
     R = angles.numel()
-    mask = soft_circular_mask(D, 0.45 * D if mask_radius is None else mask_radius, device=dev)
+    mask = circular_mask(D, 0.45 * D if mask_radius is None else mask_radius, edge=3.0,
+                         device=dev, dtype=torch.float32)   # RELION's soft mask
     shells, wts = shell_index(D, dev), rfft_weights(D, dev)
     flat, svec = _shift_window(D, max_shift, dev)
     xf_all = torch.fft.rfft2(x)                                       # (N, D, H) complex64
@@ -367,7 +360,7 @@ def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float
                 x[members], None if ctf is None else (lambda i, e=None: ctf_of(members[i], e)),
                 move.astype(np.int64), iterations=6, psi_step=psi_step, max_shift=max_shift,
                 mask_radius=mask_radius, tau2_fudge=tau2_fudge, max_reseeds=0,
-                coarse_start=coarse_start, device=dev, show_progress=False,
+                coarse_start=coarse_start, device=dev, show_progress=False, verbose=False,
                 psi_deg=psi_k[members, big], shift_px=t_k[members, big])
             move = sub.labels == 1
             moved = members[move]
@@ -391,8 +384,9 @@ def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float
                         "shift_sd_px": shift_sd,
                         "class_fractions": np.round(post.mean(0), 4).tolist(),
                         "reseeded": reseeded})
-        log.info("refine %d: %.1f%% of the particles changed class, log-likelihood %.2f, "
-                 "shift sd %.2f px", it + 1, 100 * changed, loglik / N, shift_sd)
+        log.log(logging.INFO if verbose else logging.DEBUG,
+                "refine %d: %.1f%% of the particles changed class, log-likelihood %.2f, "
+                "shift sd %.2f px", it + 1, 100 * changed, loglik / N, shift_sd)
         if changed < tol_changed and it > 0:
             break
     final = post.argmax(1)
