@@ -182,6 +182,11 @@ def relion_partial(setdir: Path) -> dict | None:
         if cmd and cmd[0].endswith(b"relion_refine") and Path(cwd) == out:
             f = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()
             cpu = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    # a run continued with --continue is a new process: the CPU seconds its predecessors
+    # used are recorded (one number, seconds) in SET/relion/cpu_offset.txt
+    off = out / "cpu_offset.txt"
+    if cpu is not None and off.exists():
+        cpu += float(off.read_text().split()[0])
     res = {"partial": True, "iteration": it, "cpu_s_now": cpu,
            "data_star": str(last), "mtime": time.ctime(last.stat().st_mtime)}
     res["metrics"] = score(_as_truth_names(last, out / "data_named.star"),
