@@ -195,28 +195,31 @@ def _hints(cls: type) -> dict:
 class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
     """Every option of ``cryolatent train``: :class:`RunConfig`'s, then each model's
     (:class:`TargetVAEConfig`, :class:`IRLINRConfig`; :meth:`model_config` is the running
-    model's). ``fourier_features`` / ``fourier_sigma`` are the old names (module docstring):
-    setting ``fourier_features`` sets both models' counts, reading it gives the model's."""
+    model's), and the old names ``fourier_features`` / ``fourier_sigma`` as input only."""
 
-    ALIASES: ClassVar[dict[str, str]] = {"fourier_sigma": "inr_fourier_sigma"}
+    # the old names (module docstring), for old scripts (benchmarks list the fields as
+    # options): given, they go to the new fields still at their defaults and are cleared
+    # (:meth:`apply_old_names`, run on construction, by validate() and by the CLI)
+    fourier_features: int | None = None   # gen_fourier_features and inr_fourier_features
+    fourier_sigma: float | None = None    # inr_fourier_sigma
 
-    @property
-    def fourier_features(self) -> int | None:
-        return self.inr_fourier_features if self.model == "irl-inr" else self.gen_fourier_features
+    def __post_init__(self) -> None:
+        self.apply_old_names()
 
-    @fourier_features.setter
-    def fourier_features(self, value: int | None) -> None:
-        self.gen_fourier_features = value
-        if value is not None:
-            self.inr_fourier_features = value
-
-    @property
-    def fourier_sigma(self) -> float:
-        return self.inr_fourier_sigma
-
-    @fourier_sigma.setter
-    def fourier_sigma(self, value: float) -> None:
-        self.inr_fourier_sigma = value
+    def apply_old_names(self) -> "TrainConfig":
+        """Move ``fourier_features`` / ``fourier_sigma`` (old names) onto the new fields that
+        are still at their defaults (so the new names win when both are given); clear them."""
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.fourier_features is not None:
+            for name in ("gen_fourier_features", "inr_fourier_features"):
+                if getattr(self, name) == default[name]:
+                    setattr(self, name, self.fourier_features)
+            self.fourier_features = None
+        if self.fourier_sigma is not None:
+            if self.inr_fourier_sigma == default["inr_fourier_sigma"]:
+                self.inr_fourier_sigma = self.fourier_sigma
+            self.fourier_sigma = None
+        return self
 
     def model_config(self):
         """The running model's configuration (:data:`MODEL_CONFIGS`), a copy."""
@@ -227,6 +230,7 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
         """Raise CryolatentError naming the first bad option."""
         from .models import MODELS
 
+        self.apply_old_names()
         if self.model not in MODELS:
             raise CryolatentError(f"--model {self.model!r}: choose from {', '.join(MODELS)}")
         if self.rotations not in (4, 8, 16):
@@ -317,7 +321,7 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
             if v is not None:
                 d.setdefault("inr_fourier_features" if d.get("model") == "irl-inr"
                              else "gen_fourier_features", v)
-        if "fourier_sigma" in d:
+        if d.get("fourier_sigma") is not None:
             d.setdefault("inr_fourier_sigma", d.pop("fourier_sigma"))
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
@@ -339,21 +343,3 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
         except (OSError, ValueError) as e:
             raise CryolatentError(f"{path}: cannot read the run configuration ({e})")
 
-
-_dataclass_init = TrainConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _train_config_init(self, *args, fourier_features=None, fourier_sigma=None, **kwargs):
-    # the old names as keywords (module docstring); the new ones win when both are given
-    _dataclass_init(self, *args, **kwargs)
-    if fourier_features is not None:
-        if "gen_fourier_features" not in kwargs:
-            self.gen_fourier_features = fourier_features
-        if "inr_fourier_features" not in kwargs:
-            self.inr_fourier_features = fourier_features
-    if fourier_sigma is not None and "inr_fourier_sigma" not in kwargs:
-        self.inr_fourier_sigma = fourier_sigma
-
-
-TrainConfig.__init__ = _train_config_init

@@ -126,7 +126,8 @@ def test_old_flat_config_json_loads(tmp_path):
     c = TrainConfig.load(p)
     assert c.gen_fourier_features == 24 and c.gen_fourier_sigma == 0.03
     assert c.inr_fourier_features == 256 and c.inr_fourier_sigma == 2.0
-    assert c.fourier_features == 24 and c.extra == {"cwd": "/x"}     # nothing left over
+    assert c.fourier_features is None and c.fourier_sigma is None      # input-only names
+    assert c.extra == {"cwd": "/x"}                                      # nothing left over
     for k, v in OLD_TVAE.items():
         if k not in ("fourier_features", "fourier_sigma"):
             assert getattr(c, k) == v, k
@@ -150,7 +151,15 @@ def test_config_round_trip_through_config_json_and_checkpoint(tmp_path):
     torch.save({"config": c.to_dict()}, tmp_path / "ck.pt")
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert TrainConfig.from_dict(ck["config"]) == c
-    assert "fourier_features" not in ck["config"] and "fourier_sigma" not in ck["config"]
+    assert ck["config"]["fourier_features"] is None and ck["config"]["fourier_sigma"] is None
+    # the old names as keywords: onto the new fields not given
+    c = TrainConfig(fourier_features=7, fourier_sigma=0.3, inr_fourier_features=11)
+    assert (c.gen_fourier_features, c.inr_fourier_features, c.inr_fourier_sigma) == (7, 11, 0.3)
+    c.fourier_features = 5            # as old scripts set it: validate() applies it
+    assert c.validate().gen_fourier_features == 7 and c.inr_fourier_features == 11
+    c = TrainConfig()
+    c.fourier_features = 5
+    assert (c.validate().gen_fourier_features, c.inr_fourier_features) == (5, 5)
 
 
 def test_models_are_built_from_their_config():

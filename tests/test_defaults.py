@@ -47,14 +47,14 @@ def test_explicit_options_are_kept():
                       translation_prior=0.7, mask=False, fourier_features=8)
     cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")
     assert (cfg.ctf, cfg.enc_channels, cfg.translation_range, cfg.translation_prior,
-            cfg.mask, cfg.fourier_features) == (False, 16, 2, 0.7, False, 8)
+            cfg.mask, cfg.gen_fourier_features) == (False, 16, 2, 0.7, False, 8)
     assert cfg.gen_width == CPU_SIZES["gen_width"]
 
 
 def test_irl_inr_keeps_the_papers_fourier_features():
     cfg = TrainConfig(model="irl-inr")
     cfg.resolve_defaults(box=32, has_ctf=True, device_type="cpu")
-    assert cfg.fourier_features == 256
+    assert cfg.inr_fourier_features == 256 and cfg.gen_fourier_features is None
     assert (cfg.batch_size, cfg.lr, cfg.weight_decay) == (128, 1e-4, 5e-4)
 
 

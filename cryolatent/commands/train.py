@@ -245,11 +245,11 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
         cfg = TrainConfig(model=model)
     if "rotations" in given:
         given["rotations"] = int(given["rotations"])
-    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"fourier_features"}
-    # the old --fourier-features first: the per-model options given with it win
-    for k, v in sorted(given.items(), key=lambda kv: kv[0] != "fourier_features"):
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k, v in given.items():
         if k in names:
             setattr(cfg, k, v)
+    cfg.apply_old_names()   # --fourier-features: onto the per-model options not given
     cfg.threads = given.get("threads")   # not inherited by --resume: the default is fresh
     if translation_prior_angst is not None or translation_range_angst is not None:
         if resume:
