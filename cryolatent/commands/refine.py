@@ -34,7 +34,8 @@ from .common import apply_threads, threads_option
 @click.option("--centre/--no-centre", default=True, show_default=True,
               help="Centre each class's frame afterwards (as embed does).")
 @click.option("--datadir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder where IN.star's relative stack paths are looked up first.")
+              help="Folder where IN.star's relative stack paths are looked up first "
+                   "[default: beside IN.star, then the current directory].")
 @threads_option
 def command(star, out, iterations, resolution_A, psi_step, offset_range_A, mask_diameter_A,
             use_ctf, centre, datadir, threads):
