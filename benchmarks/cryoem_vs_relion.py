@@ -254,16 +254,24 @@ def score(pred: Path, truth: Path, centre: bool) -> dict:
     return m
 
 
+def _cached(out: Path, redo: bool) -> dict | None:
+    """The result a step saved in OUT/done.json, or None after emptying OUT for a fresh run
+    (no done.json, or ``redo``)."""
+    done = out / "done.json"
+    if done.exists() and not redo:
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return None
+
+
 def run_cryolatent(setdir: Path, threads: int, redo: bool, train_args: list[str]) -> dict:
     """preprocess (Fourier crop to TRAIN_BOX) + train (defaults) + embed (the original 64-px
     particles, 6 classes), timed; then classes (the gallery, not timed). Cached."""
     out = setdir / "cryolatent"
     done = out / "done.json"
-    if done.exists() and not redo:
-        res = json.loads(done.read_text())
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+    res = _cached(out, redo)
+    if res is None:
         log, j = out / "commands.log", ["-j", str(threads)]
         steps = {}
         steps["preprocess"] = _timed([CLI, "preprocess", str(setdir / "particles.star"), "-o",
@@ -305,11 +313,8 @@ def run_refine(setdir: Path, threads: int, redo: bool, start: str = "model") -> 
     the model's start also costs preprocess+train+embed). Cached."""
     out = setdir / "cryolatent" / ("refine" if start == "model" else "refine_random")
     done = out / "done.json"
-    if done.exists() and not redo:
-        res = json.loads(done.read_text())
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
+    res = _cached(out, redo)
+    if res is None:
         if start == "model":
             src = setdir / "cryolatent" / "embedded.star"
         else:
