@@ -377,3 +377,27 @@ def test_symmetry_loss_vanishes_at_the_rule_pose(rule):
     assert float(at.max()) < 1e-8
     off = m.symmetry_loss(imgs, torch.stack([rot[:, 1], -rot[:, 0]], -1), tau)  # 90° off
     assert bool((off > 1e-3).all())
+
+
+def test_symmetry_loss_has_no_trap_at_the_flipped_pose():
+    """Noisy 180-degree bit: the rule's target is right for 80 % of the images and flipped for
+    20 %. The mean symmetry loss over a common error d of the predicted angle must fall
+    monotonically from d = 180 degrees towards d = 0 (no local minimum at the flipped pose,
+    which an axis-only cos 2d term of weight 1/4 created for any such share < 100 %)."""
+    n = 32
+    psis = np.arange(10) * 36.0
+    imgs = torch.stack([torch.from_numpy(gaussians(n, EGG, p)) for p in psis]).float()
+    m = tiny(n, rotation_rule="moments")
+    e1, tau = symmetry_targets(imgs, "moments")
+    target = torch.atan2(e1[:, 1], e1[:, 0])
+    flipped = torch.arange(10) < 2                       # the targets of 2 of 10 are wrong
+    true = target + torch.where(flipped, math.pi, 0.0)   # ... i.e. the truth is the other way
+
+    def mean_loss(d_deg: float) -> float:
+        a = true + math.radians(d_deg)
+        return float(m.symmetry_loss(imgs, torch.stack([a.cos(), a.sin()], -1), tau).mean())
+
+    ds = np.arange(0.0, 181.0, 10.0)
+    losses = np.array([mean_loss(d) for d in ds])
+    assert np.all(np.diff(losses) > 0), losses           # rising all the way to 180 degrees
+    assert np.argmin(losses) == 0

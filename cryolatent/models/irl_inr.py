@@ -445,11 +445,13 @@ class IRLINR(LatentModel):
             pred = r[:, None] * torch.stack([rot[:, 0], -rot[:, 1]], -1)
             return ((m - pred) ** 2).sum(-1)
         t = moment_targets(images)
-        u2 = torch.stack([rot[:, 0] ** 2 - rot[:, 1] ** 2, 2 * rot[:, 0] * rot[:, 1]], -1)
         cos1 = (rot * t["e1"]).sum(-1)           # cos(theta - theta*)
-        cos2 = (u2 * t["e2"]).sum(-1)            # cos(2(theta - theta*))
-        # mass-weighted mean squared displacement: |c2| * dtheta^2 for small errors
-        rot_term = t["weight"] * ((1 - cos1) + 0.25 * (1 - cos2))
+        # mass-weighted mean squared displacement: |c2| * dtheta^2 / 2 for small errors. No
+        # axis-only (2 theta) term: where the 180-degree bit of theta* is right for a share
+        # p < 1 of a class, E[loss](d) = 1 - (2p - 1) cos d + b (1 - cos 2d) has a local
+        # minimum at the flipped pose d = 180 degrees whenever 4b > 2p - 1 (the former
+        # b = 1/4: always), which trapped whole classes upside down (docs/irl-inr-rotation.md)
+        rot_term = t["weight"] * (1 - cos1)
         return ((tau - t["tau"]) ** 2).sum(-1) + rot_term
 
     # -- LatentModel ----------------------------------------------------------------
