@@ -43,6 +43,15 @@ CRYO_TARGET_VAE = {"z_dim": 8, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.0
 #: TARGET-VAE sizes chosen on the CPU when left to "auto" (benchmarks/README.md: cryo-EM
 #: benchmark against RELION)
 CPU_SIZES = {"enc_channels": 64, "gen_width": 128, "gen_fourier_features": 64}
+#: IRL-INR's sizes in the paper (ResNet-18 base width, hypernetwork, INR), taken on a GPU
+IRL_PAPER_SIZES = {"enc_width": 64, "hyper_width": 256, "hyper_layers": 3, "inr_width": 256,
+                   "inr_layers": 3, "inr_fourier_features": 256}
+#: IRL-INR on the CPU, where not given: the paper's sizes train at ~13 images/s there (bf16,
+#: 32 px), so a 10-CPU-minute budget is ~60 steps at its lr 1e-4 and nothing is learned; these
+#: (~240 images/s) learn poses and classes of a centred 3-class set in ~3 CPU-min
+#: (benchmarks/README.md, "IRL-INR on centred particles (issue 15.4)")
+IRL_CPU = {"enc_width": 8, "hyper_width": 64, "hyper_layers": 2, "inr_width": 32,
+           "inr_layers": 2, "inr_fourier_features": 32, "lr": 1e-3, "batch_size": 64}
 
 
 class _ModelConfig:
@@ -121,12 +130,14 @@ class IRLINRConfig(_ModelConfig):
     z_dim: int | None = None          # latent dimension (None: 2)
     ctf: bool | None = None           # apply each particle's CTF to the rendering (None: on
                                       #   when the particle set has CTF parameters)
-    enc_width: int = 64               # ResNet-18 base width
-    hyper_width: int = 256
-    hyper_layers: int = 3
-    inr_width: int = 256
-    inr_layers: int = 3
-    inr_fourier_features: int = 256   # random Fourier features of the INR's coordinates
+    # sizes (None: the paper's, IRL_PAPER_SIZES, on a GPU; IRL_CPU's on the CPU)
+    enc_width: int | None = None      # ResNet-18 base width (paper 64)
+    hyper_width: int | None = None    # (paper 256)
+    hyper_layers: int | None = None   # (paper 3)
+    inr_width: int | None = None      # (paper 256)
+    inr_layers: int | None = None     # (paper 3)
+    inr_fourier_features: int | None = None  # random Fourier features of the INR's
+                                      #   coordinates (paper 256)
     inr_fourier_sigma: float = 2.0    # their sd, cycles per half box
     lambda_recon: float = 1.0
     lambda_consistency: float = 1.0
@@ -281,6 +292,16 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
                              + ("the paper's" if value == PAPER_SIZES[name]
                                 else f"CPU size; the paper's {PAPER_SIZES[name]} on a GPU")
                              + ")")
+        if self.model == "irl-inr":
+            irl = IRL_PAPER_SIZES if device_type == "cuda" else IRL_CPU
+            chosen = [f"{k.replace('_', '-')} {v:g}" for k, v in irl.items()
+                      if getattr(self, k) is None]
+            for k, v in irl.items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
+            if chosen:
+                notes.append(", ".join(chosen) + (" (the paper's)" if device_type == "cuda"
+                                                  else " (IRL-INR CPU settings)"))
         cryo_tvae = self.model == "target-vae" and bool(has_ctf)
         table = dict(MODEL_OPTIM.get(self.model, MODEL_OPTIM["target-vae"]))
         table.update({"gumbel_tau": 1.0, "kl_warmup": 0.0, "kl_free_bits": 0.0, "z_dim": 2})

@@ -203,8 +203,8 @@ def test_cli_refuses_nonempty_and_resolves_model_defaults(tmp_path, monkeypatch)
     c = seen["cfg"]
     # options not given stay "auto" in the CLI; the library resolves them from the data
     assert (c.lr, c.batch_size, c.weight_decay, c.ctf) == (None, None, None, False)
-    c.resolve_defaults(box=32, has_ctf=False)
-    assert (c.lr, c.batch_size, c.weight_decay) == (1e-4, 128, 5e-4)
+    c.resolve_defaults(box=32, has_ctf=False, device_type="cuda")
+    assert (c.lr, c.batch_size, c.weight_decay) == (1e-4, 128, 5e-4)   # the paper's (GPU)
     assert c.rotations == 16 and c.model == "irl-inr" and c.ctf is False
     r = CliRunner().invoke(cmd.command, ["in.star", "-o", str(tmp_path / "r"), "--lr", "1e-3"])
     c = seen["cfg"]

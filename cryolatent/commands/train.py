@@ -5,8 +5,8 @@ Several GPUs or nodes: the same command under ``torchrun`` (docs/distributed.md)
 the global batch, split over the processes.
 
 Options not given take the model's defaults (TARGET-VAE: lr 2e-4, batch 100, no weight
-decay; IRL-INR: lr 1e-4, batch 128, weight decay 5e-4) or, with ``--resume``, the values
-stored in RUNDIR/config.json.
+decay; IRL-INR: lr 1e-4, batch 128, weight decay 5e-4; on the CPU lr 1e-3, batch 64 and
+smaller networks) or, with ``--resume``, the values stored in RUNDIR/config.json.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ _OPTIONS = [
     ("--epochs", "epochs", int, "Maximum number of epochs [100]."),
     ("--batch-size", "batch_size", int,
      "Images per step, over all processes under torchrun [TARGET-VAE 100, on particle sets "
-     "with CTF parameters 32; IRL-INR 128]."),
+     "with CTF parameters 32; IRL-INR 128, on the CPU 64]."),
     ("--lr", "lr", float, "AdamW learning rate [TARGET-VAE 2e-4, on particle sets with CTF "
-     "parameters 1e-3; IRL-INR 1e-4]."),
+     "parameters 1e-3; IRL-INR 1e-4, on the CPU 1e-3]."),
     ("--weight-decay", "weight_decay", float,
      "AdamW (decoupled) weight decay [0; IRL-INR 5e-4]."),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N [auto]."),
@@ -105,13 +105,19 @@ _OPTIONS = [
      "TARGET-VAE: sub-pixel offset inside each translation cell [off]."),
     ("--recentre", "recentre", bool,
      "TARGET-VAE: report poses about the generated object's centre of mass [on]."),
-    ("--enc-width", "enc_width", int, "IRL-INR ResNet-18 base width [64]."),
-    ("--hyper-width", "hyper_width", int, "IRL-INR hypernetwork width [256]."),
-    ("--hyper-layers", "hyper_layers", int, "IRL-INR hypernetwork layers [3]."),
-    ("--inr-width", "inr_width", int, "IRL-INR implicit network width [256]."),
-    ("--inr-layers", "inr_layers", int, "IRL-INR implicit network layers [3]."),
+    ("--enc-width", "enc_width", int, "IRL-INR ResNet-18 base width [64 (the paper's) on a "
+     "GPU, 8 on the CPU]."),
+    ("--hyper-width", "hyper_width", int, "IRL-INR hypernetwork width [256 on a GPU, 64 on "
+     "the CPU]."),
+    ("--hyper-layers", "hyper_layers", int, "IRL-INR hypernetwork layers [3 on a GPU, 2 on "
+     "the CPU]."),
+    ("--inr-width", "inr_width", int, "IRL-INR implicit network width [256 on a GPU, 32 "
+     "on the CPU]."),
+    ("--inr-layers", "inr_layers", int, "IRL-INR implicit network layers [3 on a GPU, 2 "
+     "on the CPU]."),
     ("--inr-fourier-features", "inr_fourier_features", int,
-     "IRL-INR random Fourier features of the INR's coordinates [256]."),
+     "IRL-INR random Fourier features of the INR's coordinates [256 on a GPU, 32 on the "
+     "CPU]."),
     (("--inr-fourier-sigma", "--fourier-sigma"), "inr_fourier_sigma", float,
      "IRL-INR Fourier-feature SD, cycles per half box (--fourier-sigma: the old name) [2]."),
     ("--fourier-features", "fourier_features", int,

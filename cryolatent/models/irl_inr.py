@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IRLINRConfig
+from ..config import IRL_PAPER_SIZES, IRLINRConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .base import Inference, LatentModel
@@ -366,6 +366,9 @@ class IRLINR(LatentModel):
             consistency_shift = float(extra.get("consistency_shift", CONSISTENCY_SHIFT))
         seed = int(getattr(cfg, "seed", 0)) if seed is None else seed
         c = IRLINRConfig.of(cfg, **options)
+        for k, v in IRL_PAPER_SIZES.items():    # not resolved (TrainConfig.resolve_defaults)
+            if getattr(c, k) is None:
+                setattr(c, k, v)
         self.cfg = c
         z_dim, enc_width, consistency_loss, rotation_rule = (
             c.z_dim or 2, c.enc_width, c.consistency_loss, c.rotation_rule)
