@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-BEFORE = dict(z_dim=8, enc_channels=128, gen_width=512, fourier_features=256,
+BEFORE = dict(z_dim=8, enc_channels=128, gen_width=512, gen_fourier_features=256,
               translation_prior=5.0, translation_range=None, mask=False, amp="off",
               gumbel_tau=1.0, kl_warmup=0.0, kl_free_bits=0.0, lr=2e-4, weight_decay=0.0)
 
@@ -56,7 +56,7 @@ def child(box: int, batch: int, steps: int, threads: int, which: str) -> dict:
             "images_per_s": round(batch / step, 2), "s_per_step": round(step, 3),
             "peak_rss_mb": round(rss, 1),
             "config": {k: getattr(cfg, k) for k in (
-                "z_dim", "enc_channels", "gen_width", "fourier_features", "translation_range",
+                "z_dim", "enc_channels", "gen_width", "gen_fourier_features", "translation_range",
                 "mask", "amp")}
             | {"kernel": model.kernel, "grid": 2 * model.trange + 1,
                "precision": "bf16" if amp_dtype(cfg.amp, dev) else "float32"}}

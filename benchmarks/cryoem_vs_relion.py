@@ -297,7 +297,7 @@ def run_cryolatent(setdir: Path, threads: int, redo: bool, train_args: list[str]
                "train_args": train_args,
                "config": {k: cfg.get(k) for k in (
                    "z_dim", "rotations", "enc_channels", "kernel", "gen_width", "gen_layers",
-                   "fourier_features", "translation_range", "translation_prior", "ctf", "mask",
+                   "gen_fourier_features", "translation_range", "translation_prior", "ctf", "mask",
                    "lr", "batch_size", "amp", "likelihood")},
                "embedded": str(out / "embedded.star")}
         done.write_text(json.dumps(res, indent=2) + "\n")

@@ -102,12 +102,14 @@ KNOWN_FIELDS = {
     "translation_range", "gen_fourier_sigma", "gumbel_tau", "subpixel", "recentre",
     "enc_width", "hyper_width", "hyper_layers", "inr_width", "inr_layers",
     "fourier_features", "fourier_sigma", "lambda_recon", "lambda_consistency",
+    "gen_fourier_features", "inr_fourier_features", "inr_fourier_sigma",
     "lambda_symmetry", "consistency_loss", "rotation_rule", "extra",
     # not step options: run settings and when to stop
     "threads", "converge_window", "converge_tol", "kl_warmup",
 }
 # the model's structure in CONFIGS[...]["ours"]; the "defaults" rows leave these to train
-SIZE_FIELDS = ("enc_channels", "gen_width", "fourier_features", "translation_range",
+SIZE_FIELDS = ("enc_channels", "gen_width", "fourier_features", "gen_fourier_features",
+               "translation_range",
                "translation_prior", "mask", "ctf")
 
 
