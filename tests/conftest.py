@@ -101,3 +101,15 @@ def write_test_pdb(path, atoms=None) -> Path:
 def write_pdb():
     """:func:`write_test_pdb`: ``write_pdb(path, atoms=None) -> path``."""
     return write_test_pdb
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny convolutions run ~10x faster on one thread
+    than oversubscribed on a busy box); the previous count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

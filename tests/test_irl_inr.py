@@ -21,13 +21,7 @@ from cryolatent.models.irl_inr import (
     symmetry_targets, warp_images)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run ~10x faster on one thread than oversubscribed on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(box=16, **kw) -> IRLINR:

@@ -17,12 +17,7 @@ from cryolatent.masks import circular_mask, circular_mask_np
 from cryolatent.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ctf_set(n=9, seed=0) -> CTFParams:

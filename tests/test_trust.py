@@ -20,12 +20,7 @@ from cryolatent.io import load_particles, write_mrcs, write_star
 from cryolatent.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- FRC

@@ -199,7 +199,7 @@ def moment_targets(images: torch.Tensor) -> dict[str, torch.Tensor]:
     proj = dx * ca[:, None] + dy * sa[:, None]
     # third moment along the axis, <(v.d) |d|^2> = mu30 + mu12 in the axis frame (the axis
     # projection of the 1-fold moment <zeta |zeta|^2>): measured 0.83/0.70/0.49 rotation corr.
-    # at SNR 100/10/1 (benchmarks/irl_inr_centred.py, 6 objects) vs 0.76/0.48/0.39 for mu30 alone
+    # at SNR 100/10/1 (benchmarks/studies/irl_inr_centred.py, 6 objects) vs 0.76/0.48/0.39 for mu30 alone
     skew = (w * proj * (dx * dx + dy * dy)).sum(-1) / W / i2.clamp_min(1e-12) ** 1.5
     sign = torch.where(skew < 0, -1.0, 1.0)
     vx, vy = ca * sign, sa * sign

@@ -22,8 +22,8 @@ Measurements (rotation metrics per class, since a canonical orientation is arbit
    uniform angles), median rotation error (deg, after the class's constant offset), and
    cluster accuracy of z (agglomerative Ward and k-means, k = number of 2-D classes).
 
-    python benchmarks/irl_inr_centred.py --steps 0 --classes 6 --n-per-class 300 --snr 10
-    python benchmarks/irl_inr_centred.py --data hinge --views 3 --n-per-class 300 --snr 10 \
+    python benchmarks/studies/irl_inr_centred.py --steps 0 --classes 6 --n-per-class 300 --snr 10
+    python benchmarks/studies/irl_inr_centred.py --data hinge --views 3 --n-per-class 300 --snr 10 \
         --steps 1500 --runs moments:mse,com:mse --threads 1
 
 Prints a JSON summary on stdout (one line per finished run first) and, with ``--table``, a

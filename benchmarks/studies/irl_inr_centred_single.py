@@ -8,7 +8,7 @@ the truth, the resultant length of (pred - truth) (1: a constant offset), |z|, t
 and the loss parts. The encoder is evaluated in eval mode (BatchNorm running statistics,
 as ``embed`` does) and, for comparison, in train mode (batch statistics of all images).
 
-    python benchmarks/irl_inr_centred_single.py --rule moments --snr 10 --steps 400 --threads 1
+    python benchmarks/studies/irl_inr_centred_single.py --rule moments --snr 10 --steps 400 --threads 1
 """
 from __future__ import annotations
 

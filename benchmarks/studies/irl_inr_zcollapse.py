@@ -1,6 +1,6 @@
 """Why does IRL-INR's semantic code z collapse on centred particles? One variant per run.
 
-Same data and CPU-size model as ``benchmarks/irl_inr_centred.py --data hinge`` (built-in
+Same data and CPU-size model as ``benchmarks/studies/irl_inr_centred.py --data hinge`` (built-in
 ``hinge_pair``, ``--views`` directions, centred, psi ~ U(0, 360), box 32, 2 x views classes;
 ResNet width 8, hypernetwork 64 x 2, INR 32 x 2, 32 Fourier features, moments rule, mse
 consistency), trained with one optimiser / scale variant, and at every ``--eval-every`` step:
@@ -28,7 +28,7 @@ the hypernetwork's input layer at init), ``--z-bn`` (z batch-normalised, unit va
 dimension, so neither loss can shrink it), ``--no-decay-z-path`` (those two layers in a group with
 weight decay 0). Prints one JSON line per evaluation and a JSON summary at the end.
 
-    OMP_NUM_THREADS=1 python benchmarks/irl_inr_zcollapse.py --steps 600 --eval-every 200 \
+    OMP_NUM_THREADS=1 python benchmarks/studies/irl_inr_zcollapse.py --steps 600 --eval-every 200 \
         --opt adam --weight-decay 5e-4 --tag adam-l2
 """
 
