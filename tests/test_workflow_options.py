@@ -450,10 +450,15 @@ def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, mo
     ok("embed", "run1", "Select/job012/particles.star", "-o", "embedded.star",
        "--clusters", "2", "--device", "cpu", "-j", "1")
     stack_create("embedded.star", "embedded_aligned", "--apply_transformation")
-    ok("plot", "embedded.star", "-o", "plots", "--rundir", "run1", "--no-umap")
-    ok("classes", "run1", "embedded.star", "-o", "classes", "--device", "cpu", "-j", "1",
+    ok("refine", "embedded.star", "-o", "refined.star", "-j", "1", "--iterations", "2")
+    refined = read_star(proj / "refined.star")["particles"]
+    assert list(refined["rlnImageName"]) == list(read_star(proj / "embedded.star")
+                                                 ["particles"]["rlnImageName"])
+    stack_create("refined.star", "refined_aligned", "--apply_transformation")
+    ok("plot", "refined.star", "-o", "plots", "--rundir", "run1", "--no-umap")
+    ok("classes", "run1", "refined.star", "-o", "classes", "--device", "cpu", "-j", "1",
        "--traversal-steps", "2")
-    ok("select", "embedded.star", "--classes", "1", "-o", "good.star")
+    ok("select", "refined.star", "--classes", "1", "-o", "good.star")
     stack_create("good.star", "aligned", "--apply_transformation")
     n_sel = len(read_star(proj / "good.star")["particles"])
     import mrcfile
