@@ -47,7 +47,7 @@ Method = Literal["bilinear", "fourier"]
 __all__ = [
     "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
     "centre_offsets_px", "transform_to_particle", "align_particles", "fourier_shift",
-    "rotate_images", "model_pose_to_input",
+    "rotate_images", "model_pose_to_input", "shift_ramp",
 ]
 
 
@@ -165,6 +165,18 @@ def _prep(images, psi_deg, shift_px):
     return B, D, psi, t
 
 
+def shift_ramp(D: int, shift_px: torch.Tensor) -> torch.Tensor:
+    """(B, D, D//2+1) complex128 phase ramps exp(-2πi f·s) in ``rfft2`` layout: multiplying an
+    image's ``rfft2`` by ramp b moves its content by +s_b. shift_px: (B, 2) (sx, sy) pixels
+    (float64 tensor, on the device the ramps are wanted)."""
+    ky = torch.fft.fftfreq(D, device=shift_px.device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(D, device=shift_px.device, dtype=torch.float64)
+    s = shift_px.to(torch.float64)
+    phase = -2.0 * math.pi * (kx[None, None, :] * s[:, 0, None, None]
+                              + ky[None, :, None] * s[:, 1, None, None])
+    return torch.polar(torch.ones_like(phase), phase)
+
+
 def fourier_shift(images: torch.Tensor, shift_px) -> torch.Tensor:
     """out(x) = images(x - s): moves the content by +s (periodic), via a Fourier phase ramp.
 
@@ -175,13 +187,8 @@ def fourier_shift(images: torch.Tensor, shift_px) -> torch.Tensor:
     s = _as_tensor(shift_px, images).reshape(-1, 2)
     if s.shape[0] == 1 and B != 1:
         s = s.expand(B, 2)
-    ky = torch.fft.fftfreq(D, device=images.device, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(D, device=images.device, dtype=torch.float64)
-    phase = -2.0 * math.pi * (kx[None, None, :] * s[:, 0, None, None]
-                              + ky[None, :, None] * s[:, 1, None, None])
     work = torch.float64 if images.dtype == torch.float64 else torch.float32
-    ramp = torch.polar(torch.ones_like(phase), phase).to(
-        torch.complex128 if work == torch.float64 else torch.complex64)
+    ramp = shift_ramp(D, s).to(torch.complex128 if work == torch.float64 else torch.complex64)
     f = torch.fft.rfft2(images.to(work))
     return torch.fft.irfft2(f * ramp, s=(D, D)).to(images.dtype)
 

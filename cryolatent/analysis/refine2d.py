@@ -54,9 +54,10 @@ import numpy as np
 import torch
 
 from ..masks import circular_mask
-from ..pose import align_particles, rotate_images
+from ..pose import align_particles, rotate_images, shift_ramp
 from ..preprocess import fourier_crop
 from ..utils import progress
+from .trust import ring_index
 
 log = logging.getLogger("cryolatent")
 
@@ -95,10 +96,8 @@ def rfft_weights(D: int, device=None) -> torch.Tensor:
 def shell_index(D: int, device=None) -> torch.Tensor:
     """(D, D//2+1) int64 radial shell of every ``rfft2`` frequency (round(|f|·D)), clamped to
     D//2 (the corners share the last shell)."""
-    ky = torch.fft.fftfreq(D, device=device, dtype=torch.float64) * D
-    kx = torch.fft.rfftfreq(D, device=device, dtype=torch.float64) * D
-    r = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
-    return torch.round(r).long().clamp(max=D // 2)
+    ring = ring_index(D)[:, : D // 2 + 1]      # the rfft2 half of the FRC's rings
+    return torch.from_numpy(ring).to(device).clamp(max=D // 2)
 
 
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -330,12 +329,7 @@ def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float
             kb = p.argmax(-1)
             jb = kb * R + r_best[torch.arange(n), kb]
             sb = sv[torch.arange(n), kb]                                 # (n, 2)
-            ky = torch.fft.fftfreq(D, dtype=torch.float64)
-            kx = torch.fft.rfftfreq(D, dtype=torch.float64)
-            ramp = torch.polar(torch.ones(n, D, H, dtype=torch.float64),
-                               -2 * math.pi * (kx[None, None] * sb[:, 0, None, None]
-                                               + ky[None, :, None] * sb[:, 1, None, None]))
-            model = c.double() * refs_f[jb].to(torch.complex128) * ramp
+            model = c.double() * refs_f[jb].to(torch.complex128) * shift_ramp(D, sb)
             res = xf_all[idx].to(torch.complex128) - model
             res_pow += (res.real ** 2 + res.imag ** 2).sum(0).reshape(-1)
             bar.update(n)
