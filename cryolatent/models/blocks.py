@@ -160,6 +160,35 @@ class _RotateBank(torch.autograd.Function):
         return _gather_sum(g, tidx, tw), None, None, None, None
 
 
+class _LiftingCorrelation(torch.autograd.Function):
+    """``F.conv2d(x, bank)`` (x (B, 1, H, W), bank (K, 1, k, k) -> (B, K, H-k+1, W-k+1)) whose
+    filter gradient is computed as one more forward correlation, of the images (batch as
+    input channels) with the output gradient (batch as input channels, an (H-k+1)-px kernel):
+
+        dL/dbank[o, 0, p, q] = sum_b sum_(i, j) x[b, 0, i + p, j + q] * g[b, o, i, j]
+                             = conv2d(x^T (1, B, H, W), g^T (K, B, h, w))[0, o, p, q]
+
+    The same sum as autograd's; oneDNN runs this one-input-channel case's weight gradient
+    slowly in bfloat16 on the CPU (5-10x the forward, benchmarks/README.md "Training cost per
+    particle"), the forward-shaped one at about the forward's cost. Used for CPU bf16 / fp16
+    only; float32 keeps autograd's (measured no faster this way)."""
+
+    @staticmethod
+    def forward(ctx, x, bank):
+        ctx.save_for_backward(x, bank)
+        return F.conv2d(x, bank)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, bank = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(x.shape, bank, g)
+        if ctx.needs_input_grad[1]:
+            gw = F.conv2d(x.transpose(0, 1), g.transpose(0, 1)).transpose(0, 1)
+        return gx, gw
+
+
 class GroupConvP(nn.Module):
     """Lifting P_r group convolution: C learned k x k filters applied at r rotations.
 
@@ -218,9 +247,15 @@ class GroupConvP(nn.Module):
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
             bank = bank.contiguous(memory_format=torch.channels_last)
-        if not torch.is_autocast_enabled(x.device.type):
-            bank = bank.to(x.dtype)
-        y = F.conv2d(x, bank)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if dev == "cpu" and dt in (torch.bfloat16, torch.float16):
+            with torch.autocast(dev, enabled=False):
+                y = _LiftingCorrelation.apply(x.to(dt), bank.to(dt))
+        else:
+            if not torch.is_autocast_enabled(dev):
+                bank = bank.to(x.dtype)
+            y = F.conv2d(x, bank)
         b, _, h, w = y.shape
         y = y.permute(0, 2, 3, 1).reshape(b, h, w, self.rotations, self.channels)
         return y + self.bias.to(y.dtype)
