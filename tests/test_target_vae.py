@@ -340,3 +340,26 @@ def test_group_conv_bf16_filter_gradient_matches_float32():
     g16, = torch.autograd.grad((y.float() * up).sum(), gc.weight)
     rel = (g16 - g32).norm() / g32.norm()
     assert rel < 2e-2, float(rel)
+
+
+def test_fourier_linear_equals_plain_composition():
+    """blocks.fourier_linear (features recomputed in the backward pass, rows in chunks)
+    gives the values and gradients of Linear(FourierFeatures(x, y)), float64."""
+    from cryolatent.models.blocks import FourierFeatures, fourier_linear
+
+    g = torch.Generator().manual_seed(5)
+    ff = FourierFeatures(6, 1.5, generator=g).double()
+    lin = torch.nn.Linear(12, 7).double()
+    x = torch.randn(3, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 11, 7, generator=g, dtype=torch.float64)
+    params = (x, y, lin.weight, lin.bias)
+    ref = lin(ff(torch.stack([x, y], -1)))
+    want = torch.autograd.grad((ref * up).sum(), params)
+    for rows in (5, 33, 4096):          # chunks that split the 33 rows, one chunk, larger
+        out = fourier_linear(ff, lin, x, y, rows=rows)
+        assert out.shape == (3, 11, 7)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad((out * up).sum(), params)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -56,6 +56,69 @@ class FourierFeatures(nn.Module):
         return torch.cat([torch.cos(p), torch.sin(p)], -1)
 
 
+def _fourier_rows(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, dt: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase x b_0 + y b_1 (n, F) float32 and its [cos, sin] features (n, 2F) in ``dt``."""
+    p = torch.addmm(x.unsqueeze(1) * b[0], y.unsqueeze(1), b[1:2])
+    return p, torch.cat([torch.cos(p), torch.sin(p)], 1).to(dt)
+
+
+class _FourierLinear(torch.autograd.Function):
+    """``Linear(2F, W)([cos p, sin p])`` with p = x b_0 + y b_1, evaluated ``rows`` coordinates
+    at a time and recomputed in the backward pass: only x, y (n,) are kept, not the
+    (n, F) phase and (n, 2F) features (4-5 float32 copies of n x 2F, most of the generator's
+    activation memory at 64 px). Gradients for x, y (the pose's path), weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, y, b, weight, bias, rows):
+        ctx.save_for_backward(x, y, b, weight)
+        ctx.rows = rows
+        out = x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+        for i in range(0, x.shape[0], rows):
+            _, feat = _fourier_rows(x[i:i + rows], y[i:i + rows], b, weight.dtype)
+            torch.addmm(bias, feat, weight.t(), out=out[i:i + rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, b, weight = ctx.saved_tensors
+        rows, f = ctx.rows, b.shape[1]
+        need_xy = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        gx = torch.empty_like(x) if need_xy else None
+        gy = torch.empty_like(y) if need_xy else None
+        acc = torch.promote_types(weight.dtype, torch.float32)      # bf16 sums in float32
+        gw = torch.zeros_like(weight, dtype=acc)
+        g = g.to(weight.dtype)
+        for i in range(0, x.shape[0], rows):
+            p, feat = _fourier_rows(x[i:i + rows], y[i:i + rows], b, weight.dtype)
+            gi = g[i:i + rows]
+            gw += (gi.t() @ feat).to(acc)
+            if need_xy:
+                gf = (gi @ weight).to(p.dtype)                           # (n, 2F)
+                gp = gf[:, f:] * torch.cos(p) - gf[:, :f] * torch.sin(p)  # d/dp
+                gx[i:i + rows] = gp @ b[0]
+                gy[i:i + rows] = gp @ b[1]
+        gb = g.to(acc).sum(0)
+        return gx, gy, None, gw.to(weight.dtype), gb.to(weight.dtype), None
+
+
+def fourier_linear(ff: "FourierFeatures", lin: nn.Linear, x: torch.Tensor, y: torch.Tensor,
+                   rows: int = 4096) -> torch.Tensor:
+    """``lin(ff(xy))`` for coordinates given as two (...,) tensors -> (..., W), without
+    keeping the Fourier features for the backward pass (:class:`_FourierLinear`; same values
+    as the plain composition, tested). The phase is float32 (float64 for float64 inputs);
+    the product runs in the autocast dtype where autocast is on, else in ``lin``'s."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lin.weight.dtype
+    pdt = torch.promote_types(x.dtype, torch.float32)
+    b = ff.freqs.to(pdt) * (2 * math.pi)
+    shape = x.shape
+    with torch.autocast(dev, enabled=False):
+        out = _FourierLinear.apply(x.reshape(-1).to(pdt), y.reshape(-1).to(pdt), b,
+                                   lin.weight.to(dt), lin.bias.to(dt), rows)
+    return out.reshape(*shape, -1)
+
+
 class MLP(nn.Module):
     """``layers`` hidden Linear(width, width) + LeakyReLU blocks then Linear(width, out)."""
 
@@ -67,7 +130,7 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for lin in self.hidden:
-            h = F.leaky_relu(lin(h), self.slope)
+            h = F.leaky_relu(lin(h), self.slope, inplace=True)  # saves one copy
         return self.out(h)
 
 

@@ -87,7 +87,8 @@ from .base import Inference, LatentModel
 from ..config import PAPER_SIZES, TargetVAEConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
-from .blocks import FourierFeatures, GroupConvP, GroupLinear, MLP, pixel_coordinates
+from .blocks import (FourierFeatures, GroupConvP, GroupLinear, MLP, fourier_linear,
+                     pixel_coordinates)
 
 LOGSTD_MIN, LOGSTD_MAX = -9.0, 4.0
 _SLOPE = 0.01
@@ -255,7 +256,7 @@ class TargetVAE(LatentModel):
         b, n = images.shape[0], images.shape[-1]
         h = self.gconv(images.unsqueeze(1), self._padding(n), cache=cache)   # (B,G,G,R,C)
         for lin in self.enc:
-            h = lin(F.leaky_relu(h, _SLOPE))
+            h = lin(F.leaky_relu(h, _SLOPE, inplace=True))
         if h.dtype in (torch.float16, torch.bfloat16):
             h = h.float()
         h = h.reshape(b, -1, self.n_out)                                       # (B, N_c, n_out)
@@ -296,10 +297,10 @@ class TargetVAE(LatentModel):
         dy = coords[None, :, 1].to(dt) - u[:, None, 1]
         th = theta.to(dt)
         c, s = torch.cos(th)[:, None], torch.sin(th)[:, None]
-        p = self.ff.phase(c * dx - s * dy, s * dx + c * dy)          # (B, P, F) float32
-        feat = torch.cat([torch.cos(p), torch.sin(p)], -1)
-        h = self.coord_in(feat) + self.z_in(z).unsqueeze(1)
-        return self.gen(F.leaky_relu(h, _SLOPE))
+        # coord_in(FF(x')) without keeping the (B, P, 2F) features (blocks.fourier_linear)
+        h = fourier_linear(self.ff, self.coord_in, c * dx - s * dy, s * dx + c * dy)
+        h = h + self.z_in(z).unsqueeze(1)                            # (B, P, W)
+        return self.gen(F.leaky_relu(h, _SLOPE, inplace=True))
 
     # ------------------------------------------------------------------ objective
     def _nll(self, out: torch.Tensor, images: torch.Tensor, ctf: torch.Tensor | None):
