@@ -103,7 +103,7 @@ KNOWN_FIELDS = {
     "enc_width", "hyper_width", "hyper_layers", "inr_width", "inr_layers",
     "fourier_features", "fourier_sigma", "lambda_recon", "lambda_consistency",
     "gen_fourier_features", "inr_fourier_features", "inr_fourier_sigma",
-    "lambda_symmetry", "consistency_loss", "rotation_rule", "extra",
+    "lambda_symmetry", "consistency_loss", "rotation_rule", "extra", "pixel_fraction",
     # not step options: run settings and when to stop
     "threads", "converge_window", "converge_tol", "kl_warmup",
 }
@@ -333,6 +333,7 @@ class Ours:
             if defaults == "cryoem" and over.get("likelihood") == "bernoulli":
                 over["likelihood"] = "gaussian"
         over.update(overrides or {})
+        amp = over.pop("amp", amp)       # a --variant may set the precision too
         tiny_sizes = {k: v for k, v in TINY.items() if k in SIZE_FIELDS} if tiny else {}
         self.cfg = TrainConfig(**over, amp=amp, compile=False, device="cpu")
         self.box = box or c["box"]

@@ -219,7 +219,8 @@ def test_free_bits_floor_each_latent_dimension():
 
 @pytest.mark.parametrize("opt", [["--converge-window", "0"], ["--kl-warmup", "-1"],
                                  ["--gumbel-tau", "0"], ["--kl-free-bits", "-0.1"],
-                                 ["--converge-tol", "-1"]])
+                                 ["--converge-tol", "-1"], ["--pixel-fraction", "0"],
+                                 ["--pixel-fraction", "1.5"]])
 def test_bad_new_options_are_one_line_errors(tmp_path, opt):
     import subprocess
     import sys
@@ -230,3 +231,22 @@ def test_bad_new_options_are_one_line_errors(tmp_path, opt):
     assert "Traceback" not in r.stderr and opt[0] in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_pixel_fraction_defaults():
+    """0.25 for boxes >= 48 px without CTF; 1 with CTF and for small boxes; a fraction below
+    1 with the CTF is a one-line error."""
+    from cryolatent.config import PIXEL_FRACTION
+    from cryolatent.errors import CryolatentError
+
+    cfg = TrainConfig(likelihood="bernoulli")
+    notes = cfg.resolve_defaults(box=50, has_ctf=False, device_type="cpu")
+    assert cfg.pixel_fraction == PIXEL_FRACTION < 1 and any("random 0.25" in n for n in notes)
+    assert build_model(cfg, 50).pixel_fraction == PIXEL_FRACTION
+    for box, ctf in ((64, True), (32, False)):
+        cfg = TrainConfig(likelihood="gaussian")
+        cfg.resolve_defaults(box=box, has_ctf=ctf, device_type="cpu")
+        assert cfg.pixel_fraction == 1.0
+    cfg = TrainConfig(likelihood="gaussian", pixel_fraction=0.5)
+    with pytest.raises(CryolatentError, match="pixel-fraction"):
+        cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")

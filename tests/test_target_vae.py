@@ -363,3 +363,45 @@ def test_fourier_linear_equals_plain_composition():
         got = torch.autograd.grad((out * up).sum(), params)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_pixel_subsampled_likelihood_is_unbiased(mask):
+    """Training steps with pixel_fraction < 1 score m drawn pixels of the P' scored ones
+    (all, or the mask's disc) scaled by P'/m: each draw equals that scaled brute-force sum,
+    and the mean over draws converges to the full likelihood; evaluation uses every pixel."""
+    torch.manual_seed(0)
+    m = build_model(TrainConfig(rotations=4, z_dim=2, enc_channels=4, gen_width=16,
+                                gen_layers=1, fourier_features=8, likelihood="gaussian",
+                                mask=mask, pixel_fraction=0.25), 20)
+    x = torch.randn(3, 20, 20)
+    z, th, u = torch.randn(3, 2), torch.rand(3) * 6, torch.randn(3, 2)
+    with torch.no_grad():
+        full_out = m.render(z, th, u)
+        m.eval()
+        assert m._draw_pixels() is None
+        full = m._nll(full_out, x, None)
+        m.train()
+        inside = m.mask2d.reshape(-1) > 0
+        n_scored = int(inside.sum()) if mask else 400
+        assert m.scored_px.numel() == n_scored
+        mean = full_out[..., 0]
+        per_px = 0.5 * (x.reshape(3, -1) - mean) ** 2 + 0.5 * math.log(2 * math.pi)
+        draws = []
+        for _ in range(3000):
+            px = m._draw_pixels()
+            assert px.numel() == round(0.25 * n_scored) and px.unique().numel() == px.numel()
+            assert bool(inside[px].all()) or not mask
+            est = m._nll(m.render(z, th, u, m.coords[px]), x, None, px)
+            if len(draws) < 3:   # the scaled sum over the drawn pixels, by hand
+                brute = per_px[:, px].sum(-1) * n_scored / px.numel()
+                torch.testing.assert_close(est, brute, rtol=1e-5, atol=1e-4)
+            draws.append(est)
+        draws = torch.stack(draws)
+        se = draws.std(0) / math.sqrt(len(draws))
+        assert bool(((draws.mean(0) - full).abs() < 4 * se + 1e-3).all()), (draws.mean(0), full)
+    # a training step with the fraction runs and its eval loss is the full ELBO
+    loss, parts = m(x)
+    loss.backward()
+    assert torch.isfinite(loss) and m.coord_in.weight.grad is not None

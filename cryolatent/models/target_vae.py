@@ -179,6 +179,11 @@ class TargetVAE(LatentModel):
         learn_sigma, mask, ctf = c.learn_sigma, bool(c.mask), bool(c.ctf)
         gumbel_tau, kl_free_bits = c.gumbel_tau or 1.0, c.kl_free_bits or 0.0
         subpixel, recentre = c.subpixel, c.recentre
+        self.pixel_fraction = 1.0 if c.pixel_fraction is None else float(c.pixel_fraction)
+        if not 0 < self.pixel_fraction <= 1:
+            raise ValueError(f"pixel_fraction {self.pixel_fraction}: must be in (0, 1]")
+        if self.pixel_fraction < 1 and ctf:
+            raise ValueError("pixel_fraction < 1 needs a likelihood without CTF")
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood {likelihood!r}")
         if ctf and likelihood != "gaussian":
@@ -239,6 +244,10 @@ class TargetVAE(LatentModel):
         self.register_buffer("coords", pixel_coordinates(box), persistent=False)
         self.register_buffer("mask2d", circular_mask(box, dtype=torch.float32),
                              persistent=False)
+        # the pixels the likelihood scores (flat indices): the mask's disc, or all
+        scored = (torch.nonzero(self.mask2d.reshape(-1) > 0).reshape(-1) if mask
+                  else torch.arange(box * box))
+        self.register_buffer("scored_px", scored, persistent=False)
 
     # ------------------------------------------------------------------ encoder
     def _padding(self, n: int) -> tuple[int, int, int, int]:
@@ -303,10 +312,27 @@ class TargetVAE(LatentModel):
         return self.gen(F.leaky_relu(h, _SLOPE, inplace=True))
 
     # ------------------------------------------------------------------ objective
-    def _nll(self, out: torch.Tensor, images: torch.Tensor, ctf: torch.Tensor | None):
+    def _draw_pixels(self) -> torch.Tensor | None:
+        """Training steps with ``pixel_fraction`` < 1: a uniform draw without replacement of
+        m = round(fraction * P') of the P' scored pixels (flat indices (m,)); else None."""
+        if not self.training or self.pixel_fraction >= 1:
+            return None
+        n = self.scored_px.shape[0]
+        m = max(1, round(self.pixel_fraction * n))
+        pick = torch.randperm(n, device=self.scored_px.device)[:m]
+        return self.scored_px[pick]
+
+    def _nll(self, out: torch.Tensor, images: torch.Tensor, ctf: torch.Tensor | None,
+             pixels: torch.Tensor | None = None):
+        """Negative log-likelihood per image (B,). ``out`` (B, P, 1|2) rendered at every pixel,
+        or, with ``pixels`` (m,) flat indices drawn by :meth:`_draw_pixels`, at those only:
+        then the sum over them is scaled by P'/m, an unbiased estimate of the sum over the P'
+        scored pixels (the whole box, or the mask's disc)."""
         b, n = images.shape[0], images.shape[-1]
         out = out.float()
         y = images.reshape(b, -1).float()
+        if pixels is not None:
+            y = y[:, pixels]
         if self.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(out[..., 0], y, reduction="none")
         else:
@@ -320,6 +346,8 @@ class TargetVAE(LatentModel):
                 nll = 0.5 * ((y - mean) * torch.exp(-ls)) ** 2 + ls + 0.5 * _LOG2PI
             else:
                 nll = 0.5 * (y - mean) ** 2 + 0.5 * _LOG2PI
+        if pixels is not None:            # drawn inside the scored set: no mask to apply
+            return nll.sum(-1) * (self.scored_px.shape[0] / pixels.shape[0])
         if self.use_mask:
             nll = nll * self.mask2d.reshape(1, -1)
         return nll.sum(-1)
@@ -350,8 +378,9 @@ class TargetVAE(LatentModel):
             u = u + torch.einsum("bn,bnk->bk", w, post["d_mu"]) + d_sd * torch.randn_like(u)
         z = z_mu + z_sd * torch.randn_like(z_mu)
         theta = th_mu + th_sd * torch.randn_like(th_mu)
-        out = self.render(z, theta, u)
-        recon = self._nll(out, images, ctf)
+        pixels = self._draw_pixels()
+        out = self.render(z, theta, u, None if pixels is None else self.coords[pixels])
+        recon = self._nll(out, images, ctf, pixels)
         kl = kl_tr + kl_th + kl_z
         # Training steps only (evaluation is always the ELBO): KL warm-up (--kl-warmup, the z
         # term weighted < 1) and free bits (--kl-free-bits: each latent dimension's batch-mean
