@@ -28,7 +28,10 @@ BEFORE = dict(z_dim=8, enc_channels=128, gen_width=512, gen_fourier_features=256
 def child(box: int, batch: int, steps: int, threads: int, which: str) -> dict:
     import torch
 
+    import numpy as np
+
     from cryolatent.config import TrainConfig
+    from cryolatent.ctf import CTFParams, ctf_params_tensor
     from cryolatent.models import build_model
     from cryolatent.train import StepRunner, amp_dtype, make_optimizer
 
@@ -43,7 +46,11 @@ def child(box: int, batch: int, steps: int, threads: int, which: str) -> dict:
     dev = torch.device("cpu")
     runner = StepRunner(model, opt, dev, amp_dtype(cfg.amp, dev))
     x = torch.randn(batch, box, box)
-    ctf = torch.rand(batch, box, box) * 2 - 1
+    # per-particle CTF parameters, as `train` hands them to the model (the CTF is made per
+    # batch on the device): defocus 1-2.5 um, 300 kV, 2 A/px
+    g = np.random.default_rng(0)
+    ctf = ctf_params_tensor(CTFParams(g.uniform(1e4, 2.5e4, batch), g.uniform(1e4, 2.5e4, batch),
+                                      g.uniform(0, 180, batch), 300.0, 2.7, 0.1, 0.0), 2.0)
     runner.train_step(x, ctf)                                   # warm-up
     times = []
     for _ in range(steps):

@@ -405,3 +405,29 @@ def test_pixel_subsampled_likelihood_is_unbiased(mask):
     loss, parts = m(x)
     loss.backward()
     assert torch.isfinite(loss) and m.coord_in.weight.grad is not None
+
+
+def test_group_conv_paths_agree(monkeypatch):
+    """The CPU im2col product (small inputs) and the direct convolution (beyond UNFOLD_MAX)
+    give the same maps and gradients (float64), channels-last (B, H', W', R, C)."""
+    from cryolatent.models import blocks
+
+    torch.manual_seed(1)
+    gc = GroupConvP(3, 7, 8).double()
+    x = torch.randn(4, 1, 15, 15, dtype=torch.float64)
+    pad = (1, 2, 1, 2)
+    up = torch.randn(4, 12, 12, 8, 3, dtype=torch.float64)
+    outs = []
+    for limit in (blocks.UNFOLD_MAX, 0):
+        monkeypatch.setattr(blocks, "UNFOLD_MAX", limit)
+        gc.zero_grad()
+        y = gc(x, pad)
+        assert y.shape == (4, 12, 12, 8, 3)
+        (y * up).sum().backward()
+        outs.append((y.detach(), gc.weight.grad.clone(), gc.bias.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and against F.conv2d with the rotated bank, by hand
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad), gc.filter_bank().detach())
+    ref = ref.permute(0, 2, 3, 1).reshape(4, 12, 12, 8, 3) + gc.bias.detach()
+    torch.testing.assert_close(outs[0][0], ref, rtol=1e-12, atol=1e-12)
