@@ -270,18 +270,21 @@ class TargetVAE(LatentModel):
             h = h.float()
         h = h.reshape(b, -1, self.n_out)                                       # (B, N_c, n_out)
         d = self.z_dim
+        # one split, not one slice per output: each slice's backward would write a zero
+        # gradient the size of h (a large share of a step at 41 x 41 x 16 cells)
+        parts = torch.split(h, [1, d, d, 1, 1] + ([1, 1, 1] if self.subpixel else []), -1)
         post = {
-            "log_q": torch.log_softmax(h[..., 0], -1),
-            "z_mu": h[..., 1:1 + d],
-            "z_logstd": h[..., 1 + d:1 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
-            "th_mu": h[..., 1 + 2 * d],
-            "th_logstd": h[..., 2 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX),
+            "log_q": torch.log_softmax(parts[0].squeeze(-1), -1),
+            "z_mu": parts[1],
+            "z_logstd": parts[2].clamp(LOGSTD_MIN, LOGSTD_MAX),
+            "th_mu": parts[3].squeeze(-1),
+            "th_logstd": parts[4].squeeze(-1).clamp(LOGSTD_MIN, LOGSTD_MAX),
         }
         if self.subpixel:
             c, s = self.cell_cos, self.cell_sin                                # (N_c,)
-            lx, ly = h[..., 3 + 2 * d], h[..., 4 + 2 * d]                       # rotation frame
+            lx, ly = parts[5].squeeze(-1), parts[6].squeeze(-1)                 # rotation frame
             post["d_mu"] = _turn_back(c, s, lx, ly)                            # (B, N_c, 2)
-            post["d_logstd"] = h[..., 5 + 2 * d].clamp(LOGSTD_MIN, LOGSTD_MAX)
+            post["d_logstd"] = parts[7].squeeze(-1).clamp(LOGSTD_MIN, LOGSTD_MAX)
         return post
 
     def _cell_pose(self):
