@@ -40,8 +40,8 @@ MODEL_OPTIM = {"target-vae": {"lr": 2e-4, "batch_size": 100, "weight_decay": 0.0
 #: classes (benchmarks/README.md, cryo-EM benchmark)
 CRYO_TARGET_VAE = {"z_dim": 8, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.0, "gumbel_tau": 0.5,
                    "kl_warmup": 5.0, "kl_free_bits": 0.0}
-#: TARGET-VAE without CTF, boxes >= 48 px: share of the pixels each training step renders and
-#: scores (benchmarks/README.md, "Training cost per particle": the generator is most of a
+#: Both models without CTF, boxes >= 48 px: share of the pixels each training step renders
+#: and scores (benchmarks/README.md, "Training cost per particle": the generator is most of a
 #: step; quality at equal wall time on MNIST(U) in the same section)
 PIXEL_FRACTION = 0.25
 #: TARGET-VAE sizes chosen on the CPU when left to "auto" (benchmarks/README.md: cryo-EM
@@ -152,6 +152,9 @@ class IRLINRConfig(_ModelConfig):
     lambda_symmetry: float = 15.0
     consistency_loss: Literal["mse", "cosine"] = "mse"   # "mse" (paper, sec. 4.2) | "cosine"
     rotation_rule: Literal["moments", "com"] = "moments"  # "moments" (ours) | "com" (paper)
+    pixel_fraction: float | None = None  # training steps render this share of the pixels
+                                      #   for the reconstruction loss (a fresh uniform draw,
+                                      #   its mean is unbiased; None: as TARGET-VAE's)
 
 
 #: ``--model`` name -> its configuration class
@@ -338,16 +341,16 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
                                           else 5.0)
             if self.mask is None:
                 self.mask = cryo
-            if self.pixel_fraction is None:
-                self.pixel_fraction = PIXEL_FRACTION if (box >= 48 and not self.ctf) else 1.0
-                if self.pixel_fraction < 1:
-                    notes.append(f"training steps score a random {self.pixel_fraction:g} of "
-                                 "the pixels (unbiased; validation uses all)")
-            elif self.pixel_fraction < 1 and self.ctf:
-                raise CryolatentError("--pixel-fraction below 1 needs a likelihood without CTF "
-                                      "(this set has CTF parameters: add --no-ctf)")
         elif self.mask is None:
             self.mask = False
+        if self.pixel_fraction is None:
+            self.pixel_fraction = PIXEL_FRACTION if (box >= 48 and not self.ctf) else 1.0
+            if self.pixel_fraction < 1:
+                notes.append(f"training steps score a random {self.pixel_fraction:g} of "
+                             "the pixels (unbiased; validation uses all)")
+        elif self.pixel_fraction < 1 and self.ctf:
+            raise CryolatentError("--pixel-fraction below 1 needs a likelihood without CTF "
+                                  "(this set has CTF parameters: add --no-ctf)")
         return notes
 
     def to_dict(self) -> dict[str, Any]:

@@ -243,6 +243,9 @@ def test_pixel_fraction_defaults():
     notes = cfg.resolve_defaults(box=50, has_ctf=False, device_type="cpu")
     assert cfg.pixel_fraction == PIXEL_FRACTION < 1 and any("random 0.25" in n for n in notes)
     assert build_model(cfg, 50).pixel_fraction == PIXEL_FRACTION
+    cfg = TrainConfig(model="irl-inr")
+    cfg.resolve_defaults(box=50, has_ctf=False, device_type="cpu")
+    assert cfg.pixel_fraction == PIXEL_FRACTION and build_model(cfg, 50).pixel_fraction < 1
     for box, ctf in ((64, True), (32, False)):
         cfg = TrainConfig(likelihood="gaussian")
         cfg.resolve_defaults(box=box, has_ctf=ctf, device_type="cpu")

@@ -104,7 +104,7 @@ _OPTIONS = [
     ("--subpixel", "subpixel", bool,
      "TARGET-VAE: sub-pixel offset inside each translation cell [off]."),
     ("--pixel-fraction", "pixel_fraction", float,
-     "TARGET-VAE: share of the likelihood's pixels each training step renders and scores, a "
+     "Share of the likelihood's pixels each training step renders and scores, a "
      "new random draw per step, scaled so the loss stays unbiased; validation and embed use "
      "all pixels. Must be 1 with the CTF [0.25 for boxes >= 48 px without CTF, else 1]."),
     ("--recentre", "recentre", bool,

@@ -392,6 +392,9 @@ class IRLINR(LatentModel):
         self.hyper = HyperINR(z_dim, c.hyper_width, c.hyper_layers, c.inr_width, c.inr_layers,
                               c.inr_fourier_features, c.inr_fourier_sigma, generator=g)
         self._channels_last = False
+        self.pixel_fraction = 1.0 if c.pixel_fraction is None else float(c.pixel_fraction)
+        if not 0 < self.pixel_fraction <= 1:
+            raise ValueError(f"pixel_fraction {self.pixel_fraction}: must be in (0, 1]")
 
     # -- pieces ---------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -409,20 +412,23 @@ class IRLINR(LatentModel):
         return out[:, :d], _unit(out[:, d:d + 2]), out[:, d + 2:d + 4]
 
     def render(self, z: torch.Tensor, rot: torch.Tensor | None, tau: torch.Tensor | None,
-               size: int) -> torch.Tensor:
+               size: int, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """INR images (B, size, size) at coordinates ``S_{theta,tau}(p) = R(theta)(p + tau)``.
 
         rot: (B, 2) unit (cos, sin) or None (identity); tau: (B, 2) or None (zero).
+        pixels: optional flat pixel indices (m,): then only those, (B, m).
         """
         work = torch.float64 if z.dtype == torch.float64 else torch.float32
-        p = grid_coords(size, z.device, work)[None]                    # (1, P, 2)
+        p = grid_coords(size, z.device, work)                          # (P, 2)
+        p = (p if pixels is None else p[pixels])[None]                 # (1, P | m, 2)
         if tau is not None:
             p = p + tau[:, None, :].to(work)
         if rot is not None:
             c, s = rot[:, None, 0:1].to(work), rot[:, None, 1:2].to(work)
             p = torch.cat([c * p[..., 0:1] - s * p[..., 1:2], s * p[..., 0:1] + c * p[..., 1:2]], -1)
         p = p.expand(z.shape[0], -1, -1)
-        return render_inr(p, self.hyper.ff, self.hyper(z)).reshape(-1, size, size)
+        out = render_inr(p, self.hyper.ff, self.hyper(z))
+        return out if pixels is not None else out.reshape(-1, size, size)
 
     def consistency_views(self, images: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -465,10 +471,18 @@ class IRLINR(LatentModel):
         views, _, _ = self.consistency_views(images)                   # (2B, N, N)
         allx = torch.cat([images.float(), views], 0)                   # (3B, N, N)
         z, u, tau = self.encode(allx)
-        pred = self.render(z[:B], u[:B], tau[:B], N).float()
-        if ctf is not None:
-            pred = apply_ctf(pred, ctf)
-        l_rec = ((pred - images.float()) ** 2).mean()
+        if self.training and self.pixel_fraction < 1 and ctf is None:
+            # a fresh uniform draw of m pixels: their mean squared error is an unbiased
+            # estimate of the whole image's (the CTF mixes all pixels, so not with it)
+            m = max(1, round(self.pixel_fraction * N * N))
+            px = torch.randperm(N * N, device=images.device)[:m]
+            pred = self.render(z[:B], u[:B], tau[:B], N, pixels=px).float()
+            l_rec = ((pred - images.reshape(B, -1)[:, px].float()) ** 2).mean()
+        else:
+            pred = self.render(z[:B], u[:B], tau[:B], N).float()
+            if ctf is not None:
+                pred = apply_ctf(pred, ctf)
+            l_rec = ((pred - images.float()) ** 2).mean()
         z1, z2 = z[B:2 * B], z[2 * B:]
         if self.consistency_loss == "cosine":
             l_con = (1 - F.cosine_similarity(z1, z2, dim=-1, eps=1e-8)).mean()
