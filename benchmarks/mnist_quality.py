@@ -216,7 +216,11 @@ def _field_type(f: dataclasses.Field):
         return "bool"
     if isinstance(default, (int, float, str)):
         return type(default)
-    return int  # None defaults: kernel, translation_range
+    ann = str(f.type)                    # None defaults: the annotation says ("float | None")
+    for name, typ in (("bool", "bool"), ("float", float), ("int", int)):
+        if name in ann:
+            return typ
+    return str
 
 
 def _bool(s: str) -> bool:

@@ -127,3 +127,14 @@ def test_rotation_diagnostics_flips_and_grid():
     assert m["rotation_agreement_per_class"] == pytest.approx(0.5, abs=1e-9)  # |0.75 - 0.25|
     g = mq.rotation_diagnostics(np.array([0.0, 45.2, 90.0, 100.0]), np.zeros(4), np.zeros(4))
     assert g["psi_on_grid_frac_P8"] == 0.75 and g["psi_on_grid_frac_P4"] == 0.5
+
+
+def test_options_take_their_fields_types():
+    """Every TrainConfig field is an option of its own type, also those whose default is None
+    (a float option parsed as int rejected "--pixel-fraction 0.25")."""
+    a = mq.build_parser().parse_args(["--outdir", "x", "--pixel-fraction", "0.25", "--lr", "1e-3",
+                                      "--translation-prior", "2.5", "--kernel", "25",
+                                      "--subpixel", "on", "--amp", "off"])
+    assert (a.cfg_pixel_fraction, a.cfg_lr, a.cfg_translation_prior, a.cfg_kernel,
+            a.cfg_subpixel, a.cfg_amp) == (0.25, 1e-3, 2.5, 25, True, "off")
+    assert isinstance(a.cfg_kernel, int)

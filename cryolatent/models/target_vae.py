@@ -73,6 +73,15 @@ through the same matrices as one (B*P, W) product.
 Likelihood: Bernoulli (images in [0, 1]) or Gaussian (sigma 1, or learned per pixel); with
 ``ctf`` the generated image is multiplied by the particle's CTF in Fourier space before the
 Gaussian comparison; ``mask`` restricts the likelihood to the disc of radius box/2.
+With ``pixel_fraction`` < 1 (no CTF), a training step renders and scores only a fresh uniform
+draw of m = fraction * P' of the P' scored pixels and multiplies their sum by P'/m: an unbiased
+estimate of the reconstruction term (and of its gradient) for a fraction of the generator's
+cost; evaluation and inference always use every pixel.
+
+Cost (benchmarks/README.md, "Training cost per particle"): the generator's first layer is
+:func:`blocks.fourier_linear` (the Fourier features are recomputed in the backward pass rather
+than kept: most of the activation memory at 64 px), and :class:`blocks.GroupConvP` picks an
+im2col product or a direct convolution by size; both are tested against the plain computation.
 """
 
 from __future__ import annotations
