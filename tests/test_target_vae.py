@@ -321,7 +321,7 @@ def test_lifting_correlation_gradients_equal_autograd():
     torch.testing.assert_close(hx, gx, rtol=1e-12, atol=1e-12)
     # an explicit sum over images and positions, for one filter tap
     o, p, q = 4, 2, 7
-    brute = sum(float((x[b, 0, p:p + 9, q:q + 9] * up[b, o]).sum()) for b in range(5))
+    brute = sum(float((x[b, 0, p:p + 9, q:q + 9] * up[b, o]).detach().sum()) for b in range(5))
     assert abs(float(hw[o, 0, p, q]) - brute) < 1e-10
 
 
@@ -431,3 +431,28 @@ def test_group_conv_paths_agree(monkeypatch):
     ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad), gc.filter_bank().detach())
     ref = ref.permute(0, 2, 3, 1).reshape(4, 12, 12, 8, 3) + gc.bias.detach()
     torch.testing.assert_close(outs[0][0], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_blockwise_training_render_equals_render(monkeypatch):
+    """render_for_training (pixel blocks recomputed in the backward pass) gives render's
+    values and the same gradients for every parameter and for z, theta, u (float64)."""
+    from cryolatent.models import target_vae as tvm
+
+    torch.manual_seed(2)
+    m = tiny(box=13).double()
+    z = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    th = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 169, 1, dtype=torch.float64)
+    inputs = [z, th, u, *m.parameters()]
+    ref = m.render(z, th, u)
+    want = torch.autograd.grad((ref * up).sum(), inputs, allow_unused=True)
+    monkeypatch.setattr(tvm, "RENDER_BLOCK", 3 * 40 * m.coord_in.out_features)   # 5 blocks
+    out = m.render_for_training(z, th, u, m.coords)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    got = torch.autograd.grad((out * up).sum(), inputs, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
