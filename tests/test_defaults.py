@@ -253,3 +253,21 @@ def test_pixel_fraction_defaults():
     cfg = TrainConfig(likelihood="gaussian", pixel_fraction=0.5)
     with pytest.raises(CryolatentError, match="pixel-fraction"):
         cfg.resolve_defaults(box=64, has_ctf=True, device_type="cpu")
+
+
+def test_pixel_fraction_with_ctf_is_a_one_line_error_with_no_output(tmp_path, capsys):
+    """`train --pixel-fraction 0.5` on a set with CTF parameters: the CTF mixes every pixel,
+    so the command stops with one line naming the option, exit 1, and no run folder."""
+    from cryolatent.cli import main
+    from cryolatent.simulate.cryoem import simulate_cryoem
+    from cryolatent.simulate.synthetic import hinge_pair
+
+    sim = simulate_cryoem(tmp_path / "sim", hinge_pair(atoms=60), n=8, box=16, snr=3.0, seed=0,
+                          views=1)
+    star = sim if str(sim).endswith(".star") else tmp_path / "sim" / "particles.star"
+    rc = main(["train", str(star), "-o", str(tmp_path / "run"), "--pixel-fraction", "0.5",
+               "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--pixel-fraction" in err and "CTF" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
