@@ -275,9 +275,6 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
             raise CryolatentError("--lr must be > 0")
         if self.pixel_fraction is not None and not (0 < self.pixel_fraction <= 1):
             raise CryolatentError(f"--pixel-fraction {self.pixel_fraction}: must be in (0, 1]")
-        if self.pixel_fraction is not None and self.pixel_fraction < 1 and self.ctf:
-            raise CryolatentError("--pixel-fraction below 1 needs a likelihood without CTF "
-                                  "(the CTF mixes every pixel of the rendered image)")
         if self.kernel is not None and self.kernel < 1:
             raise CryolatentError("--kernel must be >= 1")
         for f in dataclasses.fields(self):      # the Literal choices of the classes
@@ -348,9 +345,10 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
             if self.pixel_fraction < 1:
                 notes.append(f"training steps score a random {self.pixel_fraction:g} of "
                              "the pixels (unbiased; validation uses all)")
-        elif self.pixel_fraction < 1 and self.ctf:
+        elif self.pixel_fraction < 1 and self.ctf:   # given, or resolved from the data above
             raise CryolatentError("--pixel-fraction below 1 needs a likelihood without CTF "
-                                  "(this set has CTF parameters: add --no-ctf)")
+                                  "(the CTF mixes every pixel; this run has the CTF on: "
+                                  "add --no-ctf)")
         return notes
 
     def to_dict(self) -> dict[str, Any]:

@@ -56,6 +56,13 @@ class FourierFeatures(nn.Module):
         return torch.cat([torch.cos(p), torch.sin(p)], -1)
 
 
+def draw_pixels(n: int, fraction: float, device=None) -> torch.Tensor:
+    """A uniform draw without replacement of m = max(1, round(fraction * n)) of n indices,
+    (m,) long: the pixels a training step scores when ``pixel_fraction`` < 1 (both models)."""
+    m = max(1, round(fraction * n))
+    return torch.randperm(n, device=device)[:m]
+
+
 def _fourier_rows(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, dt: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase x b_0 + y b_1 (n, F) float32 and its [cos, sin] features (n, 2F) in ``dt``."""
@@ -88,17 +95,18 @@ class _FourierLinear(torch.autograd.Function):
         gy = torch.empty_like(y) if need_xy else None
         acc = torch.promote_types(weight.dtype, torch.float32)      # bf16 sums in float32
         gw = torch.zeros_like(weight, dtype=acc)
+        gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
         g = g.to(weight.dtype)
         for i in range(0, x.shape[0], rows):
             p, feat = _fourier_rows(x[i:i + rows], y[i:i + rows], b, weight.dtype)
             gi = g[i:i + rows]
             gw += (gi.t() @ feat).to(acc)
+            gb += gi.to(acc).sum(0)
             if need_xy:
                 gf = (gi @ weight).to(p.dtype)                           # (n, 2F)
                 gp = gf[:, f:] * torch.cos(p) - gf[:, :f] * torch.sin(p)  # d/dp
                 gx[i:i + rows] = gp @ b[0]
                 gy[i:i + rows] = gp @ b[1]
-        gb = g.to(acc).sum(0)
         return gx, gy, None, gw.to(weight.dtype), gb.to(weight.dtype), None
 
 

@@ -46,7 +46,7 @@ from ..config import IRL_PAPER_SIZES, IRLINRConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .base import Inference, LatentModel
-from .blocks import FourierFeatures, pixel_coordinates
+from .blocks import FourierFeatures, draw_pixels, pixel_coordinates
 
 __all__ = [
     "IRLINR", "build", "frame_to_relion", "grid_coords", "warp_images", "moment_targets",
@@ -474,8 +474,7 @@ class IRLINR(LatentModel):
         if self.training and self.pixel_fraction < 1 and ctf is None:
             # a fresh uniform draw of m pixels: their mean squared error is an unbiased
             # estimate of the whole image's (the CTF mixes all pixels, so not with it)
-            m = max(1, round(self.pixel_fraction * N * N))
-            px = torch.randperm(N * N, device=images.device)[:m]
+            px = draw_pixels(N * N, self.pixel_fraction, images.device)
             pred = self.render(z[:B], u[:B], tau[:B], N, pixels=px).float()
             l_rec = ((pred - images.reshape(B, -1)[:, px].float()) ** 2).mean()
         else:

@@ -97,8 +97,8 @@ from .base import Inference, LatentModel
 from ..config import PAPER_SIZES, TargetVAEConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
-from .blocks import (FourierFeatures, GroupConvP, GroupLinear, MLP, fourier_linear,
-                     pixel_coordinates)
+from .blocks import (FourierFeatures, GroupConvP, GroupLinear, MLP, draw_pixels,
+                     fourier_linear, pixel_coordinates)
 
 LOGSTD_MIN, LOGSTD_MAX = -9.0, 4.0
 #: training renders the generator in blocks of at most this many activations per layer
@@ -347,10 +347,8 @@ class TargetVAE(LatentModel):
         m = round(fraction * P') of the P' scored pixels (flat indices (m,)); else None."""
         if not self.training or self.pixel_fraction >= 1:
             return None
-        n = self.scored_px.shape[0]
-        m = max(1, round(self.pixel_fraction * n))
-        pick = torch.randperm(n, device=self.scored_px.device)[:m]
-        return self.scored_px[pick]
+        return self.scored_px[draw_pixels(self.scored_px.shape[0], self.pixel_fraction,
+                                          self.scored_px.device)]
 
     def _nll(self, out: torch.Tensor, images: torch.Tensor, ctf: torch.Tensor | None,
              pixels: torch.Tensor | None = None):
