@@ -50,7 +50,7 @@ from .io.particles import nth_keys, particle_keys
 from .pose import centre_class_frames, model_pose_to_input
 from .preprocess import Preprocessing, describe_particles
 from .run import RunDir, run_preprocessing, training_set_path
-from .utils import atomic_path, prefetch, progress, relion_path, resolve_device
+from .utils import atomic_path, prefetch, progress, resolve_device
 
 __all__ = [
     "embed", "model_pose_to_input", "output_paths", "EmbedOutputs", "InputAdapter",
@@ -174,8 +174,9 @@ class InputAdapter:
         if prep.apix is not None and not self.same:
             eff = float(np.median(self.apix_model))
             if abs(eff / prep.apix - 1.0) > 0.01:
-                log.warning("%s: pixel size %.4g Å × box %d / %d = %.4g Å differs from the "
-                            "training images' %.4g Å; the model may see the wrong scale",
+                log.warning("WARNING: %s: pixel size %.4g Å × box %d / %d = %.4g Å differs "
+                            "from the training images' %.4g Å; the model may see the wrong "
+                            "scale",
                             ps.source, _median_apix(ps), self.box_in, self.box, eff, prep.apix)
 
     @property
@@ -407,13 +408,8 @@ def embed(rundir: str | Path, input: str | Path, out: str | Path, clusters: int 
                 cols[f"rlnOrigin{ax}"] = origin[:, j] / ps.apix_per_particle
         del res.z  # close the memmap before the rename
         _warn_kept_columns(ps.table, clusters is not None)
-        if ps.kind == "mrcs":
-            # a bare stack has no original names: relative to the current directory (RELION
-            # resolves names from its working folder) when the stack lies below it, else
-            # absolute
-            stack = relion_path(ps.stack_paths[0])
-            cols["rlnImageName"] = np.array([f"{i + 1:06d}@{stack}"
-                                             for i in np.asarray(ps.image_index)], dtype=object)
+        # ps.table names the stacks from the current directory (relative below it, else
+        # absolute), as RELION run from here resolves them (io.particles.cwd_stack_name)
         table = _add_columns(ps.table, cols)
 
         write_star(outs.star, table, ps.optics)       # bounded memory (row chunks)

@@ -429,6 +429,63 @@ def output_folder(path: str | os.PathLike, force: bool = False, extra: str = "",
         raise
 
 
+def check_outfiles(paths, force: bool = False) -> None:
+    """Refuse existing output files unless ``force``: the one message of every command that
+    writes files (``embed -o OUT.star``, ``select -o``, ``refine -o``): "PATH: file exists;
+    use --force to overwrite it or choose another -o", naming the first that exists. None
+    entries are skipped; a folder in a file's place is refused even with ``force``."""
+    for q in paths:
+        if q is None:
+            continue
+        q = Path(q)
+        if q.is_dir():
+            raise CryolatentError(f"{q}: is a folder; choose another -o")
+        if not force and (q.exists() or q.is_symlink()):
+            raise CryolatentError(f"{q}: file exists; use --force to overwrite it or choose "
+                                  "another -o")
+
+
+@contextlib.contextmanager
+def output_files(paths, force: bool = False, logs=()) -> Iterator[None]:
+    """:func:`check_outfiles` on ``paths``, then undo what the block wrote if it fails (any
+    exception, Ctrl-C included): each of ``paths`` and ``logs`` that did not exist before is
+    removed, and a log that existed (``embed.log``: appended to) is cut back to its old
+    length, so a failed command leaves no output of its own. Files the block overwrote stay
+    as they are now (cryolatent writes them atomically: complete old or new). The log files'
+    handlers are detached first. ``logs`` are not refused: commands append to them."""
+    paths = [Path(q) for q in paths if q is not None]
+    logs = [Path(q) for q in logs if q is not None]
+    check_outfiles(paths, force)
+    existed = {q: q.exists() for q in paths}
+    sizes = {q: (q.stat().st_size if q.is_file() else None) for q in logs}
+    try:
+        yield
+    except BaseException:
+        for q in logs:
+            _close_log(q)
+            with contextlib.suppress(OSError):
+                if sizes[q] is None:
+                    q.unlink()
+                else:
+                    os.truncate(q, sizes[q])
+        for q in paths:
+            if not existed[q]:
+                with contextlib.suppress(OSError):
+                    q.unlink()
+        raise
+
+
+def _close_log(path: Path) -> None:
+    """Detach the cryolatent log handler writing ``path``, if any."""
+    logger = logging.getLogger("cryolatent")
+    target = os.path.abspath(path)
+    for h in list(logger.handlers):
+        f = getattr(h, "baseFilename", None)
+        if f and os.path.abspath(f) == target:
+            logger.removeHandler(h)
+            h.close()
+
+
 def _close_logs_under(folder: Path) -> None:
     """Detach the cryolatent log files that live under ``folder`` (about to be removed)."""
     logger = logging.getLogger("cryolatent")
@@ -445,8 +502,12 @@ def relion_path(path: str | os.PathLike) -> str:
     """How a STAR file that cryolatent writes names a stack: relative to the current
     directory when the stack lies below it (RELION resolves image names from the project
     directory, the folder a job runs from), absolute otherwise. Symbolic links in the
-    folders are resolved for the comparison; the file name is kept as it is."""
+    folders are resolved for the comparison; the file name is kept as it is. A relative
+    path without ``..`` lies below the current directory as it is written (a symbolic link
+    in it, e.g. a project's ``Extract -> /scratch/...``, stays)."""
     p = Path(path)
+    if not p.is_absolute() and ".." not in p.parts and str(p) not in ("", "."):
+        return os.path.normpath(p)
     folder = Path(os.path.realpath(p.parent if str(p.parent) else "."))
     cwd = Path(os.path.realpath(os.getcwd()))
     try:

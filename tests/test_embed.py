@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -309,7 +311,14 @@ def test_embed_raw_set_writes_true_pose_in_input_angstrom(sim, standin, tmp_path
     p, t = blocks["particles"], sim["truth"]
     assert list(p.columns[:len(inp["particles"].columns)]) == list(inp["particles"].columns)
     for c in inp["particles"].columns:
-        assert p[c].tolist() == inp["particles"][c].tolist()
+        if c != "rlnImageName":
+            assert p[c].tolist() == inp["particles"][c].tolist()
+    # the same images, their stack named so that it resolves from the current directory
+    from cryolatent.io import particle_keys
+
+    assert list(particle_keys(p["rlnImageName"])) == \
+        list(particle_keys(inp["particles"]["rlnImageName"]))
+    assert all(Path(x.split("@", 1)[1]).is_file() for x in p["rlnImageName"])
     assert blocks["optics"].equals(inp["optics"])
     for c in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "cryolatentZ1",
               "cryolatentZ2", "rlnClassNumber"):

@@ -87,7 +87,7 @@ def test_two_optics_groups(shared_data):
     assert set(v.index) == {1, 2}
 
 
-def test_cs_matches_pyem_and_round_trips(shared_data, tmp_path):
+def test_cs_matches_pyem_and_round_trips(shared_data, tmp_path, monkeypatch):
     d = shared_data / "interop"
     arr = read_cs(d / "cryosparc_cs/cryosparc_J2_particles_exported.cs")
     parts, optics = cs_to_relion(arr)
@@ -113,7 +113,11 @@ def test_cs_matches_pyem_and_round_trips(shared_data, tmp_path):
     assert ps.kind == "cs" and ps.cs_array is not None and len(ps) == len(a)
     assert ps.names[0] == str(a["uid"][0])
     np.testing.assert_array_equal(ps.images([0, 1]), imgs[a["blob/idx"][[0, 1]]])
-    assert ps.table["rlnImageName"][0] == f"{len(a):06d}@stk/p.mrcs"
+    # the table names the stack from the current directory (absolute: outside it) ...
+    assert ps.table["rlnImageName"][0] == f"{len(a):06d}@{tmp_path.resolve()}/stk/p.mrcs"
+    monkeypatch.chdir(tmp_path)      # ... relative where it lies below it
+    assert load_particles(tmp_path / "x.cs").table["rlnImageName"][0] == \
+        f"{len(a):06d}@stk/p.mrcs"
     from cryosparc.dataset import Dataset
 
     ds = Dataset.load(str(tmp_path / "x.cs"))

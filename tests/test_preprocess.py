@@ -268,7 +268,11 @@ def test_command_end_to_end(tmp_path, capsys):
                 np.testing.assert_allclose(t[col].to_numpy(float), parts[col], rtol=1e-5)
             else:
                 assert list(t[col]) == list(parts[col])
-    assert list(t["rlnImageOriginalName"]) == list(parts["rlnImageName"])
+    # the input's names, its stack named as it resolves from the current directory (SPEC:
+    # absolute, as the input lies outside it), so that RELION finds the originals too
+    orig = (tmp_path / "in").resolve() / "stack.mrcs"
+    assert list(t["rlnImageOriginalName"]) == [
+        x.replace("@stack.mrcs", f"@{orig}") for x in parts["rlnImageName"]]
     # relative to the current directory, or absolute where the output lies outside it
     stack = (tmp_path / "out").resolve() / "particles.mrcs"
     assert list(t["rlnImageName"]) == [f"{i + 1:06d}@{stack}" for i in range(10)]
@@ -377,7 +381,8 @@ def test_command_cs_input_writes_star(tmp_path, capsys):
     assert "data_optics" in text and "data_particles" in text
     ps = load_particles(out / "particles.star")
     assert len(ps) == n and ps.box == 16 and ps.apix == pytest.approx(3.0)
-    assert list(ps.table["rlnImageOriginalName"]) == [f"{i + 1:06d}@stack.mrcs" for i in range(n)]
+    orig = (tmp_path / "in").resolve() / "stack.mrcs"      # from the current directory
+    assert list(ps.table["rlnImageOriginalName"]) == [f"{i + 1:06d}@{orig}" for i in range(n)]
     # pixel values kept as stored (blob/sign is not applied): crop, flip on the 16-grid, normalise
     params = CTFParams(12000.0, 11000.0, 0.0, 300.0, 2.7, 0.1, 0.0)
     ctf = compute_ctf(params, 16, 3.0, dtype=torch.float64).numpy()[0]

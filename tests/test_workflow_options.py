@@ -183,6 +183,88 @@ def test_force_proceeds(embedded, tmp_path, cmd, request):
     assert main([*argv, "--force"]) == 0          # and again over its own output
 
 
+def _embed_argv(root: Path, inp, out) -> list[str]:
+    return ["embed", str(root / "run"), str(inp), "-o", str(out), "--device", "cpu", "-j",
+            "1", "--clusters", "2"]
+
+
+@pytest.mark.parametrize("cmd", ["embed", "select"])
+def test_existing_output_file_refused_unless_force(embedded, tmp_path, capsys, cmd):
+    """embed -o OUT.star (and OUT.z.npy, OUT_summary.json) and select -o SUBSET.star refuse
+    an existing file with one line naming it, write nothing (no embed.log either), and
+    overwrite it with --force."""
+    out = tmp_path / "o.star"
+    argv = (_embed_argv(embedded, embedded / "good" / "in.star", out) if cmd == "embed" else
+            ["select", str(embedded / "emb.star"), "--classes", "1,2", "-o", str(out)])
+    files = [out] + ([tmp_path / "o.z.npy", tmp_path / "o_summary.json"]
+                     if cmd == "embed" else [])
+    for f in files:
+        f.write_text("mine")
+        capsys.readouterr()
+        line = _one_error(main(argv), capsys.readouterr().err)
+        assert line == f"error: {f}: file exists; use --force to overwrite it or choose " \
+                       "another -o"
+        assert f.read_text() == "mine"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f.name]
+        f.unlink()
+    out.write_text("mine")
+    assert main([*argv, "--force"]) == 0
+    assert len(read_star(out)["particles"]) == 16
+    if cmd == "embed":
+        assert (tmp_path / "embed.log").exists()
+        assert np.load(tmp_path / "o.z.npy").shape == (16, 2)
+
+
+def test_failed_embed_leaves_no_output_and_no_log(embedded, tmp_path, capsys):
+    """A failed embed in an existing folder removes what it wrote, embed.log included; an
+    embed.log of earlier runs is left as it was."""
+    inp = make_set(tmp_path / "in", "nan_particle")         # found while embedding
+    out = tmp_path / "out"
+    out.mkdir()
+    _one_error(main(_embed_argv(embedded, inp, out / "e.star")), capsys.readouterr().err)
+    assert list(out.iterdir()) == []
+    (out / "embed.log").write_text("an earlier run\n")
+    _one_error(main(_embed_argv(embedded, inp, out / "e.star")), capsys.readouterr().err)
+    assert [p.name for p in out.iterdir()] == ["embed.log"]
+    assert (out / "embed.log").read_text() == "an earlier run\n"
+
+
+def test_pixel_size_mismatch_is_a_warning(embedded, tmp_path, capsys):
+    """Particles at another pixel size than the training images: embed goes on and says so
+    on a line starting WARNING: like every trust warning."""
+    from cryolatent.io import write_star
+
+    inp = make_set(tmp_path / "in")
+    blocks = read_star(inp)
+    blocks["optics"]["rlnImagePixelSize"] *= 2
+    write_star(inp, blocks["particles"], blocks["optics"])
+    capsys.readouterr()
+    assert main(_embed_argv(embedded, inp, tmp_path / "e.star")) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "differs from the training "
+             "images'" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"WARNING: {inp}: pixel size "), lines
+
+
+def test_output_files_helper(tmp_path):
+    a, log = tmp_path / "a.star", tmp_path / "x.log"
+    log.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with utils.output_files([a], logs=[log, tmp_path / "new.log"]):
+            a.write_text("partial")
+            (tmp_path / "new.log").write_text("y")
+            with open(log, "a") as f:
+                f.write("appended\n")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.log"]
+    assert log.read_text() == "old\n"
+    a.write_text("mine")
+    with pytest.raises(Exception, match="a.star: file exists; use --force"):
+        utils.check_outfiles([None, a])
+    utils.check_outfiles([a], force=True)
+    with pytest.raises(Exception, match="is a folder"):
+        utils.check_outfiles([tmp_path], force=True)
+
+
 def test_train_force_starts_over(embedded, tmp_path, capsys):
     out = tmp_path / "out"
     argv = _argv("train", out, embedded, embedded / "good" / "in.star")
@@ -249,10 +331,12 @@ def test_output_folder_helper(tmp_path):
 
 
 # ------------------------------------------------------------------------------ duplicates
-def test_duplicate_names_preprocess_embed_select_keep_every_row(run, tmp_path, capsys):
+def test_duplicate_names_preprocess_embed_select_keep_every_row(run, tmp_path, capsys,
+                                                               monkeypatch):
     """A STAR in which rows 2 and 4 (and 3 and 9) name the same image goes through
     preprocess -> embed -> select with every row kept and the warning printed."""
     inp = make_set(tmp_path / "in", "duplicate")             # row 4 repeats row 2
+    monkeypatch.chdir(inp.parent)      # the names as written resolve from here: kept
     blocks = read_star(inp)
     parts = blocks["particles"]
     parts.loc[8, "rlnImageName"] = parts.loc[2, "rlnImageName"]
@@ -413,6 +497,58 @@ def test_stack_resolution_order(tmp_path, monkeypatch):
     # names relative to the project directory (the current one)
     star.write_text(inp.read_text().replace("@stack.mrcs", "@data/stack.mrcs"))
     assert len(load_particles(star)) == 16
+
+
+def test_written_names_resolve_from_the_current_directory(embedded, tmp_path, monkeypatch,
+                                                        capsys):
+    """SPEC: image names that cryolatent writes are relative to the current directory when
+    the stack lies below it, absolute otherwise. Input names relative to their STAR's folder
+    (Extract/job005/, run from the project directory) come out naming the stack from the
+    project directory; names that already resolve from it are kept as written."""
+    import os
+    import shutil
+
+    from cryolatent.io import load_particles
+
+    proj = tmp_path / "proj"
+    scratch = tmp_path / "scratch"                    # the job folder behind a symlink
+    make_set(scratch / "job005")                      # in.star naming "stack.mrcs"
+    (proj / "Extract").mkdir(parents=True)
+    os.symlink(scratch / "job005", proj / "Extract" / "job005")
+    monkeypatch.chdir(proj)
+    want = [f"{i + 1:06d}@Extract/job005/stack.mrcs" for i in range(16)]
+
+    ps = load_particles("Extract/job005/in.star")
+    assert list(ps.table["rlnImageName"]) == want
+    assert ps.names[0] == "000001@stack.mrcs"               # identity: as written
+    assert main(_embed_argv(embedded, "Extract/job005/in.star", "emb.star")) == 0
+    assert list(read_star("emb.star")["particles"]["rlnImageName"]) == want
+    # select reads no stack but names them the same way (found by the readers' rule)
+    assert main(["select", "Extract/job005/in.star", "--classes", "1,2", "-o", "s.star"]) == 0
+    assert list(read_star("s.star")["particles"]["rlnImageName"]) == want
+    shutil.copy("Extract/job005/in.star", "meta.star")      # a STAR away from its stack
+    assert main(["select", "meta.star", "--classes", "1,2", "-o", "s2.star", "--datadir",
+                 "Extract/job005"]) == 0
+    assert list(read_star("s2.star")["particles"]["rlnImageName"]) == want
+    # names that resolve from here already are kept as they are
+    assert main(["select", "s.star", "--classes", "1", "-o", "s3.star"]) == 0
+    assert list(read_star("s3.star")["particles"]["rlnImageName"]) == want[::2]
+    # a stack outside the current directory: absolute, as written when it was absolute
+    outside = tmp_path / "outside"
+    make_set(outside)
+    ab = [f"{i + 1:06d}@{outside.resolve()}/stack.mrcs" for i in range(16)]
+    assert main(["select", str(outside / "in.star"), "--classes", "1,2", "-o",
+                 "o.star"]) == 0
+    assert list(read_star("o.star")["particles"]["rlnImageName"]) == ab
+    assert list(load_particles("o.star").table["rlnImageName"]) == ab
+    # a stack select cannot find keeps its name, with a warning
+    (tmp_path / "lost").mkdir()
+    shutil.copy(outside / "in.star", tmp_path / "lost" / "in.star")
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "lost" / "in.star"), "--classes", "1", "-o",
+                 "l.star"]) == 0
+    assert "stack stack.mrcs not found" in capsys.readouterr().err
+    assert read_star("l.star")["particles"]["rlnImageName"][0] == "000001@stack.mrcs"
 
 
 def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, monkeypatch):

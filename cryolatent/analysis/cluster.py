@@ -150,7 +150,8 @@ def parse_classes(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def select_classes(input: str | Path, classes, out: str | Path, invert: bool = False) -> Path:
+def select_classes(input: str | Path, classes, out: str | Path, invert: bool = False,
+                   datadir: str | Path | None = None) -> Path:
     """Keep (``invert``: drop) the particles of ``classes`` (1-based) and write them to ``out``.
 
     input: a particle STAR with ``rlnClassNumber`` (e.g. ``cryolatent embed --clusters``
@@ -159,7 +160,10 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
     = c - 1). The output has the input's format (``out`` must end in ``.star`` / ``.cs``
     accordingly): every column / field, the kept rows in input order, and for STAR the optics
     table as it is (RELION 3.0 input is written in 3.1 layout, upgraded as RELION does).
-    Refuses to overwrite ``input`` and to write an empty selection. Returns ``out``.
+    A STAR's ``rlnImageName`` names each stack from the current directory (relative below
+    it, else absolute: :func:`cryolatent.io.particles.image_names_from_cwd`; stacks looked up
+    in ``datadir``, beside ``input``, the current directory), as RELION run from here finds
+    them. Refuses to overwrite ``input`` and to write an empty selection. Returns ``out``.
     """
     log = logging.getLogger("cryolatent")
     input, out = Path(input), Path(out)
@@ -216,7 +220,10 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
     if kind == ".cs":
         write_cs(out, arr[keep])
     else:
-        write_star(out, table.iloc[np.flatnonzero(keep)], optics)
+        from ..io.particles import image_names_from_cwd
+
+        kept = table.iloc[np.flatnonzero(keep)].reset_index(drop=True)
+        write_star(out, image_names_from_cwd(kept, input, datadir), optics)
     log.info("%s: kept %d of %d particles (%s classes %s) -> %s", input, nk, len(keep),
              "dropped" if invert else "kept", ",".join(map(str, classes)), out)
     return out

@@ -36,9 +36,12 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--centre/--no-centre", default=True, show_default=True,
               help="Centre each class's frame so that its particles' shifts are smallest "
                    "(one frame for all without --clusters).")
+@click.option("--force", is_flag=True, default=False,
+              help="Overwrite existing OUT.star, OUT.z.npy, OUT_summary.json (and OUT.cs) "
+                   "[default: refuse].")
 @threads_option
 def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, device, seed,
-            checkpoint, centre, threads):
+            checkpoint, centre, force, threads):
     """Infer the in-plane angle, shift, latent vector (and class) of every particle of INPUT
     (.star, .cs or .mrcs) with the trained model of RUNDIR.
 
@@ -52,20 +55,26 @@ def command(rundir, input, out, clusters, cluster_method, datadir, batch_size, d
     order, and adds rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst, cryolatentZ1..D (and
     rlnClassNumber with --clusters).
 
-    The log goes to the terminal and to embed.log beside OUT.star (appended to).
+    The log goes to the terminal and to embed.log beside OUT.star (appended to). Existing
+    output files are refused unless --force; a failed embed removes what it wrote (embed.log
+    included).
     """
     import contextlib
 
-    from ..inference import embed
+    from ..analysis.trust import summary_path_for
+    from ..inference import embed, output_paths
     from ..io.particles import stack_search_dirs
-    from ..utils import command_line, output_folder, setup_logging
+    from ..utils import command_line, output_files, output_folder, setup_logging
 
+    outs = output_paths(out, input, "cs" if input.suffix.lower() == ".cs" else "star")
     folder = out.parent if str(out.parent) else Path(".")
     # a folder made for OUT.star is removed again if embed fails
     made = output_folder(folder, force=True) if not folder.exists() \
         else contextlib.nullcontext()
+    files = output_files([outs.star, outs.z, outs.cs, summary_path_for(outs.star)], force,
+                         logs=[folder / "embed.log"])
     # stacks are also looked for beside the run's recorded training input
-    with made, stack_search_dirs(run_search_dirs(rundir)):
+    with made, files, stack_search_dirs(run_search_dirs(rundir)):
         logger = setup_logging(folder, "embed.log")
         logger.info("command: %s", command_line())
         apply_threads(threads)

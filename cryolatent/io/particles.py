@@ -8,6 +8,10 @@ or column. Images are then read lazily from memory-mapped stacks in batches.
 Stack paths: ``N@path`` (1-based N, any zero padding; a name without ``@`` is image 1 of a
 single-image file). A relative path is looked up in ``datadir`` (also by its bare file name
 there) when given, else beside the STAR/.cs file, else in the current directory.
+``ParticleSet.table`` names each stack as every STAR that cryolatent writes does (SPEC):
+relative to the current directory when the stack lies below it, absolute otherwise
+(:func:`cwd_stack_name`), so the STARs written from it resolve from the folder the command
+ran in, as RELION resolves them; ``ParticleSet.names`` keeps the names as written.
 Pixel size: ``apix`` when given (overrides the files); else ``rlnImagePixelSize`` of the
 particle's optics group (RELION 3.0: 1e4 × rlnDetectorPixelSize / rlnMagnification), or
 ``blob/psize_A`` for .cs; else the stack header's voxel size; 0 or missing everywhere is an
@@ -34,7 +38,7 @@ from .mrc import (MRCHeader, check_finite, open_stack, read_header, read_images,
 from .star import NUMERIC_COLUMNS, read_star, upgrade_relion30
 
 __all__ = ["ParticleSet", "load_particles", "read_particle_table", "particle_keys", "nth_keys",
-           "particle_block"]
+           "particle_block", "image_names_from_cwd", "cwd_stack_name"]
 
 log = logging.getLogger("cryolatent")
 
@@ -42,8 +46,9 @@ log = logging.getLogger("cryolatent")
 class ParticleSet:
     """Particles with their metadata; images are read on demand.
 
-    Attributes: ``table`` (particle rows, RELION 3.1 columns, input order), ``optics`` (one
-    row per optics group), ``names`` (N,) str, ``box`` int, ``apix`` float (common value),
+    Attributes: ``table`` (particle rows, RELION 3.1 columns, input order; ``rlnImageName``
+    naming the stacks from the current directory, :func:`cwd_stack_name`), ``optics`` (one
+    row per optics group), ``names`` (N,) str (the image names as written), ``box`` int, ``apix`` float (common value),
     ``apix_per_particle`` (N,) float64, ``source`` Path, ``kind`` "star" | "cs" | "mrcs",
     ``cs_array`` (structured array for .cs input, else None), ``stack_paths`` (resolved
     stack files), ``stack_index`` (N,) which stack, ``image_index`` (N,) 0-based section.
@@ -388,13 +393,79 @@ def _where(source: Path, datadir) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
-def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_errors):
-    """Parse ``N@path``; resolve paths; read headers. Returns (paths, headers, code, idx0)."""
-    s = image_names.astype(str)
-    parts = s.str.partition("@")
+def _parse_names(image_names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``N@path`` -> (has_at, index text as written, path text), each (N,)."""
+    parts = image_names.astype(str).str.partition("@")
     has_at = (parts[1] == "@").to_numpy()
     idx_txt = np.where(has_at, parts[0].to_numpy(dtype=object), "1")
     path_txt = np.where(has_at, parts[2].to_numpy(dtype=object), parts[0].to_numpy(dtype=object))
+    return has_at, idx_txt, path_txt
+
+
+def cwd_stack_name(written: str, path: str | os.PathLike) -> str:
+    """How a STAR that cryolatent writes names the stack ``path`` (found by :func:`_resolve`)
+    that its input named ``written``: relative to the current directory when the stack lies
+    below it, absolute otherwise (RELION resolves image names from the folder it runs in).
+    ``written`` itself when it already is such a name of the same file (a RELION project's
+    names, run from the project directory; an absolute name of a file outside it); else
+    :func:`cryolatent.utils.relion_path` of ``path``."""
+    from ..utils import relion_path
+
+    w = Path(written)
+    with contextlib.suppress(OSError):
+        if w.is_absolute():
+            if os.path.samefile(w, path) and Path(relion_path(w)).is_absolute():
+                return written
+        elif ".." not in w.parts and w.is_file() and os.path.samefile(w, path):
+            return written
+    return relion_path(path)
+
+
+def _renamed(has_at: np.ndarray, idx_txt: np.ndarray, code: np.ndarray, written, new
+             ) -> pd.Series | None:
+    """The image names with stack k's path ``written[k]`` replaced by ``new[k]`` (the index
+    kept as written, zero padding included); None when no name changes."""
+    if all(str(a) == str(b) for a, b in zip(written, new)):
+        return None
+    prefix = np.where(has_at, idx_txt.astype(object) + "@", "")
+    return pd.Series(prefix + np.asarray(list(new), dtype=object)[code], dtype=object)
+
+
+def image_names_from_cwd(table: pd.DataFrame, source: str | os.PathLike, datadir=None
+                         ) -> pd.DataFrame:
+    """``table`` (a particle table read from ``source``) with ``rlnImageName`` as every STAR
+    cryolatent writes names images (:func:`cwd_stack_name`), for writers that do not open
+    the stacks (``select``): the stacks are looked up by the one rule of every reader
+    (``datadir``, beside ``source``, the current directory, ...); one that is not found keeps
+    its name as written, with a warning. A copy when a name changes, else ``table`` itself.
+    :func:`load_particles` gives ``ParticleSet.table`` these names already."""
+    if "rlnImageName" not in table.columns or len(table) == 0:
+        return table
+    source = Path(source)
+    has_at, idx_txt, path_txt = _parse_names(table["rlnImageName"])
+    code, uniq = pd.factorize(pd.Series(path_txt, dtype=object))
+    new = []
+    for rel in uniq:
+        p = _resolve(str(rel), source, datadir)
+        if p is None:
+            log.warning("%s: stack %s not found (looked in %s); its image names are kept as "
+                        "written", source, rel, _where(source, datadir))
+            new.append(str(rel))
+        else:
+            new.append(cwd_stack_name(str(rel), p))
+    col = _renamed(has_at, idx_txt, code.astype(np.int64), list(map(str, uniq)), new)
+    if col is None:
+        return table
+    table = table.copy()
+    table["rlnImageName"] = col.to_numpy(dtype=object)
+    return table
+
+
+def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_errors):
+    """Parse ``N@path``; resolve paths; read headers. Returns (paths, headers, code, idx0,
+    names): ``names`` the image names as :func:`cwd_stack_name` writes them, or None when
+    they are the names as written."""
+    has_at, idx_txt, path_txt = _parse_names(image_names)
     idx = pd.to_numeric(pd.Series(idx_txt, dtype=object).str.strip(), errors="coerce").to_numpy()
     bad = ~np.isfinite(idx) | (idx < 1) | (idx != np.round(idx)) | (pd.Series(path_txt) == "").to_numpy()
     if bad.any():
@@ -444,7 +515,9 @@ def _stacks_from_names(image_names: pd.Series, source: Path, datadir, names_for_
     for k in np.nonzero(short)[0]:
         log.warning("%s is shorter than its header says (%d of %d images); the particles "
                     "used are all present", paths[k], ncomp[k], nz[k])
-    return paths, headers, code, idx0
+    names = _renamed(has_at, idx_txt, code, list(map(str, uniq)),
+                     [cwd_stack_name(str(rel), p) for rel, p in zip(uniq, paths)])
+    return paths, headers, code, idx0, names
 
 
 # ------------------------------------------------------------------------- particle names
@@ -569,7 +642,8 @@ def _load_star(path: Path, datadir, apix) -> ParticleSet:
     if optics is not None:
         _check_numeric(optics, path, "data_optics")
     _check_unique(names, path)
-    paths, headers, code, idx0 = _stacks_from_names(table["rlnImageName"], path, datadir, nm)
+    paths, headers, code, idx0, cwd_names = _stacks_from_names(table["rlnImageName"], path,
+                                                                 datadir, nm)
     if optics is None:
         # RELION 3.0: upgrade as relion_convert_star does, image sizes from the stacks
         fb = apix if apix is not None else (headers[0].apix or None)
@@ -589,6 +663,8 @@ def _load_star(path: Path, datadir, apix) -> ParticleSet:
         if np.any(sz != headers[0].nx):
             log.warning("%s: rlnImageSize %s differs from the stacks' box %d; using %d", path,
                         sz[np.argmax(sz != headers[0].nx)], headers[0].nx, headers[0].nx)
+    if cwd_names is not None:   # every STAR written from this set names what it resolved
+        table["rlnImageName"] = cwd_names.to_numpy(dtype=object)   # (messages: as written)
     return ParticleSet(table, optics, names, paths, headers, code, idx0, ap, path, "star")
 
 
@@ -600,10 +676,13 @@ def _load_cs(path: Path, datadir, apix) -> ParticleSet:
     _check_unique(names, path, "particle uids" if "uid" in arr.dtype.names else "image names")
     img = table["rlnImageName"].to_numpy(dtype=object)
     nm = lambda j: f"{img[j]} (uid {names[j]}, row {j + 1})"  # noqa: E731
-    paths, headers, code, idx0 = _stacks_from_names(table["rlnImageName"], path, datadir, nm)
+    paths, headers, code, idx0, cwd_names = _stacks_from_names(table["rlnImageName"], path,
+                                                                 datadir, nm)
     table_apix = _lookup_optics(table, optics, "rlnImagePixelSize", path).astype(np.float64) \
         if "rlnImagePixelSize" in optics.columns else None
     ap = _final_apix(apix, table_apix, headers, code, path)
+    if cwd_names is not None:
+        table["rlnImageName"] = cwd_names.to_numpy(dtype=object)
     return ParticleSet(table, optics, names, paths, headers, code, idx0, ap, path, "cs",
                        cs_array=arr)
 
@@ -620,9 +699,13 @@ def _load_stack(path: Path, apix) -> ParticleSet:
                          f"shorter than its header says ({h.nz} images in the header, "
                          f"{h.n_complete} complete in the file)")
     n = h.nz
-    names = pd.Series(np.arange(1, n + 1)).map("{:06d}".format).astype(str) + "@" + path.name
-    names = names.to_numpy(dtype=object)
-    table = pd.DataFrame({"rlnImageName": pd.Series(names, dtype=str),
+    numbers = pd.Series(np.arange(1, n + 1)).map("{:06d}".format).astype(str) + "@"
+    names = (numbers + path.name).to_numpy(dtype=object)
+    # the table (what a STAR written from this set holds) names the stack from the current
+    # directory; ``names`` (particle identity, messages) by its file name
+    from ..utils import relion_path
+
+    table = pd.DataFrame({"rlnImageName": (numbers + relion_path(path)).astype(str),
                           "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
     code = np.zeros(n, dtype=np.int64)
     ap = _final_apix(apix, None, [h], code, path)
