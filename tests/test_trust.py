@@ -369,3 +369,23 @@ def test_run_that_learns_does_not_say_it_did_not_learn(tmp_path, warnings_log):
     bad = [w for w in warnings_log if "did not learn" in w or "collapsed" in w
            or "no class average has resolved signal" in w]
     assert bad == []
+
+
+def test_too_few_validation_images_warned(tmp_path, warnings_log):
+    """Issue 23: 269 particles leave 27 validation images, too few to judge convergence;
+    summary.json and a WARNING: line say so. 100 validation images (~1,000 particles) do
+    not."""
+    assert trust.validation_size_warning(99) is not None
+    assert trust.validation_size_warning(100) is None
+    assert trust.validation_size_warning(0) is None            # no validation set: a note
+    rng = np.random.default_rng(3)
+    n, D = 150, 16
+    star, _ = _write_set(tmp_path, "small", rng.normal(size=(n, D, D)).astype(np.float32),
+                         np.zeros(n), np.zeros((n, 2)), np.ones(n, np.int64))
+    rundir = train(_tiny_cfg(star, tmp_path / "run", epochs=1))
+    s = json.loads((rundir / "summary.json").read_text())
+    assert s["validation_images"] == 15
+    want = ("too few particles to judge the training: only 15 validation images of 150 "
+            "particles (fewer than 100)")
+    assert any(w.startswith(want) for w in s["warnings"]), s["warnings"]
+    assert any(line.startswith("WARNING: " + want) for line in warnings_log), warnings_log
