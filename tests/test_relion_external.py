@@ -41,15 +41,16 @@ def project(tmp_path, monkeypatch):
     return proj
 
 
-def _job(*extra, box="12", epochs="1"):
+def _job(*extra, box="12", epochs="1", train_args="--train-args"):
     return ["relion-external", "--in_parts", "Select/job012/particles.star", "--o",
             "External/job005/", "--j", "1", "--box", box, "--epochs", epochs, "--clusters",
-            "2", "--device", "cpu", "--train_args", TRAIN_ARGS, *extra]
+            "2", "--device", "cpu", "--refine-iterations", "2", train_args, TRAIN_ARGS, *extra]
 
 
 def test_external_job_outputs_nodes_and_success(project, capsys):
     rc = main(_job("--pipeline_control", "External/job005/", "--someday", "x"))
-    assert rc == 0, capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
     job = project / "External" / "job005"
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
     assert not (job / "RELION_JOB_EXIT_FAILURE").exists()
@@ -64,6 +65,23 @@ def test_external_job_outputs_nodes_and_success(project, capsys):
         assert col in parts.columns
     # the original particles keep their names (relative to the project directory)
     assert parts["rlnImageName"][0] == "000001@Select/job012/stack.mrcs"
+    # embed, then refine (the library's refine_star): particles.star is refine's output
+    emb = read_star(job / "embedded.star")["particles"]
+    assert "rlnMaxValueProbDistribution" in parts.columns
+    assert "rlnMaxValueProbDistribution" not in emb.columns
+    assert list(parts["rlnImageName"]) == list(emb["rlnImageName"])
+    assert (job / "particles_refine.json").exists() and (job / "refine.log").exists()
+    # 16 particles: training's trust report says the run cannot be judged; the job
+    # succeeds, and the warnings end run.out and run.err and go into the job's note
+    head = "WARNING: relion-external: the job finished, but "
+    small = "WARNING: [train] too few particles to judge the training: only 2 validation"
+    for stream in (cap.out, cap.err):
+        tail = stream.strip().splitlines()
+        k = max(i for i, ln in enumerate(tail) if ln.startswith(head))
+        assert all(ln.startswith("WARNING: [") for ln in tail[k + 1:]), tail[k:]
+        assert any(ln.startswith(small) for ln in tail[k + 1:]), tail[k:]
+    note = (job / "note.txt").read_text()
+    assert head in note and small in note
     # 16 px > --box 12: the training set was preprocessed inside the job folder, its names
     # relative to the project directory too
     prep = read_star(job / "prep" / "particles.star")["particles"]
@@ -71,8 +89,9 @@ def test_external_job_outputs_nodes_and_success(project, capsys):
     assert (job / "run" / "checkpoints" / "last.pt").exists()
     assert (job / "classes" / "aligned_averages.mrcs").exists()
     assert "threads: 1" in (job / "run" / "run.log").read_text()
-    # running the job again continues the training (RELION's "Continue")
-    assert main(_job(epochs="2")) == 0
+    # running the job again continues the training (RELION's "Continue"); the old
+    # spelling of the parameters (job setups made before --train-args) still works
+    assert main(_job(epochs="2", train_args="--train_args")) == 0
     assert len((job / "run" / "log.csv").read_text().splitlines()) == 3
     assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
 
@@ -97,3 +116,21 @@ def test_external_job_output_read_by_relion(project, relion):
     relion("relion_stack_create", "--i", "External/job005/particles.star", "--o",
            "aligned", "--apply_transformation", cwd=project)
     assert (project / "aligned.mrcs").stat().st_size > 0
+
+
+def test_external_job_options_spelt_as_train_s(project, capsys):
+    """--z-dim and --train-args as train spells them; --z_dim / --train_args are hidden
+    aliases; giving both spellings different values is a usage error."""
+    from click.testing import CliRunner
+
+    from cryolatent.cli import cli
+
+    text = CliRunner().invoke(cli, ["relion-external", "--help"]).output
+    options = text.split("Options:")[1]
+    for opt in ("--z-dim", "--train-args", "--refine-iterations"):
+        assert opt in options
+    assert "--z_dim" not in options and "--train_args" not in options
+    capsys.readouterr()
+    rc = main(_job("--z-dim", "2", "--z_dim", "3"))
+    assert rc == 2 and "--z-dim and --z_dim" in capsys.readouterr().err
+    assert not (project / "External" / "job005" / "run").exists()
