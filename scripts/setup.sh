@@ -2,7 +2,10 @@
 # Set up cryolatent from nothing in ./.venv (Python >= 3.10).
 #
 #   bash scripts/setup.sh          # the package and its dependencies
-#   bash scripts/setup.sh --test   # also the test tools and RELION 3.1 (Debian) in ./.relion
+#   bash scripts/setup.sh --test   # also the test tools and RELION 3.1 (Debian) in ./.relion,
+#                                  # with .venv/bin/relion_* wrappers that set LD_LIBRARY_PATH
+#                                  # (scripts/relion_wrappers.sh; not when another RELION is
+#                                  # on the PATH already)
 #
 # torch is installed first and on purpose, so pip never resolves it on its own:
 #   - a machine with an NVIDIA driver (nvidia-smi) gets PyPI's default (CUDA) build;
@@ -51,7 +54,18 @@ if [ $want_test = 1 ]; then
   fi
   LD_LIBRARY_PATH="$PWD/.relion/usr/lib/x86_64-linux-gnu:$PWD/.relion/usr/lib" \
     .relion/usr/bin/relion_star_handler --version >/dev/null 2>&1 || true
-  [ -x .relion/usr/bin/relion_stack_create ] && echo "RELION 3.1 in .relion/usr/bin"
+  if [ -x .relion/usr/bin/relion_stack_create ]; then
+    echo "RELION 3.1 in .relion/usr/bin"
+    # on the venv's PATH, unless the user has a RELION of their own there (never shadow it)
+    venv_bin="$PWD/.venv/bin"
+    other=$(PATH=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vxF "$venv_bin" | paste -sd: -) \
+      command -v relion_stack_create 2>/dev/null || true)
+    if [ -n "$other" ] && ! grep -q "scripts/relion_wrappers.sh" "$other" 2>/dev/null; then
+      echo "RELION already on the PATH ($other): no relion_* wrappers in .venv/bin"
+    else
+      bash scripts/relion_wrappers.sh .relion/usr "$venv_bin"
+    fi
+  fi
 else
   pipi -e .
 fi
