@@ -629,3 +629,77 @@ def test_demo_force_replaces_an_earlier_demo(tmp_path, capsys):
     assert not (out / "run" / "junk.pt").exists()
     assert (out / "run" / "checkpoints" / "last.pt").exists()
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ help, examples
+def test_train_help_lists_common_options_first_then_expert_ones():
+    """train has ~60 options: --help shows the dozen a user sets first ("Options") and the
+    rest under "Expert options"; every option is listed once and keeps working."""
+    import click
+    from click.testing import CliRunner
+
+    from cryolatent.cli import cli
+    from cryolatent.commands.train import COMMON, command
+
+    text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
+    head, sep, expert = text.partition("\nExpert options")
+    assert sep and "\nOptions:\n" in head, text
+    ctx = click.Context(command, info_name="train")
+    options = [p for p in command.get_params(ctx) if isinstance(p, click.Option)]
+    assert len(options) > 50
+    for p in options:
+        first_col = p.get_help_record(ctx)[0]
+        mine, other = (head, expert) if p.name in COMMON or "--help" in p.opts else \
+            (expert, head)
+        assert f"\n  {first_col}" in mine and f"\n  {first_col}" not in other, first_col
+    assert len([p for p in options if p.name in COMMON]) <= 15
+    for p in options:      # each is parsed as before (old aliases included)
+        for opt in p.opts:
+            if opt.startswith("--") and opt != "--help" and not p.is_flag:
+                value = "1" if p.type.name not in ("choice",) else p.type.choices[0]
+                command.make_context("train", ["in.star", "-o", "r", opt, str(value)])
+
+
+def test_example_workflow_is_the_readme_chain():
+    """examples/relion_workflow.sh: every cryolatent line parses with the current options, no
+    model-size option is passed to train, and refine sits between embed and the steps that
+    use its output."""
+    import shlex
+
+    from cryolatent.cli import cli
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "relion_workflow.sh").read_text()
+    lines = [ln.split("#")[0].strip() for ln in text.replace("\\\n", " ").splitlines()]
+    steps = [shlex.split(ln.replace('"$IN"', "Extract/job007/particles.star"))
+             for ln in lines if ln.startswith("cryolatent ")]
+    names = [s[1] for s in steps]
+    assert names == ["preprocess", "train", "embed", "refine", "plot", "classes", "select"]
+    for argv in steps:
+        cmd = cli.get_command(None, argv[1])
+        cmd.make_context(argv[1], argv[2:])            # options and arguments all valid
+    size = {"--enc-channels", "--kernel", "--gen-width", "--gen-layers", "--enc-width",
+            "--hyper-width", "--inr-width", "--fourier-features", "--enc-layers",
+            "--hyper-layers", "--inr-layers", "--gen-fourier-features"}
+    assert not size & set(steps[1]), steps[1]
+    refined = steps[3][steps[3].index("-o") + 1]
+    assert steps[3][2] == steps[2][steps[2].index("-o") + 1]       # refine reads embed's
+    for argv in steps[4:]:
+        assert refined in argv, argv                                # the rest read refine's
+    assert "relion_stack_create --i cryolatent/good.star" in text
+
+
+def test_demo_default_output_folder_is_git_ignored():
+    import subprocess
+
+    from cryolatent.commands.demo import command
+
+    repo = Path(__file__).resolve().parents[1]
+    default = next(p.default for p in command.params if p.name == "outdir")
+    try:
+        res = subprocess.run(["git", "check-ignore", "-q", f"{default}/run/config.json"],
+                             cwd=repo, capture_output=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no git")
+    if res.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert res.returncode == 0, f"{default}/ is not in .gitignore"

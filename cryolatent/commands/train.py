@@ -166,6 +166,31 @@ def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a) -> None:
                  range_a, cfg.translation_range, apix)
 
 
+#: the options shown first by ``train --help``; every other one is listed under "Expert
+#: options" (click parameter names)
+COMMON = {"outdir", "datadir", "resume", "force", "threads", "model", "rotations", "z_dim",
+          "epochs", "batch_size", "lr", "device", "seed"}
+EXPERT_HEADING = "Expert options (the defaults are picked from the data and the machine)"
+
+
+class GroupedHelpCommand(click.Command):
+    """A click command whose ``--help`` lists the options in two sections: "Options" (the
+    names in :data:`COMMON`) first, then "Expert options" (all others, in their order)."""
+
+    def format_options(self, ctx, formatter):
+        common, expert = [], []
+        help_option = self.get_help_option(ctx)
+        for param in self.get_params(ctx):
+            rec = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if rec is not None:
+                first = param.name in COMMON or param is help_option
+                (common if first else expert).append(rec)
+        for title, rows in (("Options", common), (EXPERT_HEADING, expert)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
 def _add_options(f):
     from ..config import literal_choices
 
@@ -181,7 +206,7 @@ def _add_options(f):
     return f
 
 
-@click.command("train")
+@click.command("train", cls=GroupedHelpCommand)
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--outdir", "outdir", required=True, type=click.Path(file_okay=False),
               help="Run folder (must be new or empty unless --resume or --force).")
