@@ -551,23 +551,35 @@ def test_written_names_resolve_from_the_current_directory(embedded, tmp_path, mo
     assert read_star("l.star")["particles"]["rlnImageName"][0] == "000001@stack.mrcs"
 
 
-def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, monkeypatch):
-    """The README's "real workflow", line by line, on the real Topaz particles laid out as a
-    RELION Select job, run from the project directory (not the STAR's folder), with tiny
-    models; RELION's relion_stack_create reads every STAR from that directory, and the last
-    step applies the poses. Then the commands given a run folder find the stacks from
+@pytest.mark.parametrize("layout", ["project_relative", "star_relative"])
+def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, monkeypatch,
+                                               capsys, layout):
+    """The README's "real workflow", line by line, on the real Topaz particles (269) laid out
+    in a RELION project, run from the project directory (not the STAR's folder) with no
+    --datadir and tiny models: preprocess, train, embed, refine, plot, classes, select, then
+    RELION's relion_stack_create --apply_transformation on the selection. Two layouts of the
+    input: Select/job012/particles.star naming its stack from the project directory (as
+    RELION writes them), and Extract/job005/particles.star naming it relative to the STAR's
+    own folder (issue 23: embed found the stack but copied the name, and every later step
+    lost it). Every STAR cryolatent writes names the stack from the project directory, and
+    RELION reads each from there. Then the commands given a run folder find the stacks from
     another folder too."""
+    import json
     import shutil
 
     src = shared_data / "particles" / "topaz_picked"
     proj = tmp_path / "project"
-    job = proj / "Select" / "job012"
+    job = proj / ("Select/job012" if layout == "project_relative" else "Extract/job005")
+    jobrel = job.relative_to(proj).as_posix()
     job.mkdir(parents=True)
     shutil.copy(src / "epu29_particles_b96.mrcs", job / "epu29_particles_b96.mrcs")
-    # names relative to the project directory, as RELION writes them
-    (job / "particles.star").write_text((src / "epu29_particles_b96.star").read_text()
-                                        .replace("@epu29_particles_b96.mrcs",
-                                                 "@Select/job012/epu29_particles_b96.mrcs"))
+    text = (src / "epu29_particles_b96.star").read_text()
+    assert "@epu29_particles_b96.mrcs" in text                 # relative to the STAR
+    if layout == "project_relative":    # relative to the project directory, as RELION writes
+        text = text.replace("@epu29_particles_b96.mrcs", f"@{jobrel}/epu29_particles_b96.mrcs")
+    (job / "particles.star").write_text(text)
+    star = f"{jobrel}/particles.star"
+    stack = f"{jobrel}/epu29_particles_b96.mrcs"              # as RELION resolves it from proj
     monkeypatch.chdir(proj)
 
     def ok(*argv):
@@ -578,29 +590,44 @@ def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, mo
         relion("relion_stack_create", "--i", star, "--o", out, *extra, cwd=proj)
         assert Path(proj / f"{out}.mrcs").stat().st_size > 0
 
-    ok("preprocess", "Select/job012/particles.star", "-o", "prep", "--box", "32", "-j", "1")
+    def names(f):
+        return list(read_star(proj / f)["particles"]["rlnImageName"])
+
+    want = [f"{i + 1:06d}@{stack}" for i in range(269)]
+    ok("preprocess", star, "-o", "prep", "--box", "32", "-j", "1")
     prep = read_star(proj / "prep" / "particles.star")["particles"]
     assert prep["rlnImageName"].iloc[0] == "000001@prep/particles.mrcs"
+    assert list(prep["rlnImageOriginalName"]) == want
     stack_create("prep/particles.star", "prep_stack")
+    capsys.readouterr()
     ok("train", "prep/particles.star", "-o", "run1", "-j", "1", *TINY)
-    ok("embed", "run1", "Select/job012/particles.star", "-o", "embedded.star",
-       "--clusters", "2", "--device", "cpu", "-j", "1")
+    # 269 particles leave 27 validation images: too few to judge the run, and it says so
+    small = "too few particles to judge the training: only 27 validation images of 269"
+    assert any(w.startswith(small) for w in
+               json.loads((proj / "run1" / "summary.json").read_text())["warnings"])
+    assert any(ln.startswith("WARNING: " + small) for ln in capsys.readouterr().err.splitlines())
+    ok("embed", "run1", star, "-o", "embedded.star", "--clusters", "2", "--device", "cpu",
+       "-j", "1")
+    assert names("embedded.star") == want
     stack_create("embedded.star", "embedded_aligned", "--apply_transformation")
     ok("refine", "embedded.star", "-o", "refined.star", "-j", "1", "--iterations", "2")
-    refined = read_star(proj / "refined.star")["particles"]
-    assert list(refined["rlnImageName"]) == list(read_star(proj / "embedded.star")
-                                                 ["particles"]["rlnImageName"])
+    assert names("refined.star") == want
     stack_create("refined.star", "refined_aligned", "--apply_transformation")
     ok("plot", "refined.star", "-o", "plots", "--rundir", "run1", "--no-umap")
     ok("classes", "run1", "refined.star", "-o", "classes", "--device", "cpu", "-j", "1",
        "--traversal-steps", "2")
+    assert (proj / "classes" / "gallery.png").exists()
     ok("select", "refined.star", "--classes", "1", "-o", "good.star")
+    cls = read_star(proj / "refined.star")["particles"]["rlnClassNumber"].to_numpy()
+    assert names("good.star") == [n for n, c in zip(want, cls) if c == 1]
     stack_create("good.star", "aligned", "--apply_transformation")
     n_sel = len(read_star(proj / "good.star")["particles"])
     import mrcfile
 
     with mrcfile.open(proj / "aligned.mrcs", permissive=True) as m:
         assert m.data.shape[0] == n_sel
+    if layout != "project_relative":
+        return
 
     # from another folder: beside the STAR, then beside the run's recorded training input
     other = tmp_path / "elsewhere"
@@ -610,6 +637,9 @@ def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, mo
     ok("classes", proj / "run1", "e.star", "-o", "c2", "--device", "cpu", "-j", "1",
        "--traversal-steps", "2")
     ok("embed", proj / "run1", "e.star", "-o", "e2.star", "--device", "cpu", "-j", "1")
+    # the stack lies outside this folder: embed names it absolutely
+    assert read_star(other / "e2.star")["particles"]["rlnImageName"][0] == \
+        f"000001@{job.resolve()}/epu29_particles_b96.mrcs"
     # a STAR cryolatent writes outside the current directory names its stack absolutely
     ok("preprocess", "e.star", "-o", tmp_path / "outside", "--box", "32", "-j", "1",
        "--datadir", proj)
@@ -617,6 +647,7 @@ def test_readme_workflow_from_a_project_folder(shared_data, relion, tmp_path, mo
     name = read_star(tmp_path / "outside" / "particles.star")["particles"]["rlnImageName"][0]
     assert name == f"000001@{(tmp_path / 'outside').resolve() / 'particles.mrcs'}"
     stack_create(str(tmp_path / "outside" / "particles.star"), "outside_stack")
+    stack_create(str(other / "e2.star"), "e2_stack")
 
 
 def test_demo_force_replaces_an_earlier_demo(tmp_path, capsys):
