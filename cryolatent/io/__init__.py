@@ -8,6 +8,9 @@
     read_star(path)           # {block name: DataFrame}
     read_particle_table(path) # (particles, optics) checked, without opening the stacks
     particle_block(blocks, path)    # the one rule for which STAR block is the particle table
+    particles.image_names_from_cwd(table, path)   # rlnImageName naming the stacks from the
+                              #   current directory, as every STAR cryolatent writes (and
+                              #   ParticleSet.table) does
     particle_keys(names)      # "000012@Particles/s.mrcs" -> "12@s.mrcs": names compared
                               #   across files (nth_keys: repeated names pair by position)
     with MRCStackWriter(path, box, apix) as w: w.write(batch)
