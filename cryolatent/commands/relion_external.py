@@ -143,9 +143,10 @@ class _StepFailed(Exception):
 
 #: the trust summaries of the job's steps (docs/trust.md): (step, file in the job folder).
 #: embed's own judges its clusters, which refine replaces: it counts only without refine;
-#: classes judges the job's final classes (and repeats train's and embed's other warnings)
+#: refine's JSON, where it has "warnings"; classes judges the job's final classes (and
+#: repeats train's and embed's other warnings)
 SUMMARIES = (("train", "run/summary.json"), ("embed", "particles_summary.json"),
-             ("classes", "classes/summary.json"))
+             ("refine", "particles_refine.json"), ("classes", "classes/summary.json"))
 
 
 def trust_warnings(job: Path) -> list[tuple[str, str]]:
