@@ -82,10 +82,52 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+#: environment variable that forces the training precision over every option and default
+#: (``bf16`` or ``float32``): for measuring the spread over precisions and for running the
+#: test suite in both (``CRYOLATENT_PRECISION=bf16 pytest``)
+PRECISION_ENV = "CRYOLATENT_PRECISION"
+
+
+def forced_precision() -> str | None:
+    """``"bf16"``, ``"float32"`` or None: what :data:`PRECISION_ENV` forces (a one-line
+    error for any other value)."""
+    import os
+
+    v = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if not v:
+        return None
+    if v in ("bf16", "bfloat16"):
+        return "bf16"
+    if v in ("float32", "fp32", "off"):
+        return "float32"
+    from .errors import CryolatentError
+
+    raise CryolatentError(f"{PRECISION_ENV}={v!r}: use bf16 or float32")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), for the
+    run log: results are reported per CPU kind."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast for "auto" on CUDA and on CPUs with hardware bf16 matrix products
     (:func:`cpu_has_fast_bf16`); "bf16" forces it; "off" disables. Master weights, the
-    likelihood and the KL stay float32 (the models cast before summing)."""
+    likelihood and the KL stay float32 (the models cast before summing).
+    :data:`PRECISION_ENV` overrides all three."""
+    forced = forced_precision()
+    if forced is not None:
+        return torch.bfloat16 if forced == "bf16" else None
     if cfg_amp == "off":
         return None
     if cfg_amp == "bf16" or device.type == "cuda":
@@ -392,7 +434,8 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
         from .utils import set_threads
 
         set_threads(cfg.threads)
-    log.info("threads: %d", torch.get_num_threads())
+    log.info("threads: %d; CPU: %s (hardware bf16: %s); torch %s", torch.get_num_threads(),
+             cpu_name(), "yes" if cpu_has_fast_bf16() else "no", torch.__version__)
     log.info("%s run in %s: %d particles of %d px, device %s%s", cfg.model, rundir, source.n,
              source.box, device, f", {dist.world_size} processes ({dist.backend}), global "
              f"batch {cfg.batch_size}" if dist.enabled else "")
@@ -403,6 +446,12 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
     state = {"epoch": 0, "best": math.inf, "bad_epochs": 0, "history": []}
     writer = _Writer(rundir)
     train_idx, val_idx = split_indices(source.n, cfg.val_fraction, cfg.seed)
+    if main and ck is None:
+        from .analysis.trust import validation_size_warning
+
+        small = validation_size_warning(len(val_idx), source.n)
+        if small:
+            log.warning("WARNING: %s", small)
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -420,7 +469,8 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
                       with_ctf=cfg.ctf, num_workers=cfg.num_workers, rank=dist.rank,
                       world_size=dist.world_size, local_world_size=dist.local_world_size)
     amp = amp_dtype(cfg.amp, device)
-    log.info("precision: %s", "bf16 autocast (float32 weights, loss and KL)" if amp else "float32")
+    log.info("precision: %s%s", "bf16 autocast (float32 weights, loss and KL)" if amp
+             else "float32", f" (forced by {PRECISION_ENV})" if forced_precision() else "")
     runner = StepRunner(model, opt, device, amp, cfg.compile,
                         dist=dist)  # DDP: parameters broadcast from rank 0 here
     # RNG of the sampling (Gumbel noise, random views): per rank under DDP
