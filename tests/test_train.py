@@ -283,3 +283,25 @@ def test_weight_decay_is_decoupled():
     lin.weight.grad = torch.zeros_like(lin.weight)
     opt.step()
     torch.testing.assert_close(lin.weight.detach(), torch.full((2, 3), 2.0 * (1 - 1e-2 * 0.1)))
+
+
+def test_precision_forced_by_the_environment(tmp_path, images, monkeypatch):
+    """CRYOLATENT_PRECISION overrides --amp and the CPU's default, and run.log says so."""
+    from cryolatent.train import PRECISION_ENV, amp_dtype, forced_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    assert forced_precision() == "bf16" and amp_dtype("off", cpu) is torch.bfloat16
+    monkeypatch.setenv(PRECISION_ENV, "float32")
+    assert forced_precision() == "float32" and amp_dtype("bf16", cpu) is None
+    monkeypatch.setenv(PRECISION_ENV, "fp8")
+    with pytest.raises(CryolatentError, match=PRECISION_ENV):
+        amp_dtype("auto", cpu)
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    rundir = train(small_cfg(tmp_path / "run", epochs=1, amp="off"), data=images)
+    log = (rundir / "run.log").read_text()
+    assert f"precision: bf16 autocast (float32 weights, loss and KL) (forced by {PRECISION_ENV})" \
+        in log
+    assert "hardware bf16:" in log and "CPU:" in log
+    monkeypatch.delenv(PRECISION_ENV)
+    assert forced_precision() is None and amp_dtype("off", cpu) is None
