@@ -16,11 +16,13 @@ import torch
 from click.testing import CliRunner
 
 from cryolatent.analysis.refine2d import (
+    frame_bits, same_view_groups,
     _shift_window, fourier_pad, refine_classes, rfft_weights, rotated_references,
     score_maps, search_box, shell_index, split_in_two)
 from cryolatent.cli import cli, main
 from cryolatent.ctf import CTFParams, compute_ctf
 from cryolatent.io import read_star, write_mrcs, write_star
+from cryolatent.masks import circular_mask
 from cryolatent.metrics import cluster_accuracy
 from cryolatent.pose import fourier_shift, transform_to_particle
 from cryolatent.preprocess import fourier_crop
@@ -217,6 +219,92 @@ def test_an_emptied_class_is_reseeded_from_the_largest():
     assert cluster_accuracy(res.labels, cls) >= 0.95
 
 
+def test_merge_split_move_escapes_a_start_that_em_keeps():
+    """Two kinds merged in one class and the third held by two classes in two frames (one
+    turned 180°): with the same EM rounds, EM alone keeps most of both mistakes; the merge +
+    split move (kept only when the likelihood rises) undoes them."""
+    D = 24
+    x, cls, psi, t = _particles(300, D, 0.7, seed=11)
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 2, len(cls))
+    start = np.where(cls == 2, 1 + half, 0)            # 0+1 merged, 2 in two frames
+    psi0 = psi + rng.normal(0, 5, len(psi)) + 180.0 * ((cls == 2) & (half == 1))
+    kw = dict(iterations=2, psi_step=10.0, max_shift=3, psi_deg=psi0, show_progress=False,
+              coarse_start=())
+    plain = refine_classes(x, None, start, moves=False, **kw)
+    assert cluster_accuracy(plain.labels, cls) < 0.7
+    res = refine_classes(x, None, start, **kw)
+    assert [m["move"] for m in res.moves][:1] == ["merge+split"]
+    assert all(m["loglik_gain"] > 0 for m in res.moves)
+    assert cluster_accuracy(res.labels, cls) >= 0.9
+    # the kept move raised the likelihood of the whole set, not only of the particles it moved
+    assert res.history[-1]["loglik"] > plain.history[-1]["loglik"]
+
+
+def test_frame_bits_finds_the_particles_turned_by_180_degrees():
+    """A nearly 2-fold symmetric object (two equal lobes and a faint third) with half of its
+    particles given the angle 180° off: their antisymmetric parts have opposite signs."""
+    D, n = 24, 300
+    c = torch.arange(D, dtype=torch.float64) - D // 2
+    y, xg = torch.meshgrid(c, c, indexing="ij")
+
+    def b(px, py, s):
+        return torch.exp(-((xg - px) ** 2 + (y - py) ** 2) / (2 * s * s))
+
+    obj = (b(-4, 0, 2) + b(4, 0, 2) + 0.6 * b(4, 5, 1.5)).float()
+    rng = np.random.default_rng(0)
+    psi, t = rng.uniform(0, 360, n), rng.uniform(-2, 2, (n, 2))
+    x = transform_to_particle(obj.expand(n, D, D), torch.as_tensor(psi), torch.as_tensor(t),
+                              method="fourier")
+    x = (x + 0.7 * torch.as_tensor(rng.standard_normal((n, D, D)))).float()
+    flip = rng.random(n) < 0.4
+    bits = frame_bits(x, psi + 180.0 * flip, t, torch.ones(n, D, D // 2 + 1),
+                      circular_mask(D, 0.45 * D, edge=3.0))
+    assert bits.mean() <= 0.5                          # the smaller frame is the one turned
+    assert np.mean(bits == flip) >= 0.9
+
+
+def test_over_clustering_gives_pure_classes_and_names_those_of_one_view(tmp_path,
+                                                                         monkeypatch):
+    """Three kinds refined as six classes from random classes: the classes are (nearly) pure,
+    and refine's report groups the classes that hold one kind (each group one kind, every
+    kind with two or more classes named). The toy's particles are classified ~95 % right
+    with three classes; six halve each average's particles."""
+    monkeypatch.chdir(tmp_path)
+    cls, psi = _star_set(tmp_path, n=300)
+    blocks = read_star(tmp_path / "in.star")
+    p = blocks["particles"].copy()
+    p["rlnClassNumber"] = np.random.default_rng(4).integers(1, 7, len(p))
+    write_star(tmp_path / "six.star", p, blocks["optics"])
+    r = CliRunner().invoke(cli, ["refine", "six.star", "-o", "r6/refined.star",
+                                 "--psi-step", "10", "--iterations", "15", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    out = read_star(tmp_path / "r6" / "refined.star")["particles"]
+    lab = out["rlnClassNumber"].to_numpy(int)
+    pure = [np.bincount(cls[lab == k]).max() / (lab == k).sum() for k in np.unique(lab)]
+    assert min(pure) >= 0.8
+    assert (np.bincount(lab) >= 10).sum() >= 5          # the classes are used, not emptied
+    info = json.loads((tmp_path / "r6" / "refined_refine.json").read_text())
+    groups = info["same_view_groups"]
+    kind = {k: np.bincount(cls[lab == k]).argmax() for k in np.unique(lab)}
+    for g in groups:
+        assert len({kind[k] for k in g}) == 1          # a group is one kind
+    for c in range(3):
+        mine = [k for k in kind if kind[k] == c]
+        if len(mine) > 1:
+            assert any(set(mine) <= set(g) for g in groups)
+    # the classes joined by their groups are the three kinds
+    joined = lab.copy()
+    for g in groups:
+        joined[np.isin(lab, g)] = g[0]
+    assert cluster_accuracy(joined, cls) >= 0.9
+
+
+def test_same_view_groups_joins_pairs():
+    assert same_view_groups([(1, 4), (4, 6), (2, 5)]) == [[1, 4, 6], [2, 5]]
+    assert same_view_groups([]) == []
+
+
 def test_split_in_two_separates_two_kinds():
     D = 24
     obj = _shapes(D)[:2]
@@ -244,7 +332,8 @@ def _star_set(tmp_path, n=180, D=24, apix=5.0):
     return cls, psi
 
 
-def test_refine_command_writes_a_relion_star_keeping_every_column(tmp_path):
+def test_refine_command_writes_a_relion_star_keeping_every_column(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)        # image names are written relative to the cwd
     cls, psi = _star_set(tmp_path)
     before = (tmp_path / "in.star").read_bytes()
     out = tmp_path / "out" / "refined.star"
@@ -267,6 +356,54 @@ def test_refine_command_writes_a_relion_star_keeping_every_column(tmp_path):
     h = read_header(tmp_path / "out" / "refined_classes.mrcs")
     assert (h.nx, h.nz) == (24, 3)
     assert (tmp_path / "out" / "refine.log").exists()
+
+
+def test_pure_noise_through_refine_and_classes_still_warns(tmp_path, monkeypatch, caplog):
+    """Pure noise with random starting classes: refine's search makes averages out of noise
+    ('Einstein from noise'); its own trust report (OUT_summary.json, against noise aligned by
+    the same search) says no class beats aligned noise, and `classes` on OUT.star repeats it.
+    Real particles through the same command beat that null."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    D, n, apix = 24, 240, 5.0
+    rng = np.random.default_rng(3)
+    write_mrcs(tmp_path / "noise.mrcs", rng.standard_normal((n, D, D)).astype(np.float32), apix)
+    df = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@noise.mrcs" for i in range(n)],
+                       "rlnOpticsGroup": 1, "rlnClassNumber": rng.integers(1, 4, n),
+                       "rlnAnglePsi": rng.uniform(0, 360, n), "rlnOriginXAngst": 0.0,
+                       "rlnOriginYAngst": 0.0})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["g1"], "rlnOpticsGroup": [1],
+                           "rlnImagePixelSize": [apix], "rlnImageSize": [D],
+                           "rlnImageDimensionality": [2]})
+    write_star(tmp_path / "noise.star", df, optics)
+    caplog.set_level(logging.WARNING, logger="cryolatent")
+    r = CliRunner().invoke(cli, ["refine", "noise.star", "-o", "nref/refined.star",
+                                 "--psi-step", "10", "--iterations", "4", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "nref" / "refined_summary.json").read_text())
+    assert rep["kind"] == "refine" and rep["aligned_noise"]["particles"] > 0
+    assert all(c.get("beats_aligned_noise") is False for c in rep["classes"]
+               if c.get("resolution_A") is not None)
+    assert any("better than pure noise" in w for w in rep["warnings"])
+    info = json.loads((tmp_path / "nref" / "refined_refine.json").read_text())
+    assert info["warnings"] == rep["warnings"]
+    from cryolatent.analysis.class_averages import make_class_averages
+
+    make_class_averages(None, tmp_path / "nref" / "refined.star", tmp_path / "ncls")
+    cl = json.loads((tmp_path / "ncls" / "summary.json").read_text())
+    assert any("better than pure noise" in w for w in cl["warnings"])
+    noise_snr = max(c["log_snr_above_aligned_noise"] for c in rep["classes"]
+                    if c.get("resolution_A") is not None)
+    # the same command on particles: their classes stand clearly above refine's null
+    _star_set(tmp_path)
+    r = CliRunner().invoke(cli, ["refine", "in.star", "-o", "pref/refined.star",
+                                 "--psi-step", "10", "--iterations", "6", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "pref" / "refined_summary.json").read_text())
+    real_snr = min(c["log_snr_above_aligned_noise"] for c in rep["classes"]
+                   if c.get("resolution_A") is not None)
+    assert real_snr > noise_snr + 0.5
 
 
 def test_refine_command_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):

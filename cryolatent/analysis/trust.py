@@ -630,13 +630,13 @@ def class_report(halves: np.ndarray, counts: np.ndarray, apix: float,
     sized = [c for c in classes if c["size"] >= 2 and c["resolution_A"] is not None]
     noisy = [c["class"] for c in sized if c.get("beats_aligned_noise") is False]
     if noisy and len(noisy) == len(sized):
-        _warn(warnings, "no class average is better than pure noise aligned by the same model "
+        _warn(warnings, "no class average is better than pure noise aligned the same way "
                         "(their half-set FRC does not clearly exceed that of shuffled-pixel "
                         "noise: 'Einstein from noise'); the resolutions are no evidence of "
                         "signal")
     elif noisy:
         _warn(warnings, "class(es) " + ", ".join(map(str, noisy[:30])) + " are no better "
-                        "than pure noise aligned by the same model")
+                        "than pure noise aligned the same way")
     if pairs_out:
         txt = ", ".join(f"{p['classes'][0]}-{p['classes'][1]}" for p in pairs_out[:20])
         _warn(warnings, f"classes indistinguishable: {txt} (their averages correlate with each "

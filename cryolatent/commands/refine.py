@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import apply_threads, threads_option
+from .common import apply_threads, force_option, threads_option
 
 
 @click.command("refine")
@@ -36,14 +36,22 @@ from .common import apply_threads, threads_option
 @click.option("--datadir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder where IN.star's relative stack paths are looked up first "
                    "[default: beside IN.star, then the current directory].")
+@click.option("--moves/--no-moves", default=True, show_default=True,
+              help="After EM converges, try split-and-merge moves and a two-frame check per "
+                   "class, each kept only when it raises the likelihood: escapes a poor start "
+                   "(two views in one class, one view in two classes or two frames).")
+@force_option
 @threads_option
 def command(star, out, iterations, resolution_A, psi_step, offset_range_A, mask_diameter_A,
-            use_ctf, centre, datadir, threads):
+            use_ctf, centre, datadir, moves, force, threads):
     """Refine the classes and poses of IN.star (a `cryolatent embed --clusters K` output) by
     2D alignment: every particle is compared with every class average at every in-plane angle
     and shift (CTF and a noise spectrum modelled), assigned by its class posterior, and the
     averages are rebuilt, until the classes stop changing. The model's clusters and poses are
-    the starting point; a class that empties out is re-seeded by splitting the largest one.
+    the starting point; a class that empties out is re-seeded by splitting the largest one,
+    and once EM has converged, split-and-merge moves are tried (kept when the likelihood
+    rises). Classes that hold one view are named (over-clustering is fine: ask for more
+    classes than you expect).
 
     OUT.star keeps every column and row of IN.star, with rlnClassNumber, rlnAnglePsi,
     rlnOriginXAngst/YAngst replaced and rlnMaxValueProbDistribution set (the latent columns
@@ -55,21 +63,25 @@ def command(star, out, iterations, resolution_A, psi_step, offset_range_A, mask_
 
     from ..analysis.refine2d import refine_star
     from ..errors import InputError
-    from ..utils import command_line, output_folder, setup_logging
+    from ..utils import command_line, output_files, output_folder, setup_logging
 
     if out.resolve() == star.resolve():
         raise InputError(f"{out}: OUT.star would overwrite IN.star; choose another name")
     folder = out.parent if str(out.parent) else Path(".")
     made = output_folder(folder, force=True) if not folder.exists() \
         else contextlib.nullcontext()
-    with made:
+    stem = out.with_suffix("")
+    files = output_files([out, Path(f"{stem}_classes.mrcs"), Path(f"{stem}_refine.json")],
+                         force, logs=[folder / "refine.log"])
+    with made, files:
         logger = setup_logging(folder, "refine.log")
         logger.info("command: %s", command_line())
         apply_threads(threads)
         res = refine_star(star, out, datadir=datadir, iterations=iterations,
                           resolution_A=resolution_A, psi_step=psi_step,
                           offset_range_A=offset_range_A, mask_diameter_A=mask_diameter_A,
-                          use_ctf=use_ctf, centre=centre)
+                          use_ctf=use_ctf, centre=centre, moves=moves)
     click.echo(f"{res['n']} particles, {len(res['class_counts'])} classes "
                f"{res['class_counts']}, {res['iterations_run']} rounds, "
                f"{100 * res['changed_from_input']:.1f}% changed class -> {out}")
+
