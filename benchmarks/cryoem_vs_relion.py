@@ -14,7 +14,10 @@ shifts N(0, 2²) px per axis. The simulation draws protein white; the benchmark 
 * ``SET/truth.star``: the truth, with rlnClassNumber = 3 (structure - 1) + view.
 
 Sets: ``A`` (GluA3 NTD tetramer 3O21 / dimer 3P3W, the benchmark) and ``B`` (CasX 6NY1 /
-RuvAB-HJ 7PBL, a held-out check that nothing is tuned to A).
+RuvAB-HJ 7PBL, a held-out check that nothing is tuned to A); ``C`` (adenylate kinase open
+4AKE / closed 1AKE: one 23 kDa protein in two conformations, views that look alike; 1.5 Å/px
+so that it fills the box) and ``D`` (lidless chaperonin open 3IYF / closed 3J03, 864 kDa
+16-mers; 4 Å/px so that they fit), held out from every change made since.
 
 The peer: ``relion_refine`` 2D classification as the RELION GUI's Class2D job runs it by
 default (K 6, 25 iterations, --ctf, in-plane sampling 6°, offset range 5 px step 1,
@@ -54,6 +57,11 @@ SETS = {
           "seed": 1},
     "B": {"structures": ["6NY1_CasX_gRNA_DNA_stateII_cryoEM.pdb", "7PBL_RuvAB_HJ_cryoEM.pdb"],
           "seed": 2},
+    # held out (never tuned on): structures A and B do not use, made the same way
+    "C": {"structures": ["adk_open_4AKE_MDA.pdb", "adk_closed_1AKE_MDA.pdb"],
+          "seed": 3, "apix": 1.5},
+    "D": {"structures": ["3IYF_lidless_MmCpn_open_cryoEM.pdb",
+                         "3J03_lidless_MmCpn_closed_cryoEM.pdb"], "seed": 4, "apix": 4.0},
 }
 N, BOX, APIX, SNR, VIEWS, SHIFT_SD = 6000, 64, 3.0, 0.1, 3, 2.0
 TRUTH_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
@@ -79,9 +87,10 @@ def make_set(name: str, out: Path) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     spec = SETS[name]
+    apix = spec.get("apix", APIX)
     sim = out / "sim"
     cmd = [str(REPO / ".venv" / "bin" / "cryolatent"), "simulate", "cryoem", "-o", str(sim),
-           "--n", str(N), "--box", str(BOX), "--apix", str(APIX), "--snr", str(SNR),
+           "--n", str(N), "--box", str(BOX), "--apix", str(apix), "--snr", str(SNR),
            "--views", str(VIEWS), "--shift-sd", str(SHIFT_SD), "--seed", str(spec["seed"]),
            "--defocus-min", "10000", "--defocus-max", "25000", "--astigmatism", "500"]
     for s in spec["structures"]:
@@ -92,9 +101,9 @@ def make_set(name: str, out: Path) -> dict:
     stack = sim / "particles.mrcs"
     imgs = read_images(stack, np.arange(N), read_header(stack))
     dark = normalize(-imgs.astype(np.float32))          # protein dark, Extract's normalisation
-    write_mrcs(out / "particles.mrcs", dark, APIX)
+    write_mrcs(out / "particles.mrcs", dark, apix)
     (out / "relion").mkdir()
-    write_mrcs(out / "relion" / "white.mrcs", -dark, APIX)
+    write_mrcs(out / "relion" / "white.mrcs", -dark, apix)
     user = p.drop(columns=[c for c in TRUTH_COLUMNS if c in p.columns])
     idx = [v.split("@", 1)[0] for v in p["rlnImageName"]]
     u = user.copy()
@@ -111,7 +120,7 @@ def make_set(name: str, out: Path) -> dict:
     radius = max(load_structure(STRUCTURES / s).radius for s in spec["structures"])
     shutil.rmtree(sim)
     info = {"set": name, "structures": spec["structures"], "seed": spec["seed"], "n": N,
-            "box": BOX, "apix": APIX, "snr": SNR, "views": VIEWS, "shift_sd_px": SHIFT_SD,
+            "box": BOX, "apix": apix, "snr": SNR, "views": VIEWS, "shift_sd_px": SHIFT_SD,
             "max_radius_A": round(radius, 1)}
     done.write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -128,7 +137,7 @@ def run_relion(setdir: Path, info: dict, b: Path, threads: int, iters: int, redo
         shutil.rmtree(out / "Class2D", ignore_errors=True)
         (out / "Class2D").mkdir()
         diameter = int(round(1.2 * 2 * info["max_radius_A"]))
-        diameter = min(diameter, int(BOX * APIX) - 2)
+        diameter = min(diameter, int(BOX * info["apix"]) - 2)
         cmd = [str(b / "relion_refine"), "--i", "particles.star", "--o", "Class2D/run",
                "--K", "6", "--iter", str(iters), "--tau2_fudge", "2",
                "--particle_diameter", str(diameter), "--psi_step", "6", "--offset_range", "5",

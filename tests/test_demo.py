@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from cryolatent.cli import main
+from cryolatent.demo import PASS_ACCURACY
 from cryolatent.io import load_particles, read_star
 
 
@@ -28,6 +29,19 @@ def test_demo_quick_runs_the_whole_chain(tmp_path, capsys):
 
     ev = json.loads((out / "evaluation.json").read_text())
     assert ev["n"] == 120 and 0.5 <= ev["cluster_accuracy"] <= 1.0
+    # the refined STAR is what was scored; the model's own answer is scored beside it
+    ref = read_star(out / "refined.star")["particles"]
+    assert len(ref) == 120 and set(ref["rlnClassNumber"]) <= {1, 2}
+    evm = json.loads((out / "evaluation_model.json").read_text())
+    assert evm["n"] == 120
+    # the verdict line says what the evaluation says
+    verdict = [ln for ln in printed.splitlines() if "verdict:" in ln]
+    assert len(verdict) == 1
+    if ev["cluster_accuracy"] >= PASS_ACCURACY:
+        assert verdict[0].startswith("verdict: PASS")
+    else:
+        assert verdict[0].startswith("WARNING: verdict: FAIL")
+    assert f"{100 * ev['cluster_accuracy']:.1f}%" in verdict[0]
     for f in ("run/config.json", "run/log.csv", "run/checkpoints/last.pt",
               "plots/latent_pca.png", "plots/pose_histograms.png",
               "classes/gallery.png", "classes/aligned_averages.mrcs", "summary.json"):
