@@ -7,9 +7,11 @@ Why
     cluster of z. The model's clusters and poses are a good starting point for the classical
     last step of 2D classification: compare every particle with every class average at every
     in-plane angle and shift, keep the best, re-average, repeat. This module is that step,
-    started from the model's answer (``cryolatent embed --clusters K --refine N``). It is a
-    separate, labelled step: its output columns replace the model's, the model's are kept in
-    the run's ``embedded`` files.
+    started from the model's answer (``cryolatent refine embedded.star``). It is a separate,
+    labelled step: its output columns replace the model's, the model's are kept in the
+    ``embedded`` files. EM keeps the mistakes of its start (two views in one class, one view
+    in two classes or two frames); once it converges, split-and-merge moves and a two-frame
+    check (:func:`_try_moves`) are tried, each kept only when the likelihood rises.
 
 Model (per particle i, class k, angle ψ, shift s; Fourier transforms unnormalised, ``rfft2``)
     X̂_i(f) = c_i(f) · T_{ψ,s}[A_k](f) + n_i(f),   E|n_i(f)|² = σ²(|f|)
