@@ -112,8 +112,10 @@ def main(argv=None) -> int:
             raise
         return _fail(str(e), e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        cmd = next((a for a in args if not a.startswith("-")), "")
         msg = ("interrupted (Ctrl-C): files already written are complete and unfinished "
-               "ones were removed; a training run continues with --resume")
+               "ones were removed" + ("; continue with the same command and --resume"
+                                      if cmd == "train" else "; run the command again"))
         _log_to_files(msg)
         click.echo(msg, err=True)
         return 130

@@ -324,3 +324,19 @@ def test_help_does_not_import_torch():
         "    assert r.exit_code == 0, (args, r.output)\n"
         "    assert 'torch' not in sys.modules, args\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ctrl_c_in_refine_does_not_offer_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in refine: exit 130 and one line, no --resume (refine has none), no output."""
+    import cryolatent.analysis.refine2d as refine2d
+    from cryolatent.cli import main as cli_main
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine2d, "refine_star", interrupt)
+    (tmp_path / "in.star").write_text("data_\n")
+    assert cli_main(["refine", str(tmp_path / "in.star"), "-o", str(tmp_path / "o.star")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted (Ctrl-C)") and "--resume" not in err[-1]
+    assert not (tmp_path / "o.star").exists()
