@@ -24,6 +24,12 @@
   ``ari`` from scikit-learn.
 
 Particles are matched by name, never by row order (:func:`match_particles`).
+
+Junk (``cryolatent simulate cryoem --junk``): truth rows with ``rlnClassNumber`` 0 are not
+particles. When the truth has any, :func:`evaluate_tables` also reports how well the
+prediction (typically a selection, fewer rows than the truth) removed them
+(:func:`junk_report`), and computes every metric above on the prediction's real particles
+only.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from .pose import wrap_deg_180
 
 __all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class",
            "rotation_agreement_per_class", "rotation_error_per_class", "pearson",
-           "cluster_accuracy", "match_particles", "evaluate_tables"]
+           "cluster_accuracy", "match_particles", "junk_report", "evaluate_tables"]
 
 
 def circular_mean(a_rad: np.ndarray) -> float:
@@ -202,6 +208,44 @@ def _col(df: pd.DataFrame, col: str) -> np.ndarray | None:
     return pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
 
 
+#: truth ``rlnClassNumber`` of junk (picks that are not particles)
+JUNK_CLASS = 0
+#: truth column naming the kind of each junk pick (``simulate cryoem --junk``)
+JUNK_KIND_COLUMN = "cryolatentJunkKind"
+
+
+def truth_junk(truth: pd.DataFrame) -> np.ndarray:
+    """(n,) bool: the truth rows that are junk (``rlnClassNumber`` 0); all False without
+    that column."""
+    c = _col(truth, "rlnClassNumber")
+    return np.zeros(len(truth), bool) if c is None else c == JUNK_CLASS
+
+
+def junk_report(ti: np.ndarray, truth: pd.DataFrame) -> dict:
+    """How a prediction matched to truth rows ``ti`` (from :func:`match_particles`) treats the
+    truth's junk: ``junk_in_truth`` (count), ``junk_kept`` (how many of them are present in
+    the prediction) and ``junk_kept_fraction`` (of ``junk_in_truth``), ``good_in_truth``,
+    ``good_lost`` (truth particles absent from the prediction) and ``good_lost_fraction`` (of
+    ``good_in_truth``); with a ``cryolatentJunkKind`` column also ``junk_kept_by_kind``
+    {kind: fraction kept}. A truth row counts once however often the prediction repeats it.
+    Fractions of an empty set are None."""
+    junk = truth_junk(truth)
+    present = np.zeros(len(truth), bool)
+    present[np.asarray(ti, np.int64)] = True
+    nj, ng = int(junk.sum()), int((~junk).sum())
+    kept, lost = int((present & junk).sum()), int((~present & ~junk).sum())
+    out = {"junk_in_truth": nj, "junk_kept": kept,
+           "junk_kept_fraction": kept / nj if nj else None,
+           "good_in_truth": ng, "good_lost": lost,
+           "good_lost_fraction": lost / ng if ng else None}
+    if JUNK_KIND_COLUMN in truth.columns:
+        kind = truth[JUNK_KIND_COLUMN].astype(str).str.strip().to_numpy()
+        out["junk_kept_by_kind"] = {
+            str(k): float((present & junk & (kind == k)).sum() / (junk & (kind == k)).sum())
+            for k in sorted(set(kind[junk]))}
+    return out
+
+
 def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str = "rlnClassNumber",
                     pred_label: str = "PRED", truth_label: str = "TRUTH") -> dict:
     """All metrics for two particle tables; keys missing from either table give None.
@@ -210,10 +254,20 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
     rotation_error_deg_per_class, translation_corr_x, translation_corr_y, cluster_accuracy,
     nmi, ari, n}. ``class_column`` names the truth's class column (the
     prediction's classes are always ``rlnClassNumber``).
+
+    When the truth holds junk (``rlnClassNumber`` 0, whatever ``class_column`` is), the keys
+    of :func:`junk_report` are added, ``n_pred`` is the number of prediction rows, and the
+    metrics above (and ``n``) are computed on the prediction rows that are real particles.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     pi, ti = match_particles(pred, truth, pred_label, truth_label)
+    junk = truth_junk(truth)
+    extra: dict = {}
+    if junk.any():
+        extra = {"n_pred": int(len(pi)), **junk_report(ti, truth)}
+        good = ~junk[ti]
+        pi, ti = pi[good], ti[good]
     P = pred.iloc[pi].reset_index(drop=True)
     T = truth.iloc[ti].reset_index(drop=True)
     out: dict = {k: None for k in ("rotation_corr", "rotation_corr_per_class",
@@ -242,6 +296,7 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str =
         out["cluster_accuracy"] = cluster_accuracy(pcls, tcls)
         out["nmi"] = float(normalized_mutual_info_score(tcls, pcls))
         out["ari"] = float(adjusted_rand_score(tcls, pcls))
+    out.update(extra)
     return out
 
 

@@ -21,7 +21,13 @@ def command(pred: Path, truth: Path, truth_class_column: str):
     Keys: rotation_corr (circular, Jammalamadaka-SenGupta), rotation_corr_per_class,
     translation_corr_x/y (Pearson), cluster_accuracy (Hungarian), nmi, ari, n. A metric whose
     columns are missing is null. Particles are matched by name (rlnImageName, or
-    rlnImageOriginalName where a stack was rewritten), not by row order.
+    rlnImageOriginalName where a stack was rewritten), not by row order; PRED may be a
+    subset of TRUTH (e.g. the output of select).
+
+    When TRUTH holds junk (rlnClassNumber 0, from simulate cryoem --junk) it also gives
+    junk_kept (truth junk present in PRED) and junk_kept_fraction, good_lost (truth particles
+    absent from PRED) and good_lost_fraction, junk_kept_by_kind, n_pred; the metrics above
+    are then computed on PRED's real particles only (n of them).
     """
     from ..metrics import evaluate_files   # here: it imports torch (`--help` stays fast)
 

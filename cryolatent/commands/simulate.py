@@ -52,17 +52,22 @@ from .common import force_option
               help="cryoem: no CTF (and no CTF columns) [default: with CTF].")
 @click.option("--centered", is_flag=True,
               help="All shifts 0 (centred particles) [default: off].")
+@click.option("--junk", type=float, default=0.0, show_default=True, metavar="FRACTION",
+              help="cryoem: this fraction of the N picks are junk (truth rlnClassNumber 0, "
+                   "cryolatentJunkKind ice / carbon / empty / pair / aggregate, drawn "
+                   "uniformly), with the particles' CTF and noise; docs/conventions.md.")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda (rendering and interpolation).")
 @force_option
 def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, views, shift_sd,
-            defocus_min, defocus_max, astigmatism, no_ctf, centered, device, force):
+            defocus_min, defocus_max, astigmatism, no_ctf, centered, junk, device, force):
     """Make synthetic particles with known pose and class.
 
     \b
     mnist-u  MNIST digits padded to 50x50, rotated U(0, 360°), shifted N(0, 5²) px
     mnist-n  the same with rotations N(0, 45²) degrees (= N(0, π²/16) rad)
-    cryoem   projections of atomic models (Gaussian atoms), CTF, Gaussian noise
+    cryoem   projections of atomic models (Gaussian atoms), CTF, Gaussian noise;
+             --junk F: a fraction F of the picks are junk (class 0)
 
     Writes OUTDIR/particles.mrcs and OUTDIR/particles.star with the truth in RELION's
     convention: rlnAnglePsi, rlnOriginXAngst/YAngst (aligning with them recovers the
@@ -76,8 +81,9 @@ def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, vie
         if snr is not None and math.isinf(snr):
             snr = None if kind != "cryoem" else math.inf
         if kind.startswith("mnist"):
-            if structures or views or no_ctf:
-                raise CryolatentError("--structure, --views and --no-ctf apply to cryoem only")
+            if structures or views or no_ctf or junk:
+                raise CryolatentError("--structure, --views, --no-ctf and --junk apply to "
+                                      "cryoem only")
             from ..simulate import simulate_mnist
 
             simulate_mnist(outdir, variant=kind[-1], n=n, box=box or 50,
@@ -95,4 +101,4 @@ def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, vie
                             shift_sd=3.0 if shift_sd is None else shift_sd,
                             defocus_min=defocus_min, defocus_max=defocus_max,
                             astigmatism=astigmatism, ctf=not no_ctf, centered=centered,
-                            device=device)
+                            device=device, junk=junk)

@@ -29,6 +29,11 @@ Model (see ``docs/conventions.md``):
   the largest atom distance from the centre of mass over all structures; the scale is fixed
   from the first chunk (256 particles) and used for the whole set, so the noise level is the
   same for every particle.
+* Junk (``junk`` > 0): round(junk · n) rows are picks that are not particles
+  (:mod:`cryolatent.simulate.junk`: ice, carbon edges, empty, overlapping pairs,
+  aggregates), with their row's CTF, the same scale and noise; rlnClassNumber 0 and
+  cryolatentJunkKind. The scale is fixed from every first-chunk row's own particle, so it
+  and the particles' images are those of the same set without junk.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from ..errors import CryolatentError, InputError
 from ..pose import wrap_deg_180
 from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
                rng_streams, write_particle_set)
+from .junk import (JUNK_KINDS, JUNK_STREAM, NOT_JUNK, carbon_edge, cluster_members, ice_blob,
+                   junk_generator, junk_rows, junk_variance)
 
 log = logging.getLogger("cryolatent")
 
@@ -209,6 +216,74 @@ def mask_disc(box: int, radius_px: float) -> np.ndarray:
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2
 
 
+#: the first junk code made of particles (pair, then aggregate)
+PAIR_CODE = JUNK_KINDS.index("pair") + 1
+
+
+def _add_junk(img, idx: np.ndarray, kinds: np.ndarray, seed: int, models, t: np.ndarray,
+              ctfp, apix: float, blur: float, r_px: float, views, mask, scale: float) -> None:
+    """Make the junk rows of one chunk, in place (:mod:`cryolatent.simulate.junk`).
+
+    img: (B, D, D) torch, the rows ``idx`` (B,) of the set with their own particles rendered
+    and the CTF applied, before the set's ``scale``; kinds: (n,) codes of the whole set;
+    t: (n, 2) shifts px; ctfp: the set's CTFParams or None; mask: (D, D) bool torch, the
+    particle disc; views: (rot (K,), tilt (K,)) or None. Pairs and aggregates add their other
+    particles (same scale, the row's CTF); ice and carbon replace the row by their object,
+    made on a 2D-px canvas (so that it continues beyond the box under the CTF), put through
+    the row's CTF, cropped to the box and scaled to the variance :func:`junk_variance` drew;
+    empty rows become 0.
+    """
+    B, D, _ = img.shape
+    dev = img.device
+    P = 2 * D
+    wide_rows, wide, target = [], [], []
+    mem_rows, mem = [], []
+    for b in np.nonzero(kinds[idx] > 0)[0]:
+        i = int(idx[b])
+        kind = JUNK_KINDS[kinds[i] - 1]
+        rng = junk_generator(seed, i)
+        if kind in ("ice", "carbon"):
+            obj, _ = (ice_blob if kind == "ice" else carbon_edge)(rng, P, r_px)
+            wide_rows.append(b)
+            wide.append(obj)
+            target.append(junk_variance(rng, kind))
+        elif kind == "empty":
+            img[int(b)] = 0.0
+        else:
+            m = cluster_members(rng, kind, len(models), r_px, views)
+            m["shift"] = t[i][None, :] - m["offset_px"]
+            mem_rows += [b] * len(m["psi"])
+            mem.append(m)
+    if mem:
+        rows = np.asarray(mem_rows)
+        cat = {k: np.concatenate([m[k] for m in mem]) for k in
+               ("structure", "rot", "tilt", "psi", "shift")}
+        ex = torch.zeros((len(rows), D, D), dtype=torch.float32, device=dev)
+        for k, st in enumerate(models):
+            sel = np.nonzero(cat["structure"] == k)[0]
+            if len(sel):
+                ex[torch.as_tensor(sel, device=dev)] = render_projections(
+                    st.coords, st.weights, cat["rot"][sel], cat["tilt"][sel], cat["psi"][sel],
+                    cat["shift"][sel], D, apix, blur, device=dev)
+        urows, inv = np.unique(rows, return_inverse=True)
+        acc = torch.zeros((len(urows), D, D), dtype=torch.float32, device=dev)
+        acc.index_add_(0, torch.as_tensor(inv, device=dev), ex)
+        if ctfp is not None:
+            acc = apply_ctf(acc, ctfp.subset(idx[urows]), apix)
+        img[torch.as_tensor(urows, device=dev)] += acc
+    if wide:
+        rows = np.asarray(wide_rows)
+        obj = torch.as_tensor(np.stack(wide), dtype=torch.float32, device=dev)
+        if ctfp is not None:
+            obj = apply_ctf(obj, ctfp.subset(idx[rows]), apix)
+        off = P // 2 - D // 2
+        obj = obj[:, off:off + D, off:off + D]
+        var = obj[:, mask].double().var(dim=1, correction=0)
+        want = torch.as_tensor(target, dtype=torch.float64, device=dev)
+        f = torch.where(var > 0, torch.sqrt(want / var.clamp_min(1e-300)), 0.0) / scale
+        img[torch.as_tensor(rows, device=dev)] = (obj.double() * f[:, None, None]).float()
+
+
 def simulate_cryoem(outdir: str | os.PathLike,
                     structures: Sequence[str | os.PathLike | Structure] | None = None,
                     n: int = 1000, box: int = 128, apix: float | None = None,
@@ -216,7 +291,7 @@ def simulate_cryoem(outdir: str | os.PathLike,
                     shift_sd: float = 3.0, defocus_min: float = 10000.0,
                     defocus_max: float = 25000.0, astigmatism: float = 500.0,
                     ctf: bool = True, centered: bool = False, blur: float | None = None,
-                    device: str | None = "cpu") -> Path:
+                    device: str | None = "cpu", junk: float = 0.0) -> Path:
     """Write projections of atomic models with their ground truth; returns particles.star.
 
     structures: PDB/mmCIF paths or :class:`Structure` objects (e.g. the built-in
@@ -225,9 +300,12 @@ def simulate_cryoem(outdir: str | os.PathLike,
     GluA3 NTD pair 3O21 / 3P3W. apix: default so that the largest structure's diameter spans
     70 % of the box. snr: None or inf = no noise. views: K fixed directions
     (column cryolatentViewNumber = 1..K) instead of uniform random ones.
+    junk: the fraction of the n picks that are junk (:mod:`cryolatent.simulate.junk`):
+    rlnClassNumber 0 and column cryolatentJunkKind (``none`` for the particles); 0 (the
+    default) writes exactly what a set without junk is.
     Columns: rlnAngleRot, rlnAngleTilt, rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst,
-    rlnClassNumber, [cryolatentViewNumber], [rlnDefocusU, rlnDefocusV, rlnDefocusAngle,
-    rlnPhaseShift].
+    rlnClassNumber, [cryolatentViewNumber], [cryolatentJunkKind], [rlnDefocusU, rlnDefocusV,
+    rlnDefocusAngle, rlnPhaseShift].
     """
     if n < 1:
         raise CryolatentError(f"--n must be positive, got {n}")
@@ -240,6 +318,8 @@ def simulate_cryoem(outdir: str | os.PathLike,
                               f"{defocus_max}")
     if astigmatism < 0:
         raise CryolatentError(f"--astigmatism must be >= 0, got {astigmatism}")
+    if not 0.0 <= junk <= 1.0:
+        raise CryolatentError(f"--junk must be a fraction in [0, 1], got {junk}")
     sources = list(structures) if structures else default_structures()
     models = [p if isinstance(p, Structure) else load_structure(Path(p)) for p in sources]
     r_max = max(m.radius for m in models)
@@ -282,6 +362,13 @@ def simulate_cryoem(outdir: str | os.PathLike,
     }
     if view is not None:
         cols["cryolatentViewNumber"] = view + 1
+    kinds = None
+    if junk > 0:
+        kinds = junk_rows(np.random.default_rng([seed, JUNK_STREAM]), n, junk)
+        cols["rlnClassNumber"] = np.where(kinds > 0, 0, cls + 1)
+        cols["cryolatentJunkKind"] = np.array((NOT_JUNK,) + JUNK_KINDS)[kinds]
+        log.info("junk: %d of %d picks (%s)", int((kinds > 0).sum()), n, ", ".join(
+            f"{k} {int((kinds == i + 1).sum())}" for i, k in enumerate(JUNK_KINDS)))
     ctfp = None
     if ctf:
         ctfp = CTFParams(defocus_u=dmean + dastig / 2, defocus_v=dmean - dastig / 2,
@@ -293,12 +380,23 @@ def simulate_cryoem(outdir: str | os.PathLike,
     mask = torch.as_tensor(mask_disc(box, min(r_max / apix, box / 2)), device=dev)
     scale: list[float] = []
 
+    r_px = min(r_max / apix, box / 2)
+    junk_views = (vrot, vtilt) if views else None
+
     def chunks():
         for sl in chunk_slices(n, CHUNK):
             idx = np.arange(sl.start, sl.stop)
             img = torch.empty((len(idx), box, box), dtype=torch.float32, device=dev)
+            # the rows' own particles: every row's in the first chunk (it fixes the scale, so
+            # the scale is the one of the same set without junk), later not for the junk
+            # that holds no particle (ice, carbon, empty; zero until _add_junk fills them)
+            own = np.ones(len(idx), dtype=bool)
+            if kinds is not None:
+                img.zero_()
+                if scale:
+                    own = (kinds[idx] == 0) | (kinds[idx] >= PAIR_CODE)
             for k, m in enumerate(models):
-                sel = np.nonzero(cls[idx] == k)[0]
+                sel = np.nonzero((cls[idx] == k) & own)[0]
                 if len(sel):
                     g = idx[sel]
                     img[torch.as_tensor(sel, device=dev)] = render_projections(
@@ -310,6 +408,9 @@ def simulate_cryoem(outdir: str | os.PathLike,
                 v = img[:, mask]
                 var = float(v.var(dim=1, correction=0).mean())
                 scale.append(1.0 / math.sqrt(var) if var > 0 else 1.0)
+            if kinds is not None:
+                _add_junk(img, idx, kinds, seed, models, t, ctfp, apix, blur, r_px,
+                          junk_views, mask, scale[0])
             img = (img * scale[0]).cpu().numpy()
             if snr is not None and np.isfinite(snr):
                 img += noise_rng.normal(0.0, 1.0 / math.sqrt(snr), img.shape).astype(np.float32)
