@@ -429,6 +429,14 @@ def output_folder(path: str | os.PathLike, force: bool = False, extra: str = "",
         raise
 
 
+def summary_path_for(star: str | os.PathLike) -> Path:
+    """``OUT_summary.json`` beside ``OUT.star``: the trust report of ``embed`` / ``refine``
+    (:mod:`cryolatent.analysis.trust`; here so that ``select --auto`` finds it without
+    importing torch)."""
+    star = Path(star)
+    return star.with_name(star.stem + "_summary.json")
+
+
 def check_outfiles(paths, force: bool = False) -> None:
     """Refuse existing output files unless ``force``: the one message of every command that
     writes files (``embed -o OUT.star``, ``select -o``, ``refine -o``): "PATH: file exists;

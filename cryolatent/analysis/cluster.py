@@ -1,5 +1,6 @@
 """Classes: clustering latent vectors (``embed --clusters K``, ``--cluster-method``) and
-selecting particles by class (``cryolatent select``).
+selecting particles by class (``cryolatent select``: chosen classes, :func:`select_classes`,
+or with ``--auto`` those that pass the trust report's checks, :func:`select_auto`).
 
 :func:`cluster_latents` takes the latent means ``z`` (N, D) and returns 0-based labels (N,).
 Every method is deterministic for a given ``seed``, and the labels are renumbered so that
@@ -25,6 +26,7 @@ Methods
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +36,8 @@ from ..errors import CryolatentError
 from ..io import read_cs, read_star, upgrade_relion30, write_cs, write_star
 from ..io.particles import particle_block
 
-__all__ = ["METHODS", "cluster_latents", "relabel_by_size", "parse_classes", "select_classes"]
+__all__ = ["METHODS", "cluster_latents", "relabel_by_size", "parse_classes", "select_classes",
+           "select_auto", "judge_classes", "default_max_resolution", "selection_report_path"]
 
 METHODS = ("kmeans", "agglomerative", "gmm")
 
@@ -150,6 +153,62 @@ def parse_classes(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def _check_paths(input: Path, out: Path) -> str:
+    """The input's kind (``.star`` / ``.cs``) after the checks of every selection: the input
+    exists, the output has its format and is not the input. One-line errors."""
+    if not input.is_file():
+        raise CryolatentError(f"{input}: no such file")
+    kind = input.suffix.lower()
+    if kind not in (".star", ".cs"):
+        raise CryolatentError(f"{input}: select reads a .star or .cs particle file")
+    if out.suffix.lower() != kind:
+        raise CryolatentError(f"-o {out}: the output of a {kind} input must end in {kind}")
+    if out.resolve() == input.resolve():
+        raise CryolatentError(f"-o {out}: would overwrite the input; choose another name")
+    return kind
+
+
+def _read_classed(input: Path, kind: str):
+    """``(data, optics, number)``: the particle rows of ``input`` (a .cs record array or a
+    STAR particle table, RELION 3.0 upgraded to 3.1 as RELION does), its optics table (None
+    for .cs) and each row's 1-based class number (N,) int64."""
+    optics = None
+    if kind == ".cs":
+        arr = read_cs(input)
+        names = arr.dtype.names or ()
+        field = next((f for f in ("alignments2D/class", "alignments3D/class") if f in names),
+                     None)
+        if field is None:
+            raise CryolatentError(f"{input}: no alignments2D/class field (run cryolatent embed "
+                                  "--clusters K on it first)")
+        return arr, None, arr[field].astype(np.int64) + 1
+    blocks = read_star(input)
+    key, table = particle_block(blocks, input)
+    optics = blocks.get("optics")
+    if key != "particles":   # RELION 3.0 (or older writers): upgraded as RELION does
+        table, optics = upgrade_relion30(table)
+    if "rlnClassNumber" not in table.columns:
+        raise CryolatentError(f"{input}: column rlnClassNumber is missing (run cryolatent "
+                              "embed --clusters K first)")
+    try:
+        number = table["rlnClassNumber"].to_numpy(dtype=np.float64).astype(np.int64)
+    except (TypeError, ValueError):
+        raise CryolatentError(f"{input}: rlnClassNumber holds non-numbers")
+    return table, optics, number
+
+
+def _write_rows(kind: str, data, optics, keep: np.ndarray, input: Path, out: Path,
+                datadir) -> None:
+    """Write the rows ``keep`` (bool (N,)) of ``data`` to ``out`` in the input's format."""
+    if kind == ".cs":
+        write_cs(out, data[keep])
+    else:
+        from ..io.particles import image_names_from_cwd
+
+        kept = data.iloc[np.flatnonzero(keep)].reset_index(drop=True)
+        write_star(out, image_names_from_cwd(kept, input, datadir), optics)
+
+
 def select_classes(input: str | Path, classes, out: str | Path, invert: bool = False,
                    datadir: str | Path | None = None) -> Path:
     """Keep (``invert``: drop) the particles of ``classes`` (1-based) and write them to ``out``.
@@ -170,38 +229,8 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
     if isinstance(classes, str):
         classes = parse_classes(classes)
     classes = sorted({int(c) for c in classes})
-    if not input.is_file():
-        raise CryolatentError(f"{input}: no such file")
-    kind = input.suffix.lower()
-    if kind not in (".star", ".cs"):
-        raise CryolatentError(f"{input}: select reads a .star or .cs particle file")
-    if out.suffix.lower() != kind:
-        raise CryolatentError(f"-o {out}: the output of a {kind} input must end in {kind}")
-    if out.resolve() == input.resolve():
-        raise CryolatentError(f"-o {out}: would overwrite the input; choose another name")
-
-    if kind == ".cs":
-        arr = read_cs(input)
-        names = arr.dtype.names or ()
-        field = next((f for f in ("alignments2D/class", "alignments3D/class") if f in names),
-                     None)
-        if field is None:
-            raise CryolatentError(f"{input}: no alignments2D/class field (run cryolatent embed "
-                                  "--clusters K on it first)")
-        number = arr[field].astype(np.int64) + 1
-    else:
-        blocks = read_star(input)
-        key, table = particle_block(blocks, input)
-        optics = blocks.get("optics")
-        if key != "particles":   # RELION 3.0 (or older writers): upgraded as RELION does
-            table, optics = upgrade_relion30(table)
-        if "rlnClassNumber" not in table.columns:
-            raise CryolatentError(f"{input}: column rlnClassNumber is missing (run cryolatent "
-                                  "embed --clusters K first)")
-        try:
-            number = table["rlnClassNumber"].to_numpy(dtype=np.float64).astype(np.int64)
-        except (TypeError, ValueError):
-            raise CryolatentError(f"{input}: rlnClassNumber holds non-numbers")
+    kind = _check_paths(input, out)
+    data, optics, number = _read_classed(input, kind)
 
     present = set(np.unique(number).tolist())
     missing = [c for c in classes if c not in present]
@@ -217,13 +246,208 @@ def select_classes(input: str | Path, classes, out: str | Path, invert: bool = F
         raise CryolatentError(f"{input}: the selection is empty ({'dropping' if invert else 'keeping'}"
                               f" classes {','.join(map(str, classes))}; the file has classes "
                               f"{have_s})")
-    if kind == ".cs":
-        write_cs(out, arr[keep])
-    else:
-        from ..io.particles import image_names_from_cwd
-
-        kept = table.iloc[np.flatnonzero(keep)].reset_index(drop=True)
-        write_star(out, image_names_from_cwd(kept, input, datadir), optics)
+    _write_rows(kind, data, optics, keep, input, out, datadir)
     log.info("%s: kept %d of %d particles (%s classes %s) -> %s", input, nk, len(keep),
              "dropped" if invert else "kept", ",".join(map(str, classes)), out)
     return out
+
+
+# ============================================================================ select --auto
+
+#: the default --max-resolution asks a class's half-set FRC to stay above 0.143 out to this
+#: Fourier ring of its box (or to half the Nyquist frequency in boxes under 4 × this px):
+#: see :func:`default_max_resolution`
+AUTO_MIN_RING = 8
+
+
+def selection_report_path(out: str | Path) -> Path:
+    """``SUBSET_select.json`` beside ``SUBSET.star`` (or ``.cs``): what ``select --auto`` kept
+    and dropped, and why."""
+    out = Path(out)
+    return out.with_name(out.stem + "_select.json")
+
+
+def default_max_resolution(report: dict) -> tuple[float, str]:
+    """The default resolution limit of ``select --auto`` for a trust report: ``(Å, rule)``.
+
+    ``max(box · apix / 8, 4 · apix)``, box and apix those of the class averages (``apix``;
+    the box from the length, box/2 + 1, of the classes' ``frc`` curves): the half-set FRC
+    must stay above 0.143 out to Fourier ring 8 (8 resolution elements across the box), or,
+    in boxes under 32 px, out to half the Nyquist frequency. A blob's spectrum dies out
+    within a few rings: a blob as wide as a particle (ice, an aggregate, what noise aligned
+    to itself averages to) in a box 1.5–2 × the particle's diameter has a spectral standard
+    deviation of about 1 ring, so its FRC falls below 0.143 by ring 4–5 however many
+    picks are averaged, while a particle's class holds detail far beyond (the demo's: rings
+    18–19 of 24; 8–9 Å in a 48-px box of 3.2 Å/px, whose limit is 19 Å). The limit is in rings
+    of the box, not a fraction of the Nyquist frequency: the class averages are made from
+    the original particles, often sampled far finer than the poses were found at, so classes
+    of good particles rarely reach near their Nyquist; and a class at Nyquist is the best
+    resolved, not junk. Without FRC curves (box unknown) the limit is 4 · apix."""
+    try:
+        apix = float(report.get("apix"))
+    except (TypeError, ValueError):
+        apix = math.nan
+    if not (math.isfinite(apix) and apix > 0):
+        raise CryolatentError("the trust report has no pixel size (apix): give "
+                              "--max-resolution")
+    curves = [c.get("frc") for c in report.get("classes") or [] if isinstance(c, dict)]
+    n = max((len(f) for f in curves if isinstance(f, list)), default=0)
+    floor = 4.0 * apix
+    if n < 2:
+        return floor, (f"4 × {apix:.4g} Å/px = half the Nyquist frequency of the class "
+                       "averages (the report has no FRC curves to give their box)")
+    box = 2 * (n - 1)
+    ring = box * apix / AUTO_MIN_RING
+    if ring >= floor:
+        return ring, (f"{box} px × {apix:.4g} Å/px / {AUTO_MIN_RING}: the half-set FRC must "
+                      f"stay above 0.143 out to Fourier ring {AUTO_MIN_RING} of the class "
+                      "averages' box")
+    return floor, (f"4 × {apix:.4g} Å/px: half the Nyquist frequency of the class averages "
+                   f"(their {box}-px box has fewer than {4 * AUTO_MIN_RING} px)")
+
+
+def judge_classes(report: dict, max_resolution_A: float | None = None) -> dict:
+    """Which classes of a trust report (``OUT_summary.json`` of ``embed`` / ``refine``:
+    :mod:`cryolatent.analysis.trust`) ``select --auto`` keeps, and why it drops the others.
+
+    A class is dropped (each failed check gives one reason) when it has fewer than 2
+    particles (no half-set check is possible), no resolved signal (``resolution_A`` null:
+    the FRC of its half-set averages is below 0.143 from the lowest frequency), is no better
+    than noise aligned the same way (``beats_aligned_noise`` false), or its ``resolution_A``
+    is worse (larger) than ``max_resolution_A`` (default :func:`default_max_resolution`).
+    The first three are the junk-like checks: such an average is what pure noise or
+    unaligned junk gives. Classes with no particles are listed but neither kept nor dropped.
+    Returns ``{"max_resolution_A", "max_resolution_rule", "checks_skipped", "classes":
+    [{"class", "size", "resolution_A", "beats_aligned_noise", "kept", "reasons"}],
+    "kept", "dropped"}`` (class numbers).
+    """
+    rows = report.get("classes")
+    if not isinstance(rows, list) or not rows:
+        raise CryolatentError("the trust report has no per-class list (classes)")
+    if max_resolution_A is None:
+        lim, rule = default_max_resolution(report)
+    else:
+        lim, rule = float(max_resolution_A), "--max-resolution"
+        if not lim > 0:
+            raise CryolatentError(f"--max-resolution must be positive, got {max_resolution_A}")
+    skipped = []
+    out_rows = []
+    for c in rows:
+        k, size = int(c["class"]), int(c.get("size", 0))
+        res, beats = c.get("resolution_A"), c.get("beats_aligned_noise")
+        reasons: list[str] = []
+        if size == 0:
+            out_rows.append({"class": k, "size": 0, "resolution_A": None,
+                             "beats_aligned_noise": None, "kept": False,
+                             "reasons": ["no particles"]})
+            continue
+        if size < 2:
+            reasons.append("fewer than 2 particles: no half-set check possible")
+        elif res is None:
+            reasons.append("no resolved signal (the FRC of its half-set averages is below "
+                           "0.143 from the lowest frequency)")
+        else:
+            if beats is False:
+                m, need = c.get("log_snr_above_aligned_noise"), c.get("log_snr_margin")
+                how = (f" (log spectral-SNR ratio to that noise {m:.2f}, needs more than "
+                       f"{need:.2f})" if isinstance(m, (int, float))
+                       and isinstance(need, (int, float)) else "")
+                reasons.append("no better than pure noise aligned the same way" + how)
+            elif beats is None and "beats_aligned_noise" not in skipped:
+                skipped.append("beats_aligned_noise")
+            if float(res) > lim:
+                reasons.append(f"resolution {float(res):.3g} Å is worse than {lim:.3g} Å")
+        out_rows.append({"class": k, "size": size, "resolution_A": res,
+                         "beats_aligned_noise": beats, "kept": not reasons,
+                         "reasons": reasons})
+    return {"max_resolution_A": lim, "max_resolution_rule": rule, "checks_skipped": skipped,
+            "classes": out_rows,
+            "kept": [r["class"] for r in out_rows if r["kept"]],
+            "dropped": [r["class"] for r in out_rows if r["size"] > 0 and not r["kept"]]}
+
+
+def _read_report(input: Path, report: Path | None) -> tuple[Path, dict]:
+    """The trust report beside ``input`` (or ``report``), parsed; one-line errors."""
+    import json
+
+    if report is None:
+        from ..utils import summary_path_for
+
+        report = summary_path_for(input)
+    report = Path(report)
+    if not report.is_file():
+        raise CryolatentError(f"{input}: no trust report {report} beside it (embed and refine "
+                              "write OUT_summary.json beside OUT.star); select --auto needs "
+                              "it, or choose classes with --classes")
+    try:
+        rep = json.loads(report.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CryolatentError(f"{report}: not a readable trust report ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("classes"), list):
+        raise CryolatentError(f"{report}: not a trust report (no per-class list 'classes')")
+    return report, rep
+
+
+def select_auto(input: str | Path, out: str | Path, max_resolution_A: float | None = None,
+                datadir: str | Path | None = None, report: str | Path | None = None) -> dict:
+    """``select --auto``: keep the particles of the classes that pass the trust checks.
+
+    The checks (:func:`judge_classes`) read ``input``'s trust report, ``OUT_summary.json``
+    beside ``OUT.star`` (:func:`cryolatent.utils.summary_path_for`; written by
+    ``embed`` and ``refine``), or ``report``. It must describe ``input``: the same classes
+    with the same numbers of particles, else a one-line error (the STAR was edited, or the
+    report belongs to another run). Logs one line per dropped class with its reasons and
+    writes the subset as :func:`select_classes` does (every column, the optics table) plus
+    ``SUBSET_select.json`` (:func:`selection_report_path`): the limit used, every class with
+    its size, resolution, whether it beat aligned noise, kept or not and why. Nothing is
+    written when no class passes (one-line error). Returns that JSON's content.
+    """
+    import json
+
+    from ..utils import atomic_path
+
+    log = logging.getLogger("cryolatent")
+    input, out = Path(input), Path(out)
+    kind = _check_paths(input, out)
+    report_path, rep = _read_report(input, None if report is None else Path(report))
+    data, optics, number = _read_classed(input, kind)
+    have = dict(zip(*(v.tolist() for v in np.unique(number, return_counts=True))))
+    try:
+        said = {int(c["class"]): int(c.get("size", 0)) for c in rep["classes"]}
+    except (KeyError, TypeError, ValueError):
+        raise CryolatentError(f"{report_path}: a class entry lacks its number or size")
+    said = {k: v for k, v in said.items() if v > 0}
+    if have != said:
+        diff = sorted(set(have) | set(said))
+        k = next(c for c in diff if have.get(c, 0) != said.get(c, 0))
+        raise CryolatentError(
+            f"{report_path} does not describe {input}: class {k} has {have.get(k, 0)} "
+            f"particles in {input.name} and {said.get(k, 0)} in the report (edited or "
+            f"another run's); run embed or refine again, or choose classes with --classes")
+    verdict = judge_classes(rep, max_resolution_A)
+    for what in verdict["checks_skipped"]:
+        log.warning("WARNING: select --auto: %s: the report has no %s; that check is skipped",
+                    report_path, what)
+    for r in verdict["classes"]:
+        if r["size"] and not r["kept"]:
+            log.info("select --auto: dropping class %d (%d particle%s): %s", r["class"],
+                     r["size"], "" if r["size"] == 1 else "s", "; ".join(r["reasons"]))
+    kept = verdict["kept"]
+    if not kept:
+        raise CryolatentError(f"select --auto: no class of {input} passes the checks of "
+                              f"{report_path} (reasons above); nothing written")
+    keep = np.isin(number, kept)
+    nk = int(keep.sum())
+    js = selection_report_path(out)
+    doc = {"input": str(input), "output": str(out), "report": str(report_path),
+           "report_kind": rep.get("kind"), "particles_in": int(len(number)),
+           "particles_kept": nk, **verdict}
+    _write_rows(kind, data, optics, keep, input, out, datadir)
+    with atomic_path(js) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+    log.info("select --auto: kept classes %s: %d of %d particles (%.1f%%) -> %s; resolution "
+             "limit %.3g Å (%s); reasons in %s", ",".join(map(str, kept)), nk, len(number),
+             100.0 * nk / len(number), out, verdict["max_resolution_A"],
+             verdict["max_resolution_rule"], js)
+    return doc

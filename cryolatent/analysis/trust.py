@@ -55,7 +55,7 @@ import torch
 
 from ..pose import align_particles, rotate_images, wrap_deg_180
 from ..preprocess import fourier_crop
-from ..utils import atomic_path
+from ..utils import atomic_path, summary_path_for  # noqa: F401  (trust's, defined there)
 from .class_averages import _model_device, aligned_class_averages
 
 log = logging.getLogger("cryolatent")
@@ -99,12 +99,6 @@ EDGE_SAMPLE = 2000
 
 
 # ============================================================================ helpers
-def summary_path_for(star: str | Path) -> Path:
-    """``OUT_summary.json`` beside ``OUT.star``."""
-    star = Path(star)
-    return star.with_name(star.stem + "_summary.json")
-
-
 def write_summary(path: str | Path, summary: dict) -> Path:
     """Write ``summary`` as indented JSON (atomic)."""
     path = Path(path)
