@@ -96,6 +96,8 @@ class TargetVAEConfig(_ModelConfig):
     likelihood: Literal["auto", "bernoulli", "gaussian"] = "auto"
     mask: bool | None = None          # likelihood only inside the circle of diameter box
                                       #   (None: on for cryo-EM sets, off otherwise)
+    mask_diameter: float | None = None  # TARGET-VAE: that circle's diameter, px of the training
+                                      #   images (None: the box; train --particle-diameter Å)
     rotations: Literal[4, 8, 16] = 8  # P_r group
     enc_channels: int | None = None   # kernels of the group convolution (None: 128, the
                                       #   paper's, on a GPU; 64 on the CPU)
@@ -337,7 +339,11 @@ class TrainConfig(IRLINRConfig, TargetVAEConfig, RunConfig):
                 self.translation_prior = (max(1.0, self.translation_range / 2) if cryo
                                           else 5.0)
             if self.mask is None:
-                self.mask = cryo
+                self.mask = cryo or self.mask_diameter is not None
+            if self.mask_diameter is not None and not 0 < self.mask_diameter <= box:
+                raise CryolatentError(
+                    f"--particle-diameter / --mask-diameter: {self.mask_diameter:.4g} px is "
+                    f"not inside the {box}-px training box")
         elif self.mask is None:
             self.mask = False
         if self.pixel_fraction is None:

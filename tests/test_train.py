@@ -305,3 +305,42 @@ def test_precision_forced_by_the_environment(tmp_path, images, monkeypatch):
     assert "hardware bf16:" in log and "CPU:" in log
     monkeypatch.delenv(PRECISION_ENV)
     assert forced_precision() is None and amp_dtype("off", cpu) is None
+
+
+def test_particle_diameter_sets_the_likelihood_disc(tmp_path, monkeypatch):
+    """train --particle-diameter Å: the likelihood's disc in px of the training images (the
+    mask on), recorded in config.json; a diameter beyond the box is a one-line error."""
+    from click.testing import CliRunner
+
+    from cryolatent.cli import cli, main
+    from cryolatent.io import write_mrcs, write_star
+    from cryolatent.models import build_model
+    import pandas as pd
+
+    n, apix = 60, 2.5
+    write_mrcs(tmp_path / "p.mrcs", bars(n).astype(np.float32), apix)
+    df = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)],
+                       "rlnOpticsGroup": 1})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["g"], "rlnOpticsGroup": [1],
+                           "rlnImagePixelSize": [apix], "rlnImageSize": [D],
+                           "rlnImageDimensionality": [2]})
+    write_star(tmp_path / "p.star", df, optics)
+    seen = {}
+    monkeypatch.setattr("cryolatent.train.train",
+                        lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "p.star"), "-o", str(tmp_path / "r"),
+                                 "--particle-diameter", "30"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert cfg.mask_diameter == pytest.approx(12.0) and cfg.mask is True
+    assert cfg.extra["particle_diameter_angst"] == 30
+    cfg.resolve_defaults(D, has_ctf=False)
+    model = build_model(cfg, D)
+    c = torch.arange(D) - D // 2
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    assert torch.equal(model.mask2d > 0, r2 <= 6.0 ** 2)         # radius 6 px, not 8
+    assert model.scored_px.numel() == int((r2 <= 36).sum())
+    monkeypatch.undo()
+    assert main(["train", str(tmp_path / "p.star"), "-o", str(tmp_path / "r2"),
+                 "--particle-diameter", "100"]) == 1           # 40 px > the 16-px box
+    assert not (tmp_path / "r2").exists()

@@ -99,6 +99,8 @@ _OPTIONS = [
     ("--learn-sigma", "learn_sigma", bool, "Gaussian likelihood: learned per-pixel SD [off]."),
     ("--mask", "mask", bool, "Likelihood only inside the circle of diameter box [on for "
      "particle sets with CTF parameters, off otherwise]."),
+    ("--mask-diameter", "mask_diameter", float, "TARGET-VAE: diameter of that circle in px "
+     "of the training images; turns the mask on (see --particle-diameter for Å) [the box]."),
     ("--gumbel-tau", "gumbel_tau", float, "TARGET-VAE Gumbel-softmax temperature [1; on "
      "particle sets with CTF parameters 0.5]."),
     ("--subpixel", "subpixel", bool,
@@ -137,10 +139,11 @@ _OPTIONS = [
 ]
 
 
-def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a) -> None:
-    """Set cfg.translation_prior / translation_range (px of the training images) from Å,
-    with the training set's pixel size (its median, when the optics groups differ); the Å
-    values are kept in config.json under "extra"."""
+def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a,
+                    diameter_a=None) -> None:
+    """Set cfg.translation_prior / translation_range / mask_diameter (px of the training
+    images) from Å, with the training set's pixel size (its median, when the optics groups
+    differ); the Å values are kept in config.json under "extra"."""
     import logging
     import math
 
@@ -164,6 +167,12 @@ def _angstrom_to_px(cfg: TrainConfig, input, datadir, prior_a, range_a) -> None:
         cfg.extra["translation_range_angst"] = range_a
         log.info("--translation-range-angst %g Å = %d px of the %.4g Å/px training images",
                  range_a, cfg.translation_range, apix)
+    if diameter_a is not None:
+        cfg.mask_diameter = diameter_a / apix
+        cfg.mask = True
+        cfg.extra["particle_diameter_angst"] = diameter_a
+        log.info("--particle-diameter %g Å = %.4g px of the %.4g Å/px training images: the "
+                 "likelihood's disc", diameter_a, cfg.mask_diameter, apix)
 
 
 #: the options shown first by ``train --help``; every other one is listed under "Expert
@@ -224,12 +233,16 @@ def _add_options(f):
               help="TARGET-VAE max |shift| on the grid in Å; converted to px of the training "
                    "images, rounded up (replaces --translation-range) [default: "
                    "--translation-range].")
+@click.option("--particle-diameter", "particle_diameter", default=None,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Å, as RELION's mask diameter: TARGET-VAE scores the likelihood inside "
+                   "this circle only (replaces --mask-diameter) [default: the box].")
 @force_option
 @threads_option
 @_add_options
 @click.pass_context
 def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
-            translation_range_angst, force, **opts):
+            translation_range_angst, particle_diameter, force, **opts):
     """Train TARGET-VAE or IRL-INR on INPUT (.star, .cs or .mrcs).
 
     --force starts a new run in a used RUNDIR: its config.json, log.csv, run.log,
@@ -286,10 +299,13 @@ def command(ctx, input, outdir, datadir, resume, translation_prior_angst,
             setattr(cfg, k, v)
     cfg.apply_old_names()   # --fourier-features: onto the per-model options not given
     cfg.threads = given.get("threads")   # not inherited by --resume: the default is fresh
-    if translation_prior_angst is not None or translation_range_angst is not None:
+    if (translation_prior_angst is not None or translation_range_angst is not None
+            or particle_diameter is not None):
         if resume:
-            raise click.UsageError("--translation-*-angst cannot change a run under --resume")
-        _angstrom_to_px(cfg, input, datadir, translation_prior_angst, translation_range_angst)
+            raise click.UsageError("--translation-*-angst and --particle-diameter cannot "
+                                   "change a run under --resume")
+        _angstrom_to_px(cfg, input, datadir, translation_prior_angst, translation_range_angst,
+                        particle_diameter)
     cfg.input, cfg.outdir = str(input), str(outdir)
     if datadir is not None or not resume:
         cfg.datadir = datadir

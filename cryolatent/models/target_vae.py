@@ -255,8 +255,9 @@ class TargetVAE(LatentModel):
         self.register_buffer("cell_cos", torch.cos(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("cell_sin", torch.sin(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("coords", pixel_coordinates(box), persistent=False)
-        self.register_buffer("mask2d", circular_mask(box, dtype=torch.float32),
-                             persistent=False)
+        md = getattr(c, "mask_diameter", None)
+        self.register_buffer("mask2d", circular_mask(box, None if md is None else md / 2,
+                                                     dtype=torch.float32), persistent=False)
         # the pixels the likelihood scores (flat indices): the mask's disc, or all
         scored = (torch.nonzero(self.mask2d.reshape(-1) > 0).reshape(-1) if mask
                   else torch.arange(box * box))
