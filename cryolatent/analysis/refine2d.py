@@ -264,7 +264,7 @@ def refine_classes(images, ctf, labels, *, iterations: int = 10, psi_step: float
         while len(move_log) < budget:
             before = (copy.deepcopy(st), averages, converged, len(history),
                       history[-1]["loglik"])
-            done = _try_moves(g, st, averages, history, opts)
+            done = _try_moves(g, st, averages)
             if done is None:
                 break
             o = dict(opts, coarse_start=())
@@ -554,8 +554,7 @@ def _sub_refine(g: _Grid, st: _State, members: np.ndarray, labels, psi, t, *, it
 MOVE_ROUNDS = 3
 
 
-def _try_moves(g: _Grid, st: _State, averages: torch.Tensor, history: list, opts: dict
-               ) -> dict | None:
+def _try_moves(g: _Grid, st: _State, averages: torch.Tensor) -> dict | None:
     """Propose moves that EM cannot make by itself, score each by the log-likelihood of the
     particles it touches after :data:`MOVE_ROUNDS` EM rounds (the same rounds from the
     present classes are the baseline; noise spectrum held fixed), apply the first that
@@ -741,6 +740,17 @@ def same_view_groups(pairs) -> list[list[int]]:
     return sorted(sorted(v) for v in groups.values() if len(v) > 1)
 
 
+def _aligned_filtered(images, psi_deg, shift_px, ctf, mask, lowpass: float) -> torch.Tensor:
+    """(n, D, D) float64: the particles aligned by their poses, multiplied by their CTF (one
+    contrast, as a phase flip gives), low-passed at ``lowpass`` × Nyquist and masked."""
+    D = images.shape[-1]
+    al = align_particles(images, torch.as_tensor(psi_deg), torch.as_tensor(shift_px),
+                         method="fourier").to(torch.float64)
+    f = torch.fft.rfft2(al) * ctf.to(torch.float64)
+    keep = shell_index(D, images.device) <= lowpass * (D // 2)
+    return torch.fft.irfft2(f * keep, s=(D, D)) * mask.to(torch.float64)
+
+
 def split_in_two(images: torch.Tensor, psi_deg, shift_px, ctf: torch.Tensor,
                  mask: torch.Tensor, n_components: int = 6, lowpass: float = 0.25,
                  seed: int = 0) -> np.ndarray:
@@ -752,12 +762,7 @@ def split_in_two(images: torch.Tensor, psi_deg, shift_px, ctf: torch.Tensor,
     ``lowpass`` × Nyquist, masked, projected on their first principal components and split by
     2-means (k-means++ start, ``seed``).
     """
-    D = images.shape[-1]
-    al = align_particles(images, torch.as_tensor(psi_deg), torch.as_tensor(shift_px),
-                         method="fourier").to(torch.float64)
-    f = torch.fft.rfft2(al) * ctf.to(torch.float64)
-    keep = shell_index(D, images.device) <= lowpass * (D // 2)
-    a = torch.fft.irfft2(f * keep, s=(D, D)) * mask.to(torch.float64)
+    a = _aligned_filtered(images, psi_deg, shift_px, ctf, mask, lowpass)
     a = a.reshape(len(a), -1)
     a = a - a.mean(0)
     _, _, v = torch.linalg.svd(a, full_matrices=False)
@@ -782,11 +787,7 @@ def frame_bits(images: torch.Tensor, psi_deg, shift_px, ctf: torch.Tensor,
     The aligned particles are multiplied by their CTF (one contrast) and low-passed at
     ``lowpass`` × Nyquist before the comparison."""
     D = images.shape[-1]
-    al = align_particles(images, torch.as_tensor(psi_deg), torch.as_tensor(shift_px),
-                         method="fourier").to(torch.float64)
-    f = torch.fft.rfft2(al) * ctf.to(torch.float64)
-    keep = shell_index(D, images.device) <= lowpass * (D // 2)
-    a = torch.fft.irfft2(f * keep, s=(D, D)) * mask.to(torch.float64)
+    a = _aligned_filtered(images, psi_deg, shift_px, ctf, mask, lowpass)
     # 180° about the centre pixel (D//2, D//2): index i -> 2·(D//2) - i (mod D)
     r = torch.roll(torch.flip(a, dims=(-2, -1)), shifts=(1 - D % 2, 1 - D % 2), dims=(-2, -1))
     d = (a - r).reshape(len(a), -1)
