@@ -198,12 +198,13 @@ def test_refine_with_ctf_models_each_particles_ctf():
 
     start, psi0 = _rough_start(cls, 0.4, 2), _rough_psi(psi, 3)
     res = refine_classes(x, ctf_function(params, D, apix), start, iterations=10,
-                         psi_step=10.0, max_shift=3, psi_deg=psi0, show_progress=False)
+                         psi_step=10.0, max_shift=3, psi_deg=psi0, show_progress=False,
+                         moves=False)          # the EM's CTF model under test, not the moves
     assert cluster_accuracy(res.labels, cls) >= 0.93
     assert _psi_consistent(res.psi_deg, psi, cls, 10.0) >= 0.8
     # without the CTF model the same data is classified worse or equal
     flat = refine_classes(x, None, start, iterations=10, psi_step=10.0, max_shift=3,
-                          psi_deg=psi0, show_progress=False)
+                          psi_deg=psi0, show_progress=False, moves=False)
     assert cluster_accuracy(res.labels, cls) >= cluster_accuracy(flat.labels, cls)
 
 
@@ -214,7 +215,7 @@ def test_an_emptied_class_is_reseeded_from_the_largest():
     start = np.where(cls == 2, 1, 0)
     start[np.flatnonzero(cls == 2)[0]] = 2
     res = refine_classes(x, None, start, iterations=10, psi_step=10.0, max_shift=3,
-                         psi_deg=_rough_psi(psi, 6), show_progress=False)
+                         psi_deg=_rough_psi(psi, 6), show_progress=False, moves=False)
     assert any(h["reseeded"] for h in res.history)
     assert cluster_accuracy(res.labels, cls) >= 0.95
 
