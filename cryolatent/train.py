@@ -226,7 +226,9 @@ def set_fast_math(device: torch.device) -> None:
     subnormal floats flushed to zero (process-wide): a float32 TARGET-VAE step on set A's
     32-px particles went from 0.45 s to 1.54 s once its activations and gradients turned
     subnormal (a Xeon without hardware bf16, epoch 4 on; bf16 autocast hides it), and a
-    flushed value below 1.2e-38 changes no loss."""
+    flushed value below 1.2e-38 changes no loss. :func:`train` turns the flush off again when
+    it returns (the flag is the processor's, for the whole process: numpy and everything else
+    of a notebook would see it)."""
     torch.set_float32_matmul_precision("high")
     if device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -349,6 +351,7 @@ def train(cfg: TrainConfig, resume: bool = False, data=None,
     try:
         return _train(cfg, resume, data, dist)
     finally:
+        torch.set_flush_denormal(False)   # set_fast_math's flush ends with the training
         if own:
             dist.close()
 

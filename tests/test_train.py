@@ -344,3 +344,13 @@ def test_particle_diameter_sets_the_likelihood_disc(tmp_path, monkeypatch):
     assert main(["train", str(tmp_path / "p.star"), "-o", str(tmp_path / "r2"),
                  "--particle-diameter", "100"]) == 1           # 40 px > the 16-px box
     assert not (tmp_path / "r2").exists()
+
+
+def test_training_leaves_subnormal_floats_as_they_were(tmp_path, images):
+    """train flushes subnormals while it runs (speed on CPUs without hardware bf16) and
+    turns that off when it returns: the process's other numerics keep IEEE subnormals."""
+    tiny = np.float32(1e-39)                  # subnormal in float32
+    assert float(np.float32(tiny) * np.float32(1.0)) != 0.0
+    train(small_cfg(tmp_path / "run", epochs=1), data=images)
+    assert float(np.float32(tiny) * np.float32(1.0)) != 0.0
+    assert torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() != 0.0
