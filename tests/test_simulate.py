@@ -226,7 +226,10 @@ def test_cryoem_ctf_and_snr(tmp_path, write_pdb):
     ctf = CTFParams.from_relion(tab, optics)
     ref = apply_ctf(proj, ctf, 1.2).double().numpy()
     k = (clean * ref).sum() / (ref * ref).sum()
-    assert np.abs(clean - k * ref).max() < 1e-4 * np.abs(clean).max()
+    # random views are rendered by gridding the atoms (simulate/render.py), within ~1e-3 of
+    # the analytic projection here; the exact equivalences (the CTF product to rounding, each
+    # renderer against the analytic one) are in tests/test_simulate_speed_equivalence.py
+    assert np.abs(clean - k * ref).max() < 5e-3 * np.abs(clean).max()
     # noise: white Gaussian with variance 1/snr; clean signal variance in the mask ~ 1
     noise = noisy - clean
     assert abs(noise.var() - 4.0) < 0.2 and abs(noise.mean()) < 0.05

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import force_option
+from .common import apply_threads, force_option, threads_option
 
 
 @click.command("simulate")
@@ -56,18 +56,27 @@ from .common import force_option
               help="cryoem: this fraction of the N picks are junk (truth rlnClassNumber 0, "
                    "cryolatentJunkKind ice / carbon / empty / pair / aggregate, drawn "
                    "uniformly), with the particles' CTF and noise; docs/conventions.md.")
+@click.option("--morph", nargs=2, type=click.Path(path_type=Path), default=None,
+              metavar="A B",
+              help="cryoem: two models of one protein (PDB/mmCIF; atoms matched by chain, "
+                   "residue number and atom name, B superposed on A): class 1, each particle "
+                   "at its own conformation lambda ~ U(0, 1) between them, written as "
+                   "cryolatentMorph (-1 for --structure classes, numbered 2, 3, ...).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda (rendering and interpolation).")
+@threads_option
 @force_option
 def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, views, shift_sd,
-            defocus_min, defocus_max, astigmatism, no_ctf, centered, junk, device, force):
+            defocus_min, defocus_max, astigmatism, no_ctf, centered, junk, morph, device,
+            threads, force):
     """Make synthetic particles with known pose and class.
 
     \b
     mnist-u  MNIST digits padded to 50x50, rotated U(0, 360°), shifted N(0, 5²) px
     mnist-n  the same with rotations N(0, 45²) degrees (= N(0, π²/16) rad)
     cryoem   projections of atomic models (Gaussian atoms), CTF, Gaussian noise;
-             --junk F: a fraction F of the picks are junk (class 0)
+             --junk F: a fraction F of the picks are junk (class 0);
+             --morph A B: a continuous motion between two models (cryolatentMorph)
 
     Writes OUTDIR/particles.mrcs and OUTDIR/particles.star with the truth in RELION's
     convention: rlnAnglePsi, rlnOriginXAngst/YAngst (aligning with them recovers the
@@ -77,13 +86,14 @@ def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, vie
     from ..utils import output_folder, setup_logging
 
     setup_logging()
+    apply_threads(threads)
     with output_folder(outdir, force):   # removed again if the command fails
         if snr is not None and math.isinf(snr):
             snr = None if kind != "cryoem" else math.inf
         if kind.startswith("mnist"):
-            if structures or views or no_ctf or junk:
-                raise CryolatentError("--structure, --views, --no-ctf and --junk apply to "
-                                      "cryoem only")
+            if structures or views or no_ctf or junk or morph:
+                raise CryolatentError("--structure, --views, --no-ctf, --junk and --morph "
+                                      "apply to cryoem only")
             from ..simulate import simulate_mnist
 
             simulate_mnist(outdir, variant=kind[-1], n=n, box=box or 50,
@@ -101,4 +111,4 @@ def command(kind, outdir, n, box, apix, snr, seed, structures, mnist, split, vie
                             shift_sd=3.0 if shift_sd is None else shift_sd,
                             defocus_min=defocus_min, defocus_max=defocus_max,
                             astigmatism=astigmatism, ctf=not no_ctf, centered=centered,
-                            device=device, junk=junk)
+                            device=device, junk=junk, morph=morph or None)

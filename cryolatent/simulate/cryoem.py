@@ -6,7 +6,13 @@ Model (see ``docs/conventions.md``):
   on the centre of mass (atomic masses). Each atom is a 3D Gaussian of weight Z (atomic
   number, a simple stand-in for its low-resolution scattering amplitude) and standard
   deviation ``blur`` Å (default max(1 Å, 1 px)); its projection is the 2D Gaussian of the same
-  weight and width, integral = Z, evaluated analytically at pixel centres.
+  weight and width, integral = Z, evaluated at pixel centres
+  (:func:`render_projections`, the analytic reference). The simulator renders it fast
+  (:mod:`cryolatent.simulate.render`): fixed views from each view's canonical projection,
+  rendered once exactly on a 4× finer grid and interpolated (bilinear) at R(psi)(x + t);
+  random views and morph conformations by gridding the atoms on a 4× finer grid and blurring
+  to the pixel centres. Both are within ~1e-3 (protein-like models; < 1e-2 for isolated
+  point atoms) of the analytic image.
 * Pose (RELION): the projected position of atom r is ``(A(rot, tilt, psi) r)[:2] / apix - t``
   pixels from the centre (N//2, N//2), with A RELION's ZYZ Euler matrix (``euler.cpp``,
   ``Euler_angles2matrix``) and t = (rlnOriginX, rlnOriginY) px. Since
@@ -14,7 +20,7 @@ Model (see ``docs/conventions.md``):
   ``R(psi)^T`` on (x, y), this is exactly
   ``particle(x) = canonical(R(psi)(x + t))`` with canonical = projection at (rot, tilt, 0)
   centred on the box centre: :func:`cryolatent.pose.align_particles` with the truth recovers
-  it (rendering is analytic, not interpolated).
+  it.
 * Views: uniform on the sphere (rot ~ U(0, 360), cos(tilt) ~ U(-1, 1)), or with ``views=K`` K
   fixed directions on a Fibonacci sphere (deterministic), one drawn at random per particle;
   psi ~ U(0, 360), shifts ~ N(0, shift_sd²) px per axis.
@@ -27,13 +33,19 @@ Model (see ``docs/conventions.md``):
   inside the particle mask is 1 on average, then white Gaussian noise of variance 1/snr is
   added. The mask is the disc of radius min(r_max / apix, box/2) about the box centre, r_max
   the largest atom distance from the centre of mass over all structures; the scale is fixed
-  from the first chunk (256 particles) and used for the whole set, so the noise level is the
-  same for every particle.
+  from the own particles of the first min(n, 256) rows (whatever the chunk size) and used for
+  the whole set, so the noise level is the same for every particle.
 * Junk (``junk`` > 0): round(junk · n) rows are picks that are not particles
   (:mod:`cryolatent.simulate.junk`: ice, carbon edges, empty, overlapping pairs,
   aggregates), with their row's CTF, the same scale and noise; rlnClassNumber 0 and
-  cryolatentJunkKind. The scale is fixed from every first-chunk row's own particle, so it
+  cryolatentJunkKind. The scale is fixed from those rows' own particles, junk or not, so it
   and the particles' images are those of the same set without junk.
+* Morph (``morph=(A, B)``, :mod:`cryolatent.simulate.morph`): class 1; each particle is the
+  conformation (1 - λ) A + λ B of the matched, superposed models, λ ~ U(0, 1) per particle
+  from its own stream (``[seed, 8]``), rendered particle by particle (λ is not quantised);
+  truth column cryolatentMorph (-1 on the rows of the other structures).
+* Determinism: an image depends only on its row's parameters, never on the chunk it is made
+  in (``chunk``) or the number of threads (``tests/test_simulate_speed_equivalence.py``).
 """
 
 from __future__ import annotations
@@ -57,10 +69,19 @@ from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_devi
                rng_streams, write_particle_set)
 from .junk import (JUNK_KINDS, JUNK_STREAM, NOT_JUNK, carbon_edge, cluster_members, ice_blob,
                    junk_generator, junk_rows, junk_variance)
+from .morph import MorphPair, load_morph
+from .render import (FineBlur, ViewCache, ctf_filter, ctf_filter_canvas, ctf_half, group_rows,
+                     render_splat)
 
 log = logging.getLogger("cryolatent")
 
 CHUNK = 256
+#: the first rows whose own particles fix the set's scale (signal variance 1 in the disc)
+SCALE_ROWS = 256
+#: the canonical images of fixed views are kept when they take at most this much memory
+CACHE_BYTES = 256 * 2 ** 20
+#: the seed tail of the morph fractions λ (rng_streams uses 0..7, the noise 99, junk 100)
+MORPH_STREAM = 8
 #: each atom's Gaussian is evaluated out to TRUNCATE standard deviations (exp(-8) = 3e-4)
 TRUNCATE = 4.0
 DEFAULT_STRUCTURES = ("3O21_GluA3_NTD_tetramer_xray.cif", "3P3W_GluA3_NTD_dimeric_xray.pdb")
@@ -80,9 +101,14 @@ class Structure:
         return float(np.sqrt((self.coords ** 2).sum(1)).max())
 
 
-def load_structure(path: str | os.PathLike) -> Structure:
-    """Read a PDB / mmCIF file with gemmi: first model, no waters, no hydrogens, centred on
-    the mass-weighted centre; weights = atomic numbers."""
+def read_atoms(path: str | os.PathLike) -> dict:
+    """The atoms of a PDB / mmCIF file (gemmi): first model, no waters, no hydrogens.
+
+    Returns {"xyz" (n, 3) Å, "z" (n,) atomic numbers, "mass" (n,), "keys": [(chain, residue
+    number, insertion code, atom name)], "resnames": [residue name]} (keys and resnames in
+    file order, for :mod:`cryolatent.simulate.morph`). A missing or unreadable file, or one
+    without atoms, is a one-line InputError.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: structure file not found")
@@ -95,19 +121,29 @@ def load_structure(path: str | os.PathLike) -> Structure:
     st.setup_entities()
     st.remove_waters()
     st.remove_hydrogens()
-    xyz, z, mass = [], [], []
+    xyz, z, mass, keys, resnames = [], [], [], [], []
     for ch in st[0]:
         for res in ch:
             for at in res:
                 xyz.append(at.pos.tolist())
                 z.append(at.element.atomic_number)
                 mass.append(at.element.weight)
+                keys.append((ch.name, res.seqid.num, res.seqid.icode, at.name))
+                resnames.append(res.name)
     if not xyz:
         raise InputError(f"{path}: no atoms in the first model")
-    xyz = np.asarray(xyz, dtype=np.float64)
-    mass = np.asarray(mass, dtype=np.float64)
+    return {"xyz": np.asarray(xyz, dtype=np.float64), "z": np.asarray(z, dtype=np.float64),
+            "mass": np.asarray(mass, dtype=np.float64), "keys": keys, "resnames": resnames}
+
+
+def load_structure(path: str | os.PathLike) -> Structure:
+    """Read a PDB / mmCIF file with gemmi: first model, no waters, no hydrogens, centred on
+    the mass-weighted centre; weights = atomic numbers."""
+    path = Path(path)
+    a = read_atoms(path)
+    xyz, mass = a["xyz"], a["mass"]
     com = (xyz * mass[:, None]).sum(0) / mass.sum()
-    return Structure(path.stem, xyz - com, np.asarray(z, dtype=np.float64))
+    return Structure(path.stem, xyz - com, a["z"])
 
 
 def euler_matrix(rot, tilt, psi) -> np.ndarray:
@@ -220,68 +256,99 @@ def mask_disc(box: int, radius_px: float) -> np.ndarray:
 PAIR_CODE = JUNK_KINDS.index("pair") + 1
 
 
-def _add_junk(img, idx: np.ndarray, kinds: np.ndarray, seed: int, models, t: np.ndarray,
-              ctfp, apix: float, blur: float, r_px: float, views, mask, scale: float) -> None:
-    """Make the junk rows of one chunk, in place (:mod:`cryolatent.simulate.junk`).
+class _Renderer:
+    """Clean images (before the CTF) of particles given as parallel arrays: model index k,
+    rot, tilt, psi (degrees), shift t (px) and morph fraction lam.
 
-    img: (B, D, D) torch, the rows ``idx`` (B,) of the set with their own particles rendered
-    and the CTF applied, before the set's ``scale``; kinds: (n,) codes of the whole set;
-    t: (n, 2) shifts px; ctfp: the set's CTFParams or None; mask: (D, D) bool torch, the
-    particle disc; views: (rot (K,), tilt (K,)) or None. Pairs and aggregates add their other
-    particles (same scale, the row's CTF); ice and carbon replace the row by their object,
-    made on a 2D-px canvas (so that it continues beyond the box under the CTF), put through
-    the row's CTF, cropped to the box and scaled to the variance :func:`junk_variance` drew;
-    empty rows become 0.
+    Discrete structures in fixed views (``views`` given, and their canonical images fit
+    :data:`CACHE_BYTES`) come from :class:`~cryolatent.simulate.render.ViewCache`; a morph
+    (every particle its own conformation) and random views are rendered particle by particle
+    with :func:`~cryolatent.simulate.render.render_splat`. Either way each image depends on
+    its own parameters only.
     """
-    B, D, _ = img.shape
-    dev = img.device
-    P = 2 * D
-    wide_rows, wide, target = [], [], []
-    mem_rows, mem = [], []
+
+    def __init__(self, models, box: int, apix: float, blur: float, fixed_views: bool, dev):
+        self.models, self.box, self.apix, self.dev = models, box, apix, dev
+        self.fine = FineBlur(box, blur / apix, device=dev)
+        n_discrete = sum(not isinstance(m, MorphPair) for m in models)
+        self.cache = None
+        if fixed_views and n_discrete:
+            cache = ViewCache(box, apix, blur, max(m.radius for m in models) / apix,
+                              device=dev)
+            self.cache = cache
+        self.cache_views = fixed_views
+
+    def enable_cache(self, n_views: int) -> bool:
+        """Keep the cache only when every (structure, view) canonical fits CACHE_BYTES."""
+        if self.cache is None:
+            return False
+        n = n_views * sum(not isinstance(m, MorphPair) for m in self.models)
+        if n * self.cache.nbytes_per_view() > CACHE_BYTES:
+            log.info("rendering every particle: %d canonical views of %d px would take %.0f MB "
+                     "(> %d MB)", n, self.cache.size, n * self.cache.nbytes_per_view() / 2 ** 20,
+                     CACHE_BYTES // 2 ** 20)
+            self.cache = None
+            return False
+        return True
+
+    def __call__(self, k, rot, tilt, psi, t, lam) -> torch.Tensor:
+        k = np.asarray(k, np.int64)
+        m = len(k)
+        out = torch.zeros((m, self.box, self.box), dtype=torch.float32, device=self.dev)
+        if m == 0:
+            return out
+        A = euler_matrix(rot, tilt, psi)
+        keys = []
+        for i in range(m):
+            model = self.models[k[i]]
+            if self.cache is not None and not isinstance(model, MorphPair):
+                keys.append((int(k[i]), float(rot[i]), float(tilt[i])))
+                continue
+            keys.append(None)
+            coords = model.coords(lam[i]) if isinstance(model, MorphPair) else model.coords
+            out[i] = render_splat(coords, model.weights, A[i], t[i], self.fine, self.apix)
+        if self.cache is not None:
+            for key, rows in group_rows(keys).items():
+                if key is None:
+                    continue
+                kk, r, tl = key
+                model = self.models[kk]
+                can = self.cache.canonical(key, model.coords, model.weights,
+                                           euler_matrix(r, tl, 0.0)[0])
+                out[torch.as_tensor(rows, device=self.dev)] = self.cache.particles(
+                    can, psi[rows], t[rows])
+        return out
+
+
+def _junk_objects(idx: np.ndarray, kinds: np.ndarray, seed: int, n_models: int, r_px: float,
+                  views, P: int, morph_models: set):
+    """The junk of one chunk (:mod:`cryolatent.simulate.junk`), from each row's own stream.
+
+    Returns (members, wide): members = {"row" (m,) positions in the chunk, "structure",
+    "rot", "tilt", "psi", "offset_px", "lam"} of the particles that pairs and aggregates add;
+    wide = [(position, object (P, P) float64, target variance)] for ice and carbon. Empty
+    rows need nothing (they stay 0)."""
+    rows, mem, wide = [], [], []
     for b in np.nonzero(kinds[idx] > 0)[0]:
         i = int(idx[b])
         kind = JUNK_KINDS[kinds[i] - 1]
         rng = junk_generator(seed, i)
         if kind in ("ice", "carbon"):
             obj, _ = (ice_blob if kind == "ice" else carbon_edge)(rng, P, r_px)
-            wide_rows.append(b)
-            wide.append(obj)
-            target.append(junk_variance(rng, kind))
-        elif kind == "empty":
-            img[int(b)] = 0.0
-        else:
-            m = cluster_members(rng, kind, len(models), r_px, views)
-            m["shift"] = t[i][None, :] - m["offset_px"]
-            mem_rows += [b] * len(m["psi"])
-            mem.append(m)
+            wide.append((int(b), obj, junk_variance(rng, kind)))
+        elif kind in ("pair", "aggregate"):
+            mm = cluster_members(rng, kind, n_models, r_px, views)
+            # a morph member's own conformation (drawn last: the draws above are unchanged)
+            mm["lam"] = (rng.uniform(0.0, 1.0, len(mm["psi"])) if morph_models
+                         else np.zeros(len(mm["psi"])))
+            rows += [int(b)] * len(mm["psi"])
+            mem.append(mm)
+    members = None
     if mem:
-        rows = np.asarray(mem_rows)
-        cat = {k: np.concatenate([m[k] for m in mem]) for k in
-               ("structure", "rot", "tilt", "psi", "shift")}
-        ex = torch.zeros((len(rows), D, D), dtype=torch.float32, device=dev)
-        for k, st in enumerate(models):
-            sel = np.nonzero(cat["structure"] == k)[0]
-            if len(sel):
-                ex[torch.as_tensor(sel, device=dev)] = render_projections(
-                    st.coords, st.weights, cat["rot"][sel], cat["tilt"][sel], cat["psi"][sel],
-                    cat["shift"][sel], D, apix, blur, device=dev)
-        urows, inv = np.unique(rows, return_inverse=True)
-        acc = torch.zeros((len(urows), D, D), dtype=torch.float32, device=dev)
-        acc.index_add_(0, torch.as_tensor(inv, device=dev), ex)
-        if ctfp is not None:
-            acc = apply_ctf(acc, ctfp.subset(idx[urows]), apix)
-        img[torch.as_tensor(urows, device=dev)] += acc
-    if wide:
-        rows = np.asarray(wide_rows)
-        obj = torch.as_tensor(np.stack(wide), dtype=torch.float32, device=dev)
-        if ctfp is not None:
-            obj = apply_ctf(obj, ctfp.subset(idx[rows]), apix)
-        off = P // 2 - D // 2
-        obj = obj[:, off:off + D, off:off + D]
-        var = obj[:, mask].double().var(dim=1, correction=0)
-        want = torch.as_tensor(target, dtype=torch.float64, device=dev)
-        f = torch.where(var > 0, torch.sqrt(want / var.clamp_min(1e-300)), 0.0) / scale
-        img[torch.as_tensor(rows, device=dev)] = (obj.double() * f[:, None, None]).float()
+        members = {k: np.concatenate([m[k] for m in mem]) for k in
+                   ("structure", "rot", "tilt", "psi", "offset_px", "lam")}
+        members["row"] = np.asarray(rows, np.int64)
+    return members, wide
 
 
 def simulate_cryoem(outdir: str | os.PathLike,
@@ -291,21 +358,28 @@ def simulate_cryoem(outdir: str | os.PathLike,
                     shift_sd: float = 3.0, defocus_min: float = 10000.0,
                     defocus_max: float = 25000.0, astigmatism: float = 500.0,
                     ctf: bool = True, centered: bool = False, blur: float | None = None,
-                    device: str | None = "cpu", junk: float = 0.0) -> Path:
+                    device: str | None = "cpu", junk: float = 0.0,
+                    morph: Sequence[str | os.PathLike] | MorphPair | None = None,
+                    chunk: int = CHUNK) -> Path:
     """Write projections of atomic models with their ground truth; returns particles.star.
 
     structures: PDB/mmCIF paths or :class:`Structure` objects (e.g. the built-in
     :func:`cryolatent.simulate.synthetic.hinge_pair`), one class each (rlnClassNumber =
     1 + index); default the
-    GluA3 NTD pair 3O21 / 3P3W. apix: default so that the largest structure's diameter spans
-    70 % of the box. snr: None or inf = no noise. views: K fixed directions
-    (column cryolatentViewNumber = 1..K) instead of uniform random ones.
+    GluA3 NTD pair 3O21 / 3P3W (not with ``morph``). apix: default so that the largest
+    structure's diameter spans 70 % of the box. snr: None or inf = no noise. views: K fixed
+    directions (column cryolatentViewNumber = 1..K) instead of uniform random ones.
     junk: the fraction of the n picks that are junk (:mod:`cryolatent.simulate.junk`):
     rlnClassNumber 0 and column cryolatentJunkKind (``none`` for the particles); 0 (the
     default) writes exactly what a set without junk is.
+    morph: two models (A, B) of one protein (:mod:`cryolatent.simulate.morph`) or a
+    :class:`~cryolatent.simulate.morph.MorphPair`: class 1, each particle at its own
+    conformation λ ~ U(0, 1) between them (column cryolatentMorph; -1 on the rows of the
+    other structures, which are classes 2, 3, ...).
+    chunk: particles per batch written (memory; the output does not depend on it).
     Columns: rlnAngleRot, rlnAngleTilt, rlnAnglePsi, rlnOriginXAngst, rlnOriginYAngst,
-    rlnClassNumber, [cryolatentViewNumber], [cryolatentJunkKind], [rlnDefocusU, rlnDefocusV,
-    rlnDefocusAngle, rlnPhaseShift].
+    rlnClassNumber, [cryolatentViewNumber], [cryolatentJunkKind], [cryolatentMorph],
+    [rlnDefocusU, rlnDefocusV, rlnDefocusAngle, rlnPhaseShift].
     """
     if n < 1:
         raise CryolatentError(f"--n must be positive, got {n}")
@@ -320,8 +394,19 @@ def simulate_cryoem(outdir: str | os.PathLike,
         raise CryolatentError(f"--astigmatism must be >= 0, got {astigmatism}")
     if not 0.0 <= junk <= 1.0:
         raise CryolatentError(f"--junk must be a fraction in [0, 1], got {junk}")
-    sources = list(structures) if structures else default_structures()
-    models = [p if isinstance(p, Structure) else load_structure(Path(p)) for p in sources]
+    if chunk < 1:
+        raise CryolatentError(f"chunk must be positive, got {chunk}")
+    models: list = []
+    if morph is not None:
+        if isinstance(morph, MorphPair):
+            models.append(morph)
+        else:
+            pair = list(morph)
+            if len(pair) != 2:
+                raise CryolatentError(f"--morph takes two models, got {len(pair)}")
+            models.append(load_morph(*pair))
+    sources = list(structures) if structures else ([] if models else default_structures())
+    models += [p if isinstance(p, Structure) else load_structure(Path(p)) for p in sources]
     r_max = max(m.radius for m in models)
     if apix is None:
         apix = math.ceil(2.0 * r_max / (0.7 * box) * 1000.0) / 1000.0
@@ -336,82 +421,127 @@ def simulate_cryoem(outdir: str | os.PathLike,
                         m.name, m.radius, box * apix / 2)
     dev = resolve_device(device)
 
+    nd = n
     r_cls, r_view, r_tilt, r_psi, r_t, r_df, r_ast, r_ang = rng_streams(seed, 8)
-    cls = r_cls.integers(0, len(models), n)
+    cls = r_cls.integers(0, len(models), nd)
     if views:
         vrot, vtilt = fibonacci_views(views)
-        view = r_view.integers(0, views, n)
+        view = r_view.integers(0, views, nd)
         rot, tilt = vrot[view], vtilt[view]
     else:
         view = None
-        rot = r_view.uniform(0.0, 360.0, n)
-        tilt = np.degrees(np.arccos(r_tilt.uniform(-1.0, 1.0, n)))
-    psi = r_psi.uniform(0.0, 360.0, n)
-    t = r_t.normal(0.0, shift_sd, (n, 2))
+        rot = r_view.uniform(0.0, 360.0, nd)
+        tilt = np.degrees(np.arccos(r_tilt.uniform(-1.0, 1.0, nd)))
+    psi = r_psi.uniform(0.0, 360.0, nd)
+    t = r_t.normal(0.0, shift_sd, (nd, 2))
     if centered:
-        t = np.zeros((n, 2))
-    dmean = r_df.uniform(defocus_min, defocus_max, n) if ctf else None
-    dastig = r_ast.uniform(0.0, astigmatism, n) if ctf else None
-    dangle = r_ang.uniform(0.0, 180.0, n) if ctf else None
+        t = np.zeros((nd, 2))
+    morph_models = {k for k, m in enumerate(models) if isinstance(m, MorphPair)}
+    lam = np.zeros(nd)
+    if morph_models:
+        lam = np.random.default_rng([int(seed), MORPH_STREAM]).uniform(0.0, 1.0, nd)
     noise_rng = np.random.default_rng([seed, 99])
 
     cols = {
-        "rlnAngleRot": wrap_deg_180(rot), "rlnAngleTilt": tilt, "rlnAnglePsi": wrap_deg_180(psi),
-        "rlnOriginXAngst": t[:, 0] * apix, "rlnOriginYAngst": t[:, 1] * apix,
-        "rlnClassNumber": cls + 1,
+        "rlnAngleRot": wrap_deg_180(rot[:n]), "rlnAngleTilt": tilt[:n],
+        "rlnAnglePsi": wrap_deg_180(psi[:n]),
+        "rlnOriginXAngst": t[:n, 0] * apix, "rlnOriginYAngst": t[:n, 1] * apix,
+        "rlnClassNumber": cls[:n] + 1,
     }
     if view is not None:
-        cols["cryolatentViewNumber"] = view + 1
+        cols["cryolatentViewNumber"] = view[:n] + 1
     kinds = None
     if junk > 0:
         kinds = junk_rows(np.random.default_rng([seed, JUNK_STREAM]), n, junk)
-        cols["rlnClassNumber"] = np.where(kinds > 0, 0, cls + 1)
+        cols["rlnClassNumber"] = np.where(kinds > 0, 0, cls[:n] + 1)
         cols["cryolatentJunkKind"] = np.array((NOT_JUNK,) + JUNK_KINDS)[kinds]
         log.info("junk: %d of %d picks (%s)", int((kinds > 0).sum()), n, ", ".join(
             f"{k} {int((kinds == i + 1).sum())}" for i, k in enumerate(JUNK_KINDS)))
+    if morph_models:
+        cols["cryolatentMorph"] = np.where(np.isin(cls[:n], list(morph_models)), lam[:n], -1.0)
     ctfp = None
     if ctf:
+        dmean = r_df.uniform(defocus_min, defocus_max, nd)
+        dastig = r_ast.uniform(0.0, astigmatism, nd)
+        dangle = r_ang.uniform(0.0, 180.0, nd)
         ctfp = CTFParams(defocus_u=dmean + dastig / 2, defocus_v=dmean - dastig / 2,
                          astigmatism=dangle, voltage=VOLTAGE_KV, cs=CS_MM,
                          amplitude_contrast=AMPLITUDE_CONTRAST, phase_shift=0.0)
-        cols.update({"rlnDefocusU": ctfp.defocus_u, "rlnDefocusV": ctfp.defocus_v,
-                     "rlnDefocusAngle": ctfp.astigmatism, "rlnPhaseShift": ctfp.phase_shift})
+        cols.update({"rlnDefocusU": ctfp.defocus_u[:n], "rlnDefocusV": ctfp.defocus_v[:n],
+                     "rlnDefocusAngle": ctfp.astigmatism[:n],
+                     "rlnPhaseShift": np.zeros(n)})
     table = pd.DataFrame(cols)
-    mask = torch.as_tensor(mask_disc(box, min(r_max / apix, box / 2)), device=dev)
-    scale: list[float] = []
-
     r_px = min(r_max / apix, box / 2)
+    mask = mask_disc(box, r_px)
+    P = 2 * box
+    render = _Renderer(models, box, apix, blur, bool(views), dev)
+    cached = render.enable_cache(views or 0)
+    log.info("rendering: %s%s", "each fixed view once, the particles interpolated from it"
+             if cached else "each particle from its atoms (gridded)",
+             "; the morph's particles each from their own conformation" if
+             cached and morph_models else "")
     junk_views = (vrot, vtilt) if views else None
 
+    def clean(idx: np.ndarray, own: np.ndarray) -> torch.Tensor:
+        """The chunk's rows before the set's scale: their own particles (where ``own``) and
+        the particles pairs and aggregates add, through the CTF; ice and carbon at their
+        drawn variance (already divided by the scale, ``scale`` set); empty rows 0."""
+        img = torch.zeros((len(idx), box, box), dtype=torch.float32, device=dev)
+        sel = np.nonzero(own)[0]
+        if len(sel):
+            g = idx[sel]
+            img[torch.as_tensor(sel, device=dev)] = render(cls[g], rot[g], tilt[g], psi[g],
+                                                           t[g], lam[g])
+        wide = []
+        if kinds is not None and scale:
+            members, wide = _junk_objects(idx, kinds, seed, len(models), r_px, junk_views, P,
+                                          morph_models)
+            if members is not None:
+                rows = members["row"]
+                shift = t[idx[rows]] - members["offset_px"]
+                ex = render(members["structure"], members["rot"], members["tilt"],
+                            members["psi"], shift, members["lam"])
+                img.index_add_(0, torch.as_tensor(rows, device=dev), ex)
+        ctf_chunk = ctf_half(ctfp.subset(idx), P, apix, device=dev) if ctfp is not None \
+            else None
+        if ctf_chunk is not None:
+            img = ctf_filter(img, ctf_chunk)
+        if wide:
+            pos = np.asarray([w[0] for w in wide])
+            obj = torch.as_tensor(np.stack([w[1] for w in wide]), dtype=torch.float32,
+                                  device=dev)
+            if ctf_chunk is not None:
+                obj = ctf_filter_canvas(obj, ctf_chunk[torch.as_tensor(pos, device=dev)], box)
+            else:
+                off = P // 2 - box // 2
+                obj = obj[:, off:off + box, off:off + box]
+            o = obj.double().cpu().numpy()
+            var = o[:, mask].var(axis=1)
+            want = np.asarray([w[2] for w in wide], np.float64)
+            f = np.where(var > 0, np.sqrt(want / np.maximum(var, 1e-300)), 0.0) / scale[0]
+            img[torch.as_tensor(pos, device=dev)] = torch.as_tensor(
+                o * f[:, None, None], dtype=torch.float32, device=dev)
+        return img
+
+    # the scale: from the first SCALE_ROWS rows' own particles (every row's, junk or not: it
+    # is the scale of the same set without junk), whatever the chunk size
+    scale: list[float] = []
+    acc, cnt = 0.0, 0
+    for sl in chunk_slices(min(n, SCALE_ROWS), chunk):
+        idx = np.arange(sl.start, sl.stop)
+        v = clean(idx, np.ones(len(idx), bool)).double().cpu().numpy()[:, mask]
+        acc += float(v.var(axis=1).sum())
+        cnt += len(idx)
+    var = acc / cnt
+    scale.append(1.0 / math.sqrt(var) if var > 0 else 1.0)
+
     def chunks():
-        for sl in chunk_slices(n, CHUNK):
+        for sl in chunk_slices(n, chunk):
             idx = np.arange(sl.start, sl.stop)
-            img = torch.empty((len(idx), box, box), dtype=torch.float32, device=dev)
-            # the rows' own particles: every row's in the first chunk (it fixes the scale, so
-            # the scale is the one of the same set without junk), later not for the junk
-            # that holds no particle (ice, carbon, empty; zero until _add_junk fills them)
-            own = np.ones(len(idx), dtype=bool)
-            if kinds is not None:
-                img.zero_()
-                if scale:
-                    own = (kinds[idx] == 0) | (kinds[idx] >= PAIR_CODE)
-            for k, m in enumerate(models):
-                sel = np.nonzero((cls[idx] == k) & own)[0]
-                if len(sel):
-                    g = idx[sel]
-                    img[torch.as_tensor(sel, device=dev)] = render_projections(
-                        m.coords, m.weights, rot[g], tilt[g], psi[g],
-                        t[g], box, apix, blur, device=dev)
-            if ctfp is not None:
-                img = apply_ctf(img, ctfp.subset(idx), apix)
-            if not scale:
-                v = img[:, mask]
-                var = float(v.var(dim=1, correction=0).mean())
-                scale.append(1.0 / math.sqrt(var) if var > 0 else 1.0)
-            if kinds is not None:
-                _add_junk(img, idx, kinds, seed, models, t, ctfp, apix, blur, r_px,
-                          junk_views, mask, scale[0])
-            img = (img * scale[0]).cpu().numpy()
+            own = np.ones(len(idx), bool)
+            if kinds is not None:   # no particle of its own under ice, carbon, empty
+                own = (kinds[idx] == 0) | (kinds[idx] >= PAIR_CODE)
+            img = (clean(idx, own) * scale[0]).cpu().numpy()
             if snr is not None and np.isfinite(snr):
                 img += noise_rng.normal(0.0, 1.0 / math.sqrt(snr), img.shape).astype(np.float32)
             yield img
