@@ -48,7 +48,8 @@ from .pose import wrap_deg_180
 
 __all__ = ["circular_mean", "circular_corr", "rotation_corr_per_class",
            "rotation_agreement_per_class", "rotation_error_per_class", "pearson",
-           "cluster_accuracy", "match_particles", "junk_report", "evaluate_tables"]
+           "cluster_accuracy", "match_particles", "junk_report", "evaluate_tables",
+           "heldout_direction_spearman", "morph_report", "morph_report_files"]
 
 
 def circular_mean(a_rad: np.ndarray) -> float:
@@ -319,3 +320,208 @@ def evaluate_files(pred: str | Path, truth: str | Path,
     T = _particles_table(truth, (class_column,))
     return evaluate_tables(P, T, class_column=class_column, pred_label=str(pred),
                            truth_label=str(truth))
+
+
+# ----------------------------------------------------------------------------- continuous motion
+#: truth column of ``simulate cryoem --morph``: the conformation λ in [0, 1]; -1 for a row
+#: that is not a morph particle
+MORPH_COLUMN = "cryolatentMorph"
+#: a group (true class, and view where the truth has one) needs this many morph particles
+MORPH_MIN_GROUP = 10
+#: the PCA baseline works on the aligned particles Fourier-cropped to at most this box
+MORPH_PCA_MAX_BOX = 64
+#: PCA components when PRED has no latent columns (else as many as latent dimensions)
+MORPH_PCA_DEFAULT_DIMS = 8
+
+
+def latent_columns(table: pd.DataFrame) -> list[str]:
+    """The ``cryolatentZ1 .. ZD`` columns of a particle table, in numeric order."""
+    cols = [c for c in table.columns if str(c).startswith("cryolatentZ")
+            and str(c)[len("cryolatentZ"):].isdigit()]
+    return sorted(cols, key=lambda c: int(str(c)[len("cryolatentZ"):]))
+
+
+def heldout_direction_spearman(features, target, seed: int = 0) -> float | None:
+    """How well the best single linear direction of ``features`` (n, d) orders ``target``
+    (n,): a Spearman rank correlation on held-out particles.
+
+    The particles are split at random (``seed``) into two halves. On one half, the ranks of
+    ``target`` are regressed on the features by least squares (with an intercept; features
+    standardised with that half's mean and sd), which gives a direction w; on the other half
+    the Spearman correlation between ``features @ w`` and ``target`` is computed. The halves
+    then swap, and the mean of the two held-out correlations is returned. Fitting on one half
+    and scoring on the other keeps a high-dimensional d from finding a direction that only
+    fits noise (with d close to n/2 the score falls rather than rises). Signed: a direction
+    that orders the particles the wrong way round scores below 0. None with fewer than
+    :data:`MORPH_MIN_GROUP` particles or a constant target.
+    """
+    from scipy.stats import rankdata, spearmanr
+
+    X = np.asarray(features, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64).reshape(-1)
+    if X.ndim == 1:
+        X = X[:, None]
+    n = len(y)
+    if n < MORPH_MIN_GROUP or X.shape[0] != n or np.ptp(y) == 0:
+        return None
+    perm = np.random.default_rng(seed).permutation(n)
+    halves = (perm[: n // 2], perm[n // 2:])
+    scores = []
+    for fit, test in (halves, halves[::-1]):
+        mu = X[fit].mean(0)
+        sd = X[fit].std(0)
+        sd[sd == 0] = 1.0
+        A = np.c_[np.ones(len(fit)), (X[fit] - mu) / sd]
+        r = rankdata(y[fit])
+        beta = np.linalg.lstsq(A, r - r.mean(), rcond=None)[0][1:]
+        proj = ((X[test] - mu) / sd) @ beta
+        if np.ptp(proj) == 0 or np.ptp(y[test]) == 0:
+            scores.append(0.0)
+            continue
+        scores.append(float(spearmanr(proj, y[test]).statistic))
+    return float(np.mean(scores))
+
+
+def morph_groups(T: pd.DataFrame, class_column: str = "rlnClassNumber") -> np.ndarray:
+    """(n,) str group label of each truth row: its class (``class_column``), and where the
+    truth has ``cryolatentViewNumber`` (and the class column is not that), ``"C/view V"``:
+    a 2D class is one view of one structure."""
+    cls = _col(T, class_column)
+    lab = np.array(["all"] * len(T), dtype=object) if cls is None else \
+        np.array([f"{int(c)}" if np.isfinite(c) else "?" for c in cls], dtype=object)
+    if "cryolatentViewNumber" in T.columns and class_column != "cryolatentViewNumber":
+        v = _col(T, "cryolatentViewNumber")
+        lab = np.array([f"{a}/view {int(b)}" if np.isfinite(b) else a for a, b in zip(lab, v)],
+                       dtype=object)
+    return lab
+
+
+def _group_scores(features: np.ndarray, lam: np.ndarray, groups: np.ndarray) -> dict:
+    """{group: held-out Spearman} (:func:`heldout_direction_spearman`) for each group with
+    enough particles; None values left out."""
+    out = {}
+    for g in sorted(set(groups)):
+        m = groups == g
+        r = heldout_direction_spearman(features[m], lam[m])
+        if r is not None:
+            out[str(g)] = r
+    return out
+
+
+def morph_pca_features(ps, rows: np.ndarray, psi_deg: np.ndarray, shift_angst: np.ndarray,
+                       k: int, batch: int = 256) -> np.ndarray:
+    """The classical baseline's features: PCA scores (n, k) of particles ``rows`` of the
+    :class:`cryolatent.io.ParticleSet` ``ps``, phase-flipped with their own CTF (when the set
+    has CTF columns), aligned by the given poses (:func:`cryolatent.pose.align_particles`,
+    RELION's convention; shifts in Å), Fourier-cropped to at most
+    :data:`MORPH_PCA_MAX_BOX` px and masked to the disc of diameter 0.9 box; PCA by
+    scikit-learn's randomized SVD (``random_state`` 0)."""
+    import torch
+    from sklearn.decomposition import PCA
+
+    from .ctf import compute_ctf
+    from .pose import align_particles
+    from .preprocess import fourier_crop
+
+    rows = np.asarray(rows, np.int64)
+    D = ps.box
+    apix = float(ps.apix)
+    d = min(D, MORPH_PCA_MAX_BOX)
+    ctfp = ps.ctf_params()
+    r = np.arange(d) - d // 2
+    disc = (r[:, None] ** 2 + r[None, :] ** 2) <= (0.45 * d) ** 2
+    feats = np.empty((len(rows), int(disc.sum())), dtype=np.float32)
+    for a in range(0, len(rows), batch):
+        ii = rows[a:a + batch]
+        x = torch.from_numpy(ps.images(ii)).to(torch.float64)
+        if ctfp is not None:
+            sign = torch.sign(compute_ctf(ctfp.subset(ii), D, apix, dtype=torch.float64))
+            x = torch.fft.ifft2(torch.fft.fft2(x) * sign).real
+        x = align_particles(x, psi_deg[a:a + batch], shift_angst[a:a + batch] / apix)
+        if d < D:
+            x = fourier_crop(x, d)
+        feats[a:a + len(ii)] = x.numpy()[:, disc].astype(np.float32)
+    k = int(max(1, min(k, len(rows) - 1, feats.shape[1])))
+    return PCA(n_components=k, svd_solver="randomized", random_state=0).fit_transform(feats)
+
+
+def morph_report(pred: pd.DataFrame, truth: pd.DataFrame, class_column: str = "rlnClassNumber",
+                 particles=None, pred_label: str = "PRED", truth_label: str = "TRUTH") -> dict:
+    """Continuous motion (``simulate cryoem --morph``): how well the latent space, and a
+    classical baseline, order the particles by their true conformation λ
+    (``cryolatentMorph``).
+
+    Only PRED rows that are real particles (not junk) with λ ≥ 0 count (``morph_n``). They
+    are grouped by true class (and view: :func:`morph_groups`). Within each group the score is
+    :func:`heldout_direction_spearman` of λ against (a) PRED's latent vectors
+    (``cryolatentZ*``): ``morph_latent_spearman_per_class`` and their mean over groups
+    ``morph_latent_spearman`` (None without latent columns); (b) the baseline, the PCA
+    scores of the particle images aligned by PRED's own poses and phase-flipped with their
+    CTF (:func:`morph_pca_features`, as many components as latent dimensions, else
+    :data:`MORPH_PCA_DEFAULT_DIMS`; fitted per group): ``morph_pca_spearman(_per_class)``,
+    computed when ``particles`` (PRED as a :class:`cryolatent.io.ParticleSet`, rows in
+    PRED's order) is given. ``morph_dims`` is the number of dimensions both use.
+    """
+    pi, ti = match_particles(pred, truth, pred_label, truth_label)
+    lam_all = _col(truth, MORPH_COLUMN)
+    if lam_all is None:
+        return {}
+    junk = truth_junk(truth)
+    lam = lam_all[ti]
+    keep = (lam >= 0) & np.isfinite(lam) & ~junk[ti]
+    pi, ti, lam = pi[keep], ti[keep], lam[keep]
+    groups = morph_groups(truth.iloc[ti].reset_index(drop=True), class_column)
+    zc = latent_columns(pred)
+    dims = len(zc) if zc else MORPH_PCA_DEFAULT_DIMS
+    out: dict = {"morph_n": int(len(pi)), "morph_dims": int(dims),
+                 "morph_latent_spearman": None, "morph_latent_spearman_per_class": None,
+                 "morph_pca_spearman": None, "morph_pca_spearman_per_class": None}
+    if not len(pi):
+        return out
+    if zc:
+        z = pred.iloc[pi][zc].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        per = _group_scores(z, lam, groups)
+        out["morph_latent_spearman_per_class"] = per
+        out["morph_latent_spearman"] = float(np.mean(list(per.values()))) if per else None
+    if particles is not None:
+        psi = _col(pred.iloc[pi], "rlnAnglePsi")
+        psi = np.zeros(len(pi)) if psi is None else psi
+        sh = particles.shifts_angst()[pi]
+        per = {}
+        for g in sorted(set(groups)):
+            m = groups == g
+            if m.sum() < MORPH_MIN_GROUP:
+                continue
+            f = morph_pca_features(particles, pi[m], psi[m], sh[m], dims)
+            r = heldout_direction_spearman(f, lam[m])
+            if r is not None:
+                per[str(g)] = r
+        out["morph_pca_spearman_per_class"] = per
+        out["morph_pca_spearman"] = float(np.mean(list(per.values()))) if per else None
+    return out
+
+
+def morph_report_files(pred: str | Path, truth: str | Path,
+                       class_column: str = "rlnClassNumber", datadir=None,
+                       pca: bool = True) -> dict:
+    """:func:`morph_report` for two STAR files ({} when TRUTH has no ``cryolatentMorph``).
+    With ``pca`` the particle images of PRED are read (stacks looked up as everywhere,
+    ``datadir`` first); when they cannot be found the baseline is None and a warning says
+    why."""
+    pred, truth = Path(pred), Path(truth)
+    T = _particles_table(truth, (class_column,))
+    if MORPH_COLUMN not in T.columns:
+        return {}
+    P = _particles_table(pred)
+    ps = None
+    if pca:
+        from .io import load_particles
+
+        try:
+            ps = load_particles(pred, datadir=datadir)
+        except InputError as e:
+            logging.getLogger("cryolatent").warning(
+                "morph: no PCA baseline, the particle images of %s cannot be read (%s)",
+                pred, e)
+    return morph_report(P, T, class_column, particles=ps, pred_label=str(pred),
+                        truth_label=str(truth))
