@@ -32,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("plot", "Latent-space maps (UMAP/PCA) and pose histograms."),
     "refine": ("refine", "Refine embed's classes and poses by 2D alignment to class averages."),
     "classes": ("classes", "Aligned and denoised class averages."),
-    "select": ("select", "Keep (or drop) the particles of chosen classes."),
+    "select": ("select", "Keep (or drop) the particles of chosen classes or a selection file."),
+    "report": ("report", "One HTML page: latent map, classes, traversals; select particles."),
     "demo": ("demo", "The whole chain on a small built-in example (CPU, minutes)."),
     "relion-external": ("relion_external", "The chain as a RELION 4/5 External job."),
 }

@@ -5,7 +5,9 @@
 #   bash scripts/setup.sh --test   # also the test tools and RELION 3.1 (Debian) in ./.relion,
 #                                  # with .venv/bin/relion_* wrappers that set LD_LIBRARY_PATH
 #                                  # (scripts/relion_wrappers.sh; not when another RELION is
-#                                  # on the PATH already)
+#                                  # on the PATH already), and Debian's chromium +
+#                                  # chromium-driver for the report's browser tests (when
+#                                  # apt-get can install them; the tests skip without)
 #
 # torch is installed first and on purpose, so pip never resolves it on its own:
 #   - a machine with an NVIDIA driver (nvidia-smi) gets PyPI's default (CUDA) build;
@@ -64,6 +66,26 @@ if [ $want_test = 1 ]; then
       echo "RELION already on the PATH ($other): no relion_* wrappers in .venv/bin"
     else
       bash scripts/relion_wrappers.sh .relion/usr "$venv_bin"
+    fi
+  fi
+  # headless Chromium for the report's browser tests (tests/test_report.py): Debian's
+  # chromium + chromium-driver (Selenium drives that binary; no browser is downloaded) and
+  # Mesa's llvmpipe for WebGL. Needs root and apt; never fatal: the tests skip without it.
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    apt_pkgs="chromium chromium-driver libegl-mesa0 libgl1-mesa-dri"
+    sudo_=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      sudo_="sudo -n"
+    fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo_" ]; }; then
+      export DEBIAN_FRONTEND=noninteractive
+      # shellcheck disable=SC2086
+      { $sudo_ apt-get install -y -q $apt_pkgs >/dev/null 2>&1 \
+        || { $sudo_ apt-get update -q >/dev/null 2>&1 && $sudo_ apt-get install -y -q $apt_pkgs >/dev/null 2>&1; }; } \
+        && echo "chromium + chromedriver installed (report browser tests)" \
+        || echo "note: could not install chromium (apt-get); the report's browser tests will skip"
+    else
+      echo "note: no chromium and no root apt-get; the report's browser tests will skip"
     fi
   fi
 else
