@@ -90,14 +90,9 @@ def run_demo(outdir: str | Path, settings: DemoSettings | None = None, echo=prin
 
     check_outdir(out, force)
     if force and out.is_dir():
-        import shutil
+        from .utils import remove_entries
 
-        for name in DEMO_OUTPUTS:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
+        remove_entries(out, DEMO_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     steps: list[tuple[str, float]] = []

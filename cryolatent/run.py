@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, complete_v0_1
 from .errors import CryolatentError
 from .io import load_particles
 from .models import build_model
@@ -149,10 +149,14 @@ class RunDir:
         return load_checkpoint(self.checkpoint_path(which), device=device)
 
     def load(self, device="auto", which: str = "best"):
-        """Model (eval mode, on ``device``) and TrainConfig of the checkpoint ``which``."""
+        """Model (eval mode, on ``device``) and TrainConfig of the checkpoint ``which``: the
+        configuration the run recorded, complete (a run of cryolatent 0.1.0, which recorded
+        some options as None, completed as its model did then: :func:`complete_v0_1`); nothing
+        is chosen again."""
         ck = self.checkpoint(which, device="cpu")
-        cfg = TrainConfig.from_dict(ck["config"])
-        model = build_model(cfg, int(ck["box"]))
+        box = int(ck["box"])
+        cfg = complete_v0_1(TrainConfig.from_dict(ck["config"]), box)
+        model = build_model(cfg, box, resolve=False)
         model.load_state_dict(ck["model"])
         return model.to(resolve_device(device)).eval(), cfg
 

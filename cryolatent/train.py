@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import DataFacts, TrainConfig, complete_v0_1, resolve
 from .data import Batches, ParticleData, split_indices
 from .distributed import DistContext, fingerprint, rank_seed, setup
 from .errors import CryolatentError
@@ -208,13 +210,14 @@ def make_optimizer(model, cfg: TrainConfig):
     """AdamW (decoupled weight decay; identical to Adam when the decay is 0, TARGET-VAE's
     default) and the plateau scheduler. Adam's coupled L2 decay (the IRL-INR paper's 5e-4)
     outweighs the gradient on the hypernetwork's input layer and collapses z
-    (docs/irl-inr-rotation.md §6: cluster accuracy 0.29 with it, 0.70 with AdamW)."""
-    from .config import MODEL_OPTIM
+    (docs/irl-inr-rotation.md §6: cluster accuracy 0.29 with it, 0.70 with AdamW).
 
-    table = MODEL_OPTIM.get(cfg.model, MODEL_OPTIM["target-vae"])
-    lr = cfg.lr if cfg.lr is not None else table["lr"]
-    wd = cfg.weight_decay if cfg.weight_decay is not None else table["weight_decay"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd,
+    ``cfg.lr`` and ``cfg.weight_decay``; a configuration that leaves them None (a model built
+    by hand with :func:`cryolatent.models.build_model`) is completed as build_model completes
+    it (:func:`cryolatent.config.resolve` for the model's box)."""
+    if cfg.lr is None or cfg.weight_decay is None:
+        cfg = resolve(cfg, model.box)[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=True)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
@@ -321,17 +324,29 @@ def _set_rng_state(st: dict, device: torch.device | None = None) -> None:
             log.warning("CUDA RNG state of the checkpoint not restored (different GPUs)")
 
 
-def _merge_resume(cfg: TrainConfig, stored: dict) -> TrainConfig:
-    new = TrainConfig.from_dict(stored)     # an older checkpoint's names mapped
+def merge_resume(stored: dict, options: dict) -> TrainConfig:
+    """A resumed run's configuration: the ``stored`` one (a run's config.json or checkpoint
+    table, older names mapped) with those of ``options`` (field -> value) that a resumed run
+    may change (:data:`RESUMABLE`); every other option given with another value is kept as
+    stored, with a warning."""
+    new = TrainConfig.from_dict(stored)
     old = new.to_dict()
-    for name in RESUMABLE:
-        setattr(new, name, getattr(cfg, name))
-    for k, v in cfg.to_dict().items():
-        if k not in RESUMABLE and k not in ("extra", "preprocessing") \
-                and old.get(k, v) != v:
+    for k, v in options.items():
+        if k in RESUMABLE:
+            setattr(new, k, v)
+        elif k not in ("extra", "preprocessing", "version") and old.get(k, v) != v:
             log.warning("--resume: keeping %s=%r from the checkpoint (ignoring %r)",
                         k, old.get(k), v)
     return new
+
+
+def resume_config(rundir, options: dict | None = None) -> TrainConfig:
+    """The configuration to continue the run in ``rundir`` with (:func:`merge_resume` of its
+    config.json, else of its last checkpoint's, and ``options``: only those given)."""
+    stored = Path(rundir) / "config.json"
+    table = (json.loads(stored.read_text()) if stored.exists()
+             else _load_checkpoint(Path(rundir) / "checkpoints" / "last.pt")["config"])
+    return merge_resume(table, dict(options or {}))
 
 
 # ----------------------------------------------------------------------------- train
@@ -365,23 +380,15 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
     ck = None
     if resume:
         ck = _load_checkpoint(rundir / "checkpoints" / "last.pt")
-        cfg = _merge_resume(cfg, ck["config"]).validate()
+        cfg = complete_v0_1(merge_resume(ck["config"], cfg.to_dict()), int(ck["box"]))
+        cfg.validate()
     elif rundir.exists() and (not rundir.is_dir() or any(rundir.iterdir())):
         raise CryolatentError(f"{rundir}: run folder exists and is not empty; use --resume to "
                               "continue it or choose another -o")
     source = ParticleData.from_source(data if data is not None else cfg.input, cfg.datadir)
-    notes: list[str] = []     # what was chosen from the data, for the run log
-    if cfg.ctf and not source.has_ctf:
-        raise CryolatentError(f"--ctf: {cfg.input or 'the particle set'} has no CTF parameters")
-    if cfg.likelihood == "auto":
-        lo, hi = source.value_range(seed=cfg.seed)
-        with_ctf = source.has_ctf if cfg.ctf is None else cfg.ctf
-        cfg.likelihood = "bernoulli" if (lo >= 0.0 and hi <= 1.0 and not with_ctf) else "gaussian"
-        notes.append(f"likelihood {cfg.likelihood} (pixel values in [{lo:.3g}, {hi:.3g}])")
-    notes += cfg.resolve_defaults(source.box, source.has_ctf, dist.device.type)
+    # what was chosen from the data and the machine, one note each for the run log
+    cfg, notes = resolve(cfg, source.box, data_facts(source, cfg), dist.device.type)
     _record_preprocessing(cfg, source, resumed=ck is not None)
-    if cfg.ctf and cfg.likelihood == "bernoulli":
-        raise CryolatentError("--ctf needs --likelihood gaussian")
     if dist.world_size > 1:
         n_train = len(split_indices(source.n, cfg.val_fraction, cfg.seed)[0])
         if cfg.batch_size < dist.world_size:
@@ -392,6 +399,18 @@ def _prepare(cfg: TrainConfig, resume: bool, data, dist: DistContext):
             raise CryolatentError(f"{n_train} training particles for {dist.world_size} "
                                   "processes: use fewer processes")
     return cfg, ck, source, notes
+
+
+def data_facts(source: ParticleData, cfg: TrainConfig) -> DataFacts:
+    """What :func:`cryolatent.config.resolve` needs of the training images: CTF parameters,
+    the pixel size (the median over optics groups, for the options in Å) and, when the
+    likelihood is left to it, the range of a sample's pixel values."""
+    ps = source.particle_set
+    apix = (float(np.median(np.asarray(ps.apix_per_particle, dtype=float))) if ps is not None
+            else source.apix)
+    return DataFacts(has_ctf=source.has_ctf, apix=apix,
+                     value_range=(source.value_range(seed=cfg.seed)
+                                  if cfg.likelihood == "auto" else None))
 
 
 def _record_preprocessing(cfg: TrainConfig, source: ParticleData, resumed: bool) -> None:
@@ -450,7 +469,7 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
              f"batch {cfg.batch_size}" if dist.enabled else "")
 
     seed_everything(cfg.seed)
-    model = build_model(cfg, source.box).to(device)
+    model = build_model(cfg, source.box, resolve=False).to(device)
     opt, sched = make_optimizer(model, cfg)
     state = {"epoch": 0, "best": math.inf, "bad_epochs": 0, "history": []}
     writer = _Writer(rundir)
@@ -513,7 +532,7 @@ def _train(cfg: TrainConfig, resume: bool, data, dist: DistContext) -> Path:
                        unit="batch", leave=False, **({} if main else {"disable": True}))
         for (x, c), g in zip(batches.train(epoch), gsizes):
             b = x.shape[0]
-            if (cfg.kl_warmup or 0) > 0 and hasattr(model, "kl_z_weight"):
+            if cfg.kl_warmup > 0 and hasattr(model, "kl_z_weight"):
                 model.kl_z_weight = min(1.0, (epoch + steps / len(gsizes)) / cfg.kl_warmup)
             out = runner.train_step(x, c, weight=(W * b / g) if W > 1 else 1.0)
             for k, v in out.items():
@@ -684,4 +703,5 @@ def _abort(writer: _Writer, ckpt_state, state: dict, epoch: int, main: bool = Tr
         f"values); the last good state is in {last}")
 
 
-__all__ = ["train", "load_run", "StepRunner", "make_optimizer", "amp_dtype", "set_fast_math"]
+__all__ = ["train", "load_run", "resume_config", "merge_resume", "data_facts", "StepRunner",
+           "make_optimizer", "amp_dtype", "set_fast_math"]

@@ -371,6 +371,17 @@ def current_threads() -> int:
 
 
 # ----------------------------------------------------------------------------- output folders
+def remove_entries(folder: str | os.PathLike, names) -> None:
+    """Remove the files and folders ``names`` of ``folder`` that exist (a link is removed,
+    not followed): a command's own outputs, before ``--force`` writes them anew."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def check_outdir(path: str | os.PathLike, force: bool = False, extra: str = "") -> None:
     """Refuse an existing non-empty output folder unless ``force`` (or a file in its place).
 

@@ -18,8 +18,10 @@ from cryolatent.models import build_model
 from cryolatent.models.irl_inr import IRLINR
 from cryolatent.models.target_vae import TargetVAE
 
-#: TrainConfig fields that are no `train` option of their own (set from the arguments, -j)
-NOT_OPTIONS = {"input", "outdir", "datadir", "command", "preprocessing", "extra", "threads"}
+#: TrainConfig fields that are no `train` option of their own (set from the arguments, -j,
+#: by train itself; fourier_sigma: an alias of --inr-fourier-sigma)
+NOT_OPTIONS = {"input", "outdir", "datadir", "command", "preprocessing", "extra", "threads",
+               "version", "fourier_sigma"}
 
 
 def _fmt(v) -> str:
@@ -36,45 +38,71 @@ def _train_params():
     return {p.name: p for p in command.params if isinstance(p, __import__("click").Option)}
 
 
-def test_cli_options_agree_with_the_config_classes():
-    """Every option's choices are its field's Literal, the default in its help's last
-    [brackets] is the field's default (where that is a value, not "chosen from the data"),
-    and every field of every configuration class is an option."""
+def _help_defaults() -> dict[str, str]:
+    """Option name -> the default `train --help` shows (its help's last [brackets])."""
     import click
+
+    from cryolatent.commands.train import command
+
+    ctx = click.Context(command, info_name="train")
+    out = {}
+    for name, p in _train_params().items():
+        m = re.search(r"\[([^\[\]]*)\]\.?$", p.get_help_record(ctx)[1])
+        if m:
+            out[name] = m.group(1)
+    return out
+
+
+def test_cli_help_shows_the_defaults_of_the_config():
+    """Every field of every configuration class is an option; its choices are the field's
+    Literal; the default its `train --help` shows is the configuration's: the field's value,
+    or for an option chosen from the data and the machine, config.default_text's rule."""
+    import click
+
+    from cryolatent.config import default_text
 
     params = _train_params()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for cls in (RunConfig, TargetVAEConfig, IRLINRConfig):
+    for cls in (RunConfig, TargetVAEConfig, IRLINRConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             if f.name not in NOT_OPTIONS:
                 assert f.name in params, f"{cls.__name__}.{f.name} has no train option"
+    shown = _help_defaults()
     checked = 0
-    for name, p in params.items():
+    for name in params:
         if name not in fields or name in NOT_OPTIONS:
             continue
         allowed = literal_choices(TrainConfig, name)
         if allowed is not None:
-            assert isinstance(p.type, click.Choice), name
-            assert list(p.type.choices) == [str(a) for a in allowed], name
+            assert isinstance(params[name].type, click.Choice), name
+            assert list(params[name].type.choices) == [str(a) for a in allowed], name
         else:
-            assert not isinstance(p.type, click.Choice), name
+            assert not isinstance(params[name].type, click.Choice), name
+        assert name in shown, f"--{name}: its help shows no [default]"
         default = fields[name].default
-        if default is None or default is dataclasses.MISSING:
-            continue
-        m = re.search(r"\[([^\[\]]*)\]\.?$", p.help or "")
-        assert m, f"--{name}: no [default] in its help"
-        first = re.split(r"[;, (]", m.group(1))[0]
-        assert first == _fmt(default), (
-            f"--{name.replace('_', '-')}: help says [{m.group(1)}], the class {default!r}")
+        want = default_text(name) if default is None else _fmt(default)
+        assert shown[name] == want, (
+            f"--{name.replace('_', '-')}: help says [{shown[name]}], the config {want!r}")
         checked += 1
-    assert checked > 25          # fields whose default is "chosen" (None) are not checked
+    assert checked > 50
 
 
 def test_the_agreement_check_notices_a_wrong_default(monkeypatch):
     """The test above fails when a class default and the help disagree."""
     monkeypatch.setattr(TrainConfig.__dataclass_fields__["gen_layers"], "default", 3)
     with pytest.raises(AssertionError, match="gen-layers"):
-        test_cli_options_agree_with_the_config_classes()
+        test_cli_help_shows_the_defaults_of_the_config()
+
+
+def test_the_rules_in_the_help_follow_the_tables(monkeypatch):
+    """An option chosen from the data shows the rule of config.resolve's tables: changing a
+    table changes the words (and nothing else has to)."""
+    from cryolatent import config
+
+    assert "64 on the CPU" in config.default_text("enc_channels")
+    monkeypatch.setitem(config.CPU_SIZES, "enc_channels", 48)
+    assert "48 on the CPU" in config.default_text("enc_channels")
+    assert config.default_text("pixel_fraction").startswith(f"{config.PIXEL_FRACTION:g} ")
 
 
 def test_cli_old_fourier_flags_are_aliases(tmp_path, monkeypatch):
@@ -83,7 +111,9 @@ def test_cli_old_fourier_flags_are_aliases(tmp_path, monkeypatch):
     from cryolatent.commands import train as cmd
 
     seen = {}
-    monkeypatch.setattr("cryolatent.train.train",
+    import cryolatent.launch
+
+    monkeypatch.setattr(cryolatent.launch, "train",
                         lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
 
     def run(*args):
@@ -163,8 +193,11 @@ def test_config_round_trip_through_config_json_and_checkpoint(tmp_path):
 
 
 def test_models_are_built_from_their_config():
-    tv = TargetVAEConfig(z_dim=3, enc_channels=4, gen_width=8, gen_layers=1,
-                         gen_fourier_features=6, translation_range=1, kernel=5)
+    from cryolatent.config import resolve
+
+    tv = resolve(TrainConfig(z_dim=3, enc_channels=4, gen_width=8, gen_layers=1,
+                             gen_fourier_features=6, translation_range=1, kernel=5),
+                 12)[0].model_config()
     torch.manual_seed(0)
     a = TargetVAE(12, tv)
     torch.manual_seed(0)
@@ -175,12 +208,26 @@ def test_models_are_built_from_their_config():
     # keyword options override the configuration; the old names are accepted
     m = TargetVAE(12, tv, fourier_features=10, fourier_sigma=0.1)
     assert m.cfg.gen_fourier_features == 10 and m.cfg.gen_fourier_sigma == 0.1
-    ir = IRLINR(12, IRLINRConfig(z_dim=2, enc_width=4, hyper_width=8, hyper_layers=1,
-                                 inr_width=8, inr_layers=1), fourier_features=5)
+    ir_cfg = resolve(TrainConfig(model="irl-inr", z_dim=2, enc_width=4, hyper_width=8,
+                                 hyper_layers=1, inr_width=8, inr_layers=1), 12)[0]
+    ir = IRLINR(12, ir_cfg.model_config(), fourier_features=5)
     assert ir.hyper.ff.freqs.shape[1] == 5 and ir.cfg.inr_fourier_features == 5
     with pytest.raises(TypeError, match="unknown option"):
-        IRLINR(12, rotations=8)
+        IRLINR(12, ir_cfg, rotations=8)
     assert set(MODEL_CONFIGS) == {"target-vae", "irl-inr"}
+
+
+def test_models_take_only_complete_configurations():
+    """A model is given values, never None or "auto": what is left names itself; resolve()
+    (or build_model, which calls it) chooses them."""
+    with pytest.raises(ValueError, match="z_dim, ctf, mask, mask_diameter, enc_channels, "
+                                         "kernel.*likelihood not given"):
+        TargetVAE(12, TargetVAEConfig())
+    with pytest.raises(ValueError, match="pixel_fraction not given"):
+        IRLINR(12, IRLINRConfig(z_dim=2, ctf=False, enc_width=4, hyper_width=8,
+                                hyper_layers=1, inr_width=8, inr_layers=1,
+                                inr_fourier_features=4))
+    assert build_model(TrainConfig(), 12).cfg.kernel == 9
 
 
 def test_literal_choices_are_validated():

@@ -35,7 +35,7 @@ def test_papers_sizes_on_gpu_and_for_sets_without_ctf():
     cfg.resolve_defaults(box=50, has_ctf=False, device_type="cuda")
     assert {k: getattr(cfg, k) for k in PAPER_SIZES} == PAPER_SIZES
     assert cfg.ctf is False and cfg.mask is False
-    assert cfg.translation_range is None and cfg.translation_prior == 5.0
+    assert cfg.translation_range == 20 and cfg.translation_prior == 5.0
     assert (cfg.batch_size, cfg.lr, cfg.gumbel_tau, cfg.kl_warmup, cfg.z_dim) == \
         (100, 2e-4, 1.0, 0.0, 2)
     m = build_model(cfg, 50)
@@ -78,8 +78,10 @@ def test_irl_inr_cpu_settings_and_explicit_options_kept():
 
 def test_unresolved_irl_inr_config_builds_the_papers_sizes():
     from cryolatent.models.irl_inr import IRLINR
-    m = IRLINR(32, TrainConfig(model="irl-inr"))
+    m = build_model(TrainConfig(model="irl-inr"), 32)
     assert m.encoder.out_dim == 8 * IRL_PAPER_SIZES["enc_width"]
+    with pytest.raises(ValueError, match="enc_width"):      # the model itself takes values
+        IRLINR(32, TrainConfig(model="irl-inr"))
     assert m.hyper.shapes[0] == (2 * 256, 256) and len(m.hyper.shapes) == 4
 
 
@@ -271,3 +273,71 @@ def test_pixel_fraction_with_ctf_is_a_one_line_error_with_no_output(tmp_path, ca
     assert rc == 1 and "--pixel-fraction" in err and "CTF" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model", ["target-vae", "irl-inr"])
+@pytest.mark.parametrize("data", [None, dict(has_ctf=True), dict(value_range=(0.0, 1.0)),
+                                  dict(value_range=(-2.0, 3.0))])
+@pytest.mark.parametrize("device", [None, "cpu", "cuda"])
+def test_resolve_leaves_nothing_open_and_twice_is_once(model, data, device):
+    """resolve() turns options + data + machine into a complete configuration (nothing the
+    model or the loop reads is None or "auto"), records the version, and resolving again
+    changes nothing."""
+    import cryolatent
+    from cryolatent.config import DataFacts, missing, resolve
+
+    facts = None if data is None else DataFacts(**data)
+    cfg = TrainConfig(model=model)
+    assert "z_dim" in missing(cfg) and "likelihood" in missing(cfg)
+    done, notes = resolve(cfg, 50, facts, device)
+    assert missing(done) == [] and done.version == cryolatent.__version__
+    assert cfg.z_dim is None                      # the options given are not changed
+    assert resolve(done, 50, facts, device)[0] == done
+    if model == "target-vae":
+        assert done.kernel == 31 and done.mask_diameter == 50.0
+
+
+def test_resolve_without_data_is_the_papers_model_and_with_data_train_s():
+    """Nothing known of the images: no CTF, Gaussian, every pixel scored (what a model built
+    from options alone gets); a set of 50-px images in [0, 1] without CTF: Bernoulli and a
+    quarter of the pixels per step, as train chooses."""
+    from cryolatent.config import DataFacts, resolve
+
+    plain = resolve(TrainConfig(), 50)[0]
+    assert (plain.likelihood, plain.ctf, plain.pixel_fraction, plain.enc_channels) == \
+        ("gaussian", False, 1.0, PAPER_SIZES["enc_channels"])
+    data = resolve(TrainConfig(), 50, DataFacts(value_range=(0.0, 1.0)), "cpu")[0]
+    assert (data.likelihood, data.ctf, data.pixel_fraction, data.enc_channels) == \
+        ("bernoulli", False, 0.25, CPU_SIZES["enc_channels"])
+    cryo = resolve(TrainConfig(), 64, DataFacts(has_ctf=True, value_range=(-3.0, 4.0)))[0]
+    assert (cryo.likelihood, cryo.ctf, cryo.mask, cryo.translation_range) == \
+        ("gaussian", True, True, 10)
+
+
+def test_options_in_angstrom_are_resolved_with_the_pixel_size():
+    from cryolatent.config import DataFacts, resolve
+    from cryolatent.errors import CryolatentError
+
+    cfg = TrainConfig.from_options(dict(translation_prior=9.0, translation_prior_angst=3.0,
+                                        translation_range_angst=5.0, particle_diameter=30.0))
+    done, notes = resolve(cfg, 16, DataFacts(apix=2.5))
+    assert (done.translation_prior, done.translation_range, done.mask_diameter, done.mask) == \
+        (pytest.approx(1.2), 2, pytest.approx(12.0), True)
+    assert any("30 Å = 12 px" in n for n in notes)
+    assert done.particle_diameter == 30.0          # kept as the record
+    with pytest.raises(CryolatentError, match="pixel size is not known"):
+        resolve(cfg, 16)
+
+
+def test_a_config_of_0_1_is_completed_as_its_model_did():
+    """No version recorded: the options the model of 0.1.0 filled itself (the kernel, the
+    translation grid without CTF, the disc) are filled by that version's frozen rules."""
+    from cryolatent.config import complete_v0_1
+
+    old = TrainConfig(likelihood="bernoulli", z_dim=2, ctf=False, mask=False, enc_channels=4,
+                      gen_width=16, gen_fourier_features=8, translation_prior=5.0,
+                      gumbel_tau=1.0, kl_warmup=0.0, kl_free_bits=0.0, pixel_fraction=1.0,
+                      kernel=8)
+    c = complete_v0_1(old, 16)
+    assert (c.kernel, c.translation_range, c.mask_diameter, c.version) == (9, 8, 16.0, "0.1.0")
+    assert complete_v0_1(c, 24) is c               # a versioned configuration stays

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(box=16, **kw) -> IRLINR:
     args = dict(z_dim=3, enc_width=4, hyper_width=16, hyper_layers=2, inr_width=16,
-                inr_layers=2, fourier_features=8, fourier_sigma=1.0, seed=0)
+                inr_layers=2, fourier_features=8, fourier_sigma=1.0, seed=0, ctf=False,
+                pixel_fraction=1.0)
     args.update(kw)
     return IRLINR(box, **args)
 

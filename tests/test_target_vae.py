@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cryolatent.config import TrainConfig
+from cryolatent.config import TrainConfig, resolve
 from cryolatent.models import build_model
 from cryolatent.models.blocks import GroupConvP
 from cryolatent.models.target_vae import TargetVAE, kl_divergence, pose_to_relion
@@ -237,8 +237,10 @@ def test_recentring_reports_the_object_centre():
     finds c0, generate() centres it, and the recentred pose points at the object's centre of
     mass in the image rendered at the raw pose (measured by brute force)."""
     torch.manual_seed(0)
-    m = _BlobVAE(29, z_dim=2, rotations=8, enc_channels=8, gen_width=16, gen_layers=1,
-                 fourier_features=8, likelihood="gaussian", translation_range=3).double().eval()
+    cfg = resolve(TrainConfig(z_dim=2, rotations=8, enc_channels=8, gen_width=16,
+                              gen_layers=1, fourier_features=8, likelihood="gaussian",
+                              translation_range=3), 29)[0]
+    m = _BlobVAE(29, cfg).double().eval()
     z = torch.zeros(3, 2, dtype=torch.float64)
     torch.testing.assert_close(m.canonical_centre(z), torch.tensor([m.c0] * 3,
                                dtype=torch.float64), rtol=0, atol=0.02)

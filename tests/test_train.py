@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,12 @@ def test_loss_falls_and_run_folder(tmp_path, images):
     cfg = json.loads((rundir / "config.json").read_text())
     assert cfg["seed"] == 0 and cfg["command"] == "cryolatent train x"
     assert cfg["likelihood"] == "bernoulli"  # auto-resolved from [0, 1] data
+    # complete: the version that resolved it, and every option the model reads
+    import cryolatent
+    from cryolatent.config import missing
+
+    assert cfg["version"] == cryolatent.__version__ and cfg["kernel"] == 7
+    assert missing(TrainConfig.from_dict(cfg)) == []
     assert (rundir / "run.log").exists()
     assert (rundir / "checkpoints" / "last.pt").exists()
     assert (rundir / "checkpoints" / "best.pt").exists()
@@ -196,7 +203,9 @@ def test_cli_refuses_nonempty_and_resolves_model_defaults(tmp_path, monkeypatch)
         seen["cfg"], seen["resume"] = cfg, resume
         return tmp_path
 
-    monkeypatch.setattr("cryolatent.train.train", fake_train)
+    import cryolatent.launch
+
+    monkeypatch.setattr(cryolatent.launch, "train", fake_train)
     r = CliRunner().invoke(cmd.command, ["in.star", "-o", str(tmp_path / "r"), "--model",
                                          "irl-inr", "--rotations", "16", "--no-ctf"])
     assert r.exit_code == 0, r.output
@@ -325,17 +334,22 @@ def test_particle_diameter_sets_the_likelihood_disc(tmp_path, monkeypatch):
                            "rlnImagePixelSize": [apix], "rlnImageSize": [D],
                            "rlnImageDimensionality": [2]})
     write_star(tmp_path / "p.star", df, optics)
+    import cryolatent.launch
+    from cryolatent.config import resolve
+    from cryolatent.train import data_facts
+    from cryolatent.data import ParticleData
+
     seen = {}
-    monkeypatch.setattr("cryolatent.train.train",
+    monkeypatch.setattr(cryolatent.launch, "train",
                         lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
     r = CliRunner().invoke(cli, ["train", str(tmp_path / "p.star"), "-o", str(tmp_path / "r"),
-                                 "--particle-diameter", "30"])
+                                 "--particle-diameter", "30", "--mask-diameter", "3"])
     assert r.exit_code == 0, r.output
-    cfg = seen["cfg"]
+    cfg = seen["cfg"]       # Å replaces px; converted with the set's pixel size at the start
+    assert cfg.particle_diameter == 30 and cfg.mask_diameter is None
+    cfg, _ = resolve(cfg, D, data_facts(ParticleData.from_source(tmp_path / "p.star"), cfg))
     assert cfg.mask_diameter == pytest.approx(12.0) and cfg.mask is True
-    assert cfg.extra["particle_diameter_angst"] == 30
-    cfg.resolve_defaults(D, has_ctf=False)
-    model = build_model(cfg, D)
+    model = build_model(cfg, D, resolve=False)
     c = torch.arange(D) - D // 2
     r2 = c[:, None] ** 2 + c[None, :] ** 2
     assert torch.equal(model.mask2d > 0, r2 <= 6.0 ** 2)         # radius 6 px, not 8
@@ -354,3 +368,44 @@ def test_training_leaves_subnormal_floats_as_they_were(tmp_path, images):
     train(small_cfg(tmp_path / "run", epochs=1), data=images)
     assert float(np.float32(tiny) * np.float32(1.0)) != 0.0
     assert torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() != 0.0
+
+
+def test_train_from_options_is_the_command_as_a_library_call(tmp_path, images, caplog):
+    """cryolatent.launch: a new run from the options given, --resume with only the given
+    options changing (the others warned about and kept), --force clearing only a run's own
+    files; the threads per process."""
+    import logging
+
+    from cryolatent.io import write_mrcs
+    from cryolatent.launch import (RUN_FILES, clear_run_folder, threads_per_process,
+                                   train_from_options)
+    from cryolatent.train import resume_config
+
+    write_mrcs(tmp_path / "p.mrcs", images[:60], 1.0)
+    opts = {k: v for k, v in vars(small_cfg(tmp_path)).items()
+            if k in ("batch_size", "lr", "enc_channels", "kernel", "translation_range",
+                     "rotations", "gen_width", "gen_layers", "gen_fourier_features", "z_dim",
+                     "translation_prior", "device")}
+    out = tmp_path / "run"
+    train_from_options(tmp_path / "p.mrcs", out, dict(opts, epochs=1, threads=1), command="x")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["epochs"], cfg["threads"], cfg["command"], cfg["extra"]["cwd"]) == \
+        (1, 1, "x", str(Path.cwd()))
+    logger = logging.getLogger("cryolatent")
+    logger.addHandler(caplog.handler)
+    try:
+        again = resume_config(out, {"epochs": 2, "z_dim": 5})
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert (again.epochs, again.z_dim) == (2, 2) and "keeping z_dim=2" in caplog.text
+    train_from_options(tmp_path / "p.mrcs", out, {"epochs": 2}, resume=True)
+    assert len(rows(out)) == 2
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CryolatentError, match="also holds notes.txt"):
+        clear_run_folder(out, tmp_path / "p.mrcs")
+    (out / "notes.txt").unlink()
+    with pytest.raises(CryolatentError, match="no such file"):
+        clear_run_folder(out, tmp_path / "gone.mrcs")      # nothing deleted for a bad input
+    clear_run_folder(out, tmp_path / "p.mrcs")
+    assert not any((out / name).exists() for name in RUN_FILES)
+    assert threads_per_process() >= 1

@@ -209,7 +209,7 @@ def test_shift_edge_tells_a_pile_up_from_a_tail():
 
 # ----------------------------------------------------------------------------- baseline
 def test_baseline_nll_matches_numpy_brute_force():
-    from cryolatent.models.target_vae import TargetVAE
+    from cryolatent.models import build_model
 
     rng = np.random.default_rng(0)
     D = 12
@@ -218,9 +218,12 @@ def test_baseline_nll_matches_numpy_brute_force():
     s = rng.uniform(0.5, 2.0, (D, D))
     xt, mt, st = (torch.as_tensor(v) for v in (x, m, s))
 
+    def tiny(**kw):
+        return build_model(TrainConfig(enc_channels=4, kernel=5, translation_range=1,
+                                       gen_width=8, gen_layers=1, fourier_features=4, **kw), D)
+
     def run(**kw):
-        model = TargetVAE(D, enc_channels=4, kernel=5, translation_range=1, gen_width=8,
-                          gen_layers=1, fourier_features=4, **kw)
+        model = tiny(**kw)
         b, f = trust._baseline_parts(model, xt, mt, st)
         return b.numpy(), f.numpy()
 
@@ -242,8 +245,7 @@ def test_baseline_nll_matches_numpy_brute_force():
     # Bernoulli on [0, 1] data
     xb = rng.uniform(0, 1, (5, D, D))
     mb = rng.uniform(0.05, 0.95, (D, D))
-    model = TargetVAE(D, enc_channels=4, kernel=5, translation_range=1, gen_width=8,
-                      gen_layers=1, fourier_features=4, likelihood="bernoulli")
+    model = tiny(likelihood="bernoulli")
     b, f = trust._baseline_parts(model, torch.as_tensor(xb), torch.as_tensor(mb), st)
     np.testing.assert_allclose(b, -(xb * np.log(mb) + (1 - xb) * np.log(1 - mb)).sum((1, 2)),
                                rtol=1e-10)

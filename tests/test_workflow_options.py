@@ -464,7 +464,7 @@ def test_translation_options_in_angstrom(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["translation_prior"] == pytest.approx(1.5)
     assert cfg["translation_range"] == 3                    # ceil(5 / 2)
-    assert cfg["extra"]["translation_prior_angst"] == 3.0
+    assert cfg["translation_prior_angst"] == 3.0              # the option as given
 
 
 # ------------------------------------------------------------------------------ paths

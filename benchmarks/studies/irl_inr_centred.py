@@ -201,7 +201,7 @@ def run_snr(a, snr: float) -> dict:
         m = IRLINR(a.box, z_dim=a.z_dim, enc_width=8, hyper_width=64, hyper_layers=2,
                    inr_width=32, inr_layers=2, fourier_features=32, fourier_sigma=2.0,
                    rotation_rule=rule, consistency_loss=closs,
-                   lambda_symmetry=a.lambda_symmetry, seed=a.seed)
+                   lambda_symmetry=a.lambda_symmetry, seed=a.seed, ctf=False, pixel_fraction=1.0)
         Opt = torch.optim.Adam if a.opt == "adam" else torch.optim.AdamW
         opt = Opt(m.parameters(), lr=a.lr, weight_decay=a.weight_decay)
         g = torch.Generator().manual_seed(a.seed)

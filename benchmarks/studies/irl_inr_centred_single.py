@@ -71,7 +71,7 @@ def main() -> None:
     m = IRLINR(a.box, z_dim=a.z_dim, enc_width=8, hyper_width=32, hyper_layers=1, inr_width=16,
                inr_layers=1, fourier_features=16, lambda_recon=lam[0], lambda_consistency=lam[1],
                lambda_symmetry=lam[2], consistency_loss=a.consistency_loss,
-               rotation_rule=a.rule, seed=a.seed)
+               rotation_rule=a.rule, seed=a.seed, ctf=False, pixel_fraction=1.0)
     opt = torch.optim.Adam(m.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     g = torch.Generator().manual_seed(a.seed)
     t0, acc = time.perf_counter(), []

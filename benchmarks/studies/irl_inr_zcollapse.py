@@ -158,7 +158,7 @@ def main() -> None:
                inr_width=32, inr_layers=2, fourier_features=32, fourier_sigma=2.0,
                rotation_rule="moments", consistency_loss=a.consistency_loss,
                lambda_recon=a.lambda_recon, lambda_consistency=a.lambda_consistency,
-               lambda_symmetry=15.0, seed=a.seed)
+               lambda_symmetry=15.0, seed=a.seed, ctf=False, pixel_fraction=1.0)
     with torch.no_grad():
         m.head[-1].weight[:a.z_dim].mul_(a.z_init_scale)
         m.head[-1].bias[:a.z_dim].mul_(a.z_init_scale)

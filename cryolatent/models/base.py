@@ -82,3 +82,11 @@ class LatentModel(nn.Module):
     def generate(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """Images (B, size, size) from latents (B, D) in the canonical pose (psi 0, shift 0)."""
         raise NotImplementedError
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (the CPU for a module without any)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")

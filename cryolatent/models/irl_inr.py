@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IRL_PAPER_SIZES, IRLINRConfig
+from ..config import IRLINRConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .base import Inference, LatentModel
@@ -355,9 +355,10 @@ class IRLINR(LatentModel):
 
     def __init__(self, box: int, cfg: IRLINRConfig | None = None, *,
                  consistency_shift: float | None = None, seed: int | None = None, **options):
-        """IRL-INR for ``box``-pixel images. ``cfg``: an :class:`IRLINRConfig` or any
-        configuration with its fields (a :class:`cryolatent.config.TrainConfig`); keyword
-        ``options`` override its fields (old names accepted, ``IRLINRConfig.ALIASES``).
+        """IRL-INR for ``box``-pixel images. ``cfg``: a complete :class:`IRLINRConfig` or any
+        configuration with its fields (a resolved :class:`cryolatent.config.TrainConfig`);
+        keyword ``options`` override its fields (old names accepted, ``IRLINRConfig.ALIASES``).
+        An option left None is a ValueError (:func:`cryolatent.config.resolve` chooses them).
         ``consistency_shift`` (default ``cfg.extra["consistency_shift"]``, else
         :data:`CONSISTENCY_SHIFT`) and ``seed`` (default ``cfg.seed``, else 0)."""
         super().__init__()
@@ -366,12 +367,10 @@ class IRLINR(LatentModel):
             consistency_shift = float(extra.get("consistency_shift", CONSISTENCY_SHIFT))
         seed = int(getattr(cfg, "seed", 0)) if seed is None else seed
         c = IRLINRConfig.of(cfg, **options)
-        for k, v in IRL_PAPER_SIZES.items():    # not resolved (TrainConfig.resolve_defaults)
-            if getattr(c, k) is None:
-                setattr(c, k, v)
+        c.require_complete(self.name)
         self.cfg = c
         z_dim, enc_width, consistency_loss, rotation_rule = (
-            c.z_dim or 2, c.enc_width, c.consistency_loss, c.rotation_rule)
+            c.z_dim, c.enc_width, c.consistency_loss, c.rotation_rule)
         lambda_recon, lambda_consistency, lambda_symmetry = (
             c.lambda_recon, c.lambda_consistency, c.lambda_symmetry)
         if consistency_loss not in ("cosine", "mse"):
@@ -392,7 +391,7 @@ class IRLINR(LatentModel):
         self.hyper = HyperINR(z_dim, c.hyper_width, c.hyper_layers, c.inr_width, c.inr_layers,
                               c.inr_fourier_features, c.inr_fourier_sigma, generator=g)
         self._channels_last = False
-        self.pixel_fraction = 1.0 if c.pixel_fraction is None else float(c.pixel_fraction)
+        self.pixel_fraction = float(c.pixel_fraction)
         if not 0 < self.pixel_fraction <= 1:
             raise ValueError(f"pixel_fraction {self.pixel_fraction}: must be in (0, 1]")
 

@@ -25,13 +25,12 @@ rotations), LeakyReLU between. The last one outputs, per grid position t and rot
 the attention logit a, mu_z, log sigma_z (D each), mu_theta, log sigma_theta and, with
 ``subpixel``, mu_delta (2) and log sigma_delta.
 
-Defaults derived from the box (documented choices):
-
-* translation grid: offsets -T..T px around the centre in x and y, T = ``translation_range``
-  or min(box//2, ceil(4 sigma_t)) (the prior N(0, sigma_t^2) puts < 1e-4 of its mass outside);
-* kernel: the smallest odd size >= 0.6 box (31 for 50-px MNIST, larger than the 28-px digit:
-  the paper's "kernel larger than the object"; particles are usually <= 0.6 box across). The
-  input is zero-padded so that the kernel centred on every grid offset is evaluated.
+The translation grid has offsets -T..T px around the centre in x and y, T =
+``translation_range``; the input is zero-padded so that the ``kernel`` centred on every grid
+offset is evaluated. Their defaults, from the box, are :func:`cryolatent.config.resolve`'s
+(T = min(box//2, ceil(4 sigma_t)) without CTF: the prior N(0, sigma_t^2) puts < 1e-4 of its
+mass outside; the kernel the smallest odd size >= 0.6 box, 31 for 50-px MNIST, larger than
+the 28-px digit: the paper's "kernel larger than the object").
 
 Posterior and KL (eqs. 3-5), all exact:
 q(t, r | y) = softmax over the (2T+1)^2 x R logits; q(z | t, r, y) = N(mu_z, sigma_z^2);
@@ -72,7 +71,8 @@ through the same matrices as one (B*P, W) product.
 
 Likelihood: Bernoulli (images in [0, 1]) or Gaussian (sigma 1, or learned per pixel); with
 ``ctf`` the generated image is multiplied by the particle's CTF in Fourier space before the
-Gaussian comparison; ``mask`` restricts the likelihood to the disc of radius box/2.
+Gaussian comparison; ``mask`` restricts the likelihood to the disc of diameter
+``mask_diameter``.
 With ``pixel_fraction`` < 1 (no CTF), a training step renders and scores only a fresh uniform
 draw of m = fraction * P' of the P' scored pixels and multiplies their sum by P'/m: an unbiased
 estimate of the reconstruction term (and of its gradient) for a fraction of the generator's
@@ -94,7 +94,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Inference, LatentModel
-from ..config import PAPER_SIZES, TargetVAEConfig
+from ..config import TargetVAEConfig
 from ..ctf import apply_ctf
 from ..masks import circular_mask
 from .blocks import (FourierFeatures, GroupConvP, GroupLinear, MLP, draw_pixels,
@@ -106,17 +106,6 @@ LOGSTD_MIN, LOGSTD_MAX = -9.0, 4.0
 RENDER_BLOCK = 2 ** 23
 _SLOPE = 0.01
 _LOG2PI = math.log(2 * math.pi)
-
-
-def default_kernel(box: int) -> int:
-    """Smallest odd integer >= 0.6 * box (at least 3)."""
-    k = max(3, math.ceil(0.6 * box))
-    return k if k % 2 else k + 1
-
-
-def default_translation_range(box: int, sigma_t: float) -> int:
-    """min(box//2, ceil(4 sigma_t)) pixels (at least 1 unless box//2 is 0)."""
-    return int(min(box // 2, max(1, math.ceil(4 * sigma_t))))
 
 
 def pose_to_relion(theta: torch.Tensor, u_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,28 +160,22 @@ class TargetVAE(LatentModel):
 
     def __init__(self, box: int, cfg: TargetVAEConfig | None = None, *,
                  seed: int | None = None, **options):
-        """TARGET-VAE for ``box``-pixel images. ``cfg``: a :class:`TargetVAEConfig` or any
-        configuration with its fields (a :class:`cryolatent.config.TrainConfig`); keyword
-        ``options`` override its fields (old names accepted, ``TargetVAEConfig.ALIASES``).
-        Options left ``None`` (not resolved by :meth:`TrainConfig.resolve_defaults`) take the
-        paper's values; ``likelihood "auto"`` means Gaussian. ``seed`` (default ``cfg.seed``,
+        """TARGET-VAE for ``box``-pixel images. ``cfg``: a complete :class:`TargetVAEConfig`
+        or any configuration with its fields (a resolved
+        :class:`cryolatent.config.TrainConfig`); keyword ``options`` override its fields (old
+        names accepted, ``TargetVAEConfig.ALIASES``). An option left None is a ValueError
+        (:func:`cryolatent.config.resolve` chooses them). ``seed`` (default ``cfg.seed``,
         else 0) draws the generator's Fourier features."""
         super().__init__()
         seed = int(getattr(cfg, "seed", 0)) if seed is None else seed
         c = TargetVAEConfig.of(cfg, **options)
+        c.require_complete(self.name)
         self.cfg = c
-        z_dim, rotations, kernel, enc_layers = c.z_dim or 2, c.rotations, c.kernel, c.enc_layers
-        enc_channels = c.enc_channels or PAPER_SIZES["enc_channels"]
-        gen_width = c.gen_width or PAPER_SIZES["gen_width"]
-        gen_layers = c.gen_layers
-        fourier_features = c.gen_fourier_features or PAPER_SIZES["gen_fourier_features"]
-        translation_prior = 5.0 if c.translation_prior is None else c.translation_prior
-        translation_range, rotation_prior = c.translation_range, c.rotation_prior
-        likelihood = c.likelihood if c.likelihood != "auto" else "gaussian"
-        learn_sigma, mask, ctf = c.learn_sigma, bool(c.mask), bool(c.ctf)
-        gumbel_tau, kl_free_bits = c.gumbel_tau or 1.0, c.kl_free_bits or 0.0
-        subpixel, recentre = c.subpixel, c.recentre
-        self.pixel_fraction = 1.0 if c.pixel_fraction is None else float(c.pixel_fraction)
+        z_dim, rotations, enc_layers, likelihood = c.z_dim, c.rotations, c.enc_layers, \
+            c.likelihood
+        enc_channels, gen_width, gen_layers = c.enc_channels, c.gen_width, c.gen_layers
+        learn_sigma, mask, ctf = c.learn_sigma, c.mask, c.ctf
+        self.pixel_fraction = float(c.pixel_fraction)
         if not 0 < self.pixel_fraction <= 1:
             raise ValueError(f"pixel_fraction {self.pixel_fraction}: must be in (0, 1]")
         if self.pixel_fraction < 1 and ctf:
@@ -203,31 +186,30 @@ class TargetVAE(LatentModel):
             raise ValueError("the CTF likelihood needs --likelihood gaussian")
         if enc_layers < 1:
             raise ValueError("enc_layers must be >= 1")
+        if c.kernel % 2 == 0:
+            raise ValueError(f"kernel {c.kernel}: must be odd (centred on a pixel)")
         self.box, self.z_dim, self.rotations = box, z_dim, rotations
-        self.kernel = kernel or default_kernel(box)
-        if self.kernel % 2 == 0:
-            self.kernel += 1
-        self.trange = (translation_range if translation_range is not None
-                       else default_translation_range(box, translation_prior))
+        self.kernel, self.trange = c.kernel, c.translation_range
         self.likelihood, self.learn_sigma, self.use_mask = likelihood, learn_sigma, mask
-        self.use_ctf, self.gumbel_tau = ctf, gumbel_tau
+        self.use_ctf, self.gumbel_tau = ctf, c.gumbel_tau
         self.th_prior_sd = math.pi / rotations
-        self.subpixel, self.recentre = subpixel, recentre
+        self.subpixel, self.recentre = c.subpixel, c.recentre
         self.delta_prior_sd = 0.5  # px: half the translation grid's spacing
         self.kl_z_weight = 1.0     # weight of KL_z in training steps (set by the trainer)
-        self.kl_free_bits = kl_free_bits
+        self.kl_free_bits = c.kl_free_bits
         self.scale = box / 2.0  # pixels per coordinate unit
 
         # --- encoder
         self.gconv = GroupConvP(enc_channels, self.kernel, rotations)
-        self.n_out = 1 + 2 * z_dim + 2 + (3 if subpixel else 0)
+        self.n_out = 1 + 2 * z_dim + 2 + (3 if c.subpixel else 0)
         layers = [GroupLinear(enc_channels, enc_channels) for _ in range(enc_layers - 1)]
         layers.append(GroupLinear(enc_channels, self.n_out))
         self.enc = nn.ModuleList(layers)
 
         # --- generator
         g = torch.Generator().manual_seed(seed + 7919)
-        self.ff = FourierFeatures(fourier_features, c.gen_fourier_sigma * self.scale, generator=g)
+        self.ff = FourierFeatures(c.gen_fourier_features, c.gen_fourier_sigma * self.scale,
+                                  generator=g)
         self.coord_in = nn.Linear(self.ff.out_dim, gen_width)
         self.z_in = nn.Linear(z_dim, gen_width, bias=False)
         self.gen = MLP(gen_width, gen_layers, 2 if (learn_sigma and likelihood == "gaussian")
@@ -239,9 +221,9 @@ class TargetVAE(LatentModel):
         uy, ux = torch.meshgrid(off, off, indexing="ij")
         grid = torch.stack([ux, uy], -1).reshape(-1, 2)               # (G*G, 2) px, (x, y)
         self.register_buffer("grid_px", grid.float(), persistent=False)
-        log_pt = torch.log_softmax(-(grid ** 2).sum(-1) / (2 * translation_prior ** 2), 0)
+        log_pt = torch.log_softmax(-(grid ** 2).sum(-1) / (2 * c.translation_prior ** 2), 0)
         offsets = torch.arange(R, dtype=torch.float64) * (2 * math.pi / R)
-        if rotation_prior == "uniform":
+        if c.rotation_prior == "uniform":
             log_pr = torch.full((R,), -math.log(R), dtype=torch.float64)
         else:
             sd = math.radians(c.rotation_prior_sd)
@@ -255,8 +237,7 @@ class TargetVAE(LatentModel):
         self.register_buffer("cell_cos", torch.cos(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("cell_sin", torch.sin(offsets).repeat(grid.shape[0]).float(), persistent=False)
         self.register_buffer("coords", pixel_coordinates(box), persistent=False)
-        md = getattr(c, "mask_diameter", None)
-        self.register_buffer("mask2d", circular_mask(box, None if md is None else md / 2,
+        self.register_buffer("mask2d", circular_mask(box, c.mask_diameter / 2,
                                                      dtype=torch.float32), persistent=False)
         # the pixels the likelihood scores (flat indices): the mask's disc, or all
         scored = (torch.nonzero(self.mask2d.reshape(-1) > 0).reshape(-1) if mask
