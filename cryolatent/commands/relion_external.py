@@ -9,7 +9,7 @@ RELION runs the External job's executable from the project directory as
 This command preprocesses the particles when they are larger than ``--box``, trains, embeds
 the ORIGINAL particles (psi, shifts in Å, latents, classes), refines the classes and poses by
 2D alignment (:func:`cryolatent.analysis.refine2d.refine_star`) and draws class averages, all
-inside the job folder, then declares ``JOBDIR/particles.star`` in
+inside the job folder and through the library's functions (as ``cryolatent demo`` does), then declares ``JOBDIR/particles.star`` in
 ``JOBDIR/RELION_OUTPUT_NODES.star`` (type ``ParticleGroupMetadata.star.relion``, so the
 pipeline offers it to Select, Extract, Refine3D, ...) and writes ``RELION_JOB_EXIT_SUCCESS``
 (or ``RELION_JOB_EXIT_FAILURE`` with the error in ``JOBDIR/run.err`` as RELION shows it).
@@ -20,6 +20,7 @@ still succeeds (:func:`report_trust_warnings`). The GUI fields are in docs/relio
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -102,8 +103,6 @@ def command(jobdir, in_parts, threads, box, model, epochs, z_dim, z_dim_old, clu
     Parameters are spelt as train's options (--z-dim, --train-args); the older --z_dim and
     --train_args still work.
     """
-    from ..errors import CryolatentError
-
     import logging
 
     z_dim = _one_of("z-dim", z_dim, z_dim_old)
@@ -123,8 +122,6 @@ def command(jobdir, in_parts, threads, box, model, epochs, z_dim, z_dim_old, clu
         report_trust_warnings(job)          # the last lines of run.out and run.err
     except BaseException as e:
         (job / (ABORTED if isinstance(e, KeyboardInterrupt) else FAILURE)).touch()
-        if isinstance(e, _StepFailed):
-            raise CryolatentError(str(e)) from None
         raise
     (job / SUCCESS).touch()
 
@@ -135,10 +132,6 @@ def _one_of(name: str, new, old):
         raise click.UsageError(f"--{name} and --{name.replace('-', '_')} (its old spelling) "
                                "are both given, with different values")
     return new if new is not None else old
-
-
-class _StepFailed(Exception):
-    pass
 
 
 #: the trust summaries of the job's steps (docs/trust.md): (step, file in the job folder).
@@ -199,45 +192,68 @@ def report_trust_warnings(job: Path) -> list[tuple[str, str]]:
 
 def _run_chain(job: Path, in_parts, threads, box, model, epochs, z_dim, clusters,
                refine_iterations, device, train_args) -> None:
-    from ..cli import main
+    """preprocess (when needed), train, embed, refine and classes through the library, as
+    :func:`cryolatent.demo.run_demo` runs them; each step logs into its own folder."""
+    from ..analysis.class_averages import make_class_averages
+    from ..inference import embed
     from ..io import load_particles
-
-    j = ["-j", str(threads)] if threads else []
-
-    def step(what: str, argv: list[str]) -> None:
-        click.echo(f"relion-external: cryolatent {shlex.join(argv)}", err=True)
-        rc = main(argv)
-        if rc != 0:
-            raise _StepFailed(f"relion-external: step '{what}' failed (exit status {rc}); its "
-                              "error is above")
+    from ..io.particles import stack_search_dirs
+    from ..launch import train_from_options
+    from ..preprocess import preprocess
+    from ..utils import setup_logging
+    from .common import apply_threads, run_search_dirs
+    from .train import parse_options
 
     ps = load_particles(in_parts)
     train_input = in_parts
     if int(ps.box) > box:
-        step("preprocess", ["preprocess", in_parts, "-o", str(job / "prep"), "--box", str(box),
-                            "--force", *j])
-        train_input = str(job / "prep" / "particles.star")
+        prep = job / "prep"
+        with _step(f"preprocess {in_parts} -> {prep}/ ({box} px)"):
+            setup_logging(prep, "preprocess.log")
+            apply_threads(threads)
+            preprocess(in_parts, prep, box=box)
+        train_input = str(prep / "particles.star")
     del ps
     run = job / "run"
-    if (run / "checkpoints" / "last.pt").exists():
-        targs = ["train", train_input, "-o", str(run), "--resume", *j]
-    else:
-        targs = ["train", train_input, "-o", str(run), "--model", model, "--device", device,
-                 "--force", *j]
+    resume = (run / "checkpoints" / "last.pt").exists()    # RELION's "Continue"
+    options = {"threads": threads}
+    if not resume:
+        options.update(model=model, device=device)
         if z_dim is not None:
-            targs += ["--z-dim", str(z_dim)]
-        targs += shlex.split(train_args or "")
+            options["z_dim"] = z_dim
+        options.update(parse_options(shlex.split(train_args or "")))
     if epochs is not None:
-        targs += ["--epochs", str(epochs)]
-    step("train", targs)
+        options["epochs"] = epochs
+    with _step(f"train {train_input} -> {run}/" + (" (continued)" if resume else "")):
+        train_from_options(train_input, run, options, resume=resume, force=not resume)
     particles = job / "particles.star"
     embedded = job / "embedded.star" if refine_iterations else particles
-    step("embed", ["embed", str(run), in_parts, "-o", str(embedded), "--clusters",
-                   str(clusters), "--device", device, "--force", *j])
+    with _step(f"embed {in_parts} -> {embedded} ({clusters} classes)"), \
+            stack_search_dirs(run_search_dirs(run)):
+        setup_logging(job, "embed.log")
+        apply_threads(threads)
+        embed(run, in_parts, embedded, clusters=clusters, device=device)
     if refine_iterations:
         _refine(embedded, particles, refine_iterations, threads)
-    step("classes", ["classes", str(run), str(particles), "-o", str(job / "classes"),
-                     "--device", device, "--force", *j])
+    with _step(f"classes {particles} -> {job / 'classes'}/"), \
+            stack_search_dirs(run_search_dirs(run)):
+        setup_logging(job / "classes", "classes.log")
+        apply_threads(threads)
+        make_class_averages(run, particles, job / "classes", device=device)
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """One step of the chain: announced on stderr (RELION's run.err); its one-line error
+    names the step."""
+    from ..errors import CryolatentError
+
+    click.echo(f"relion-external: {what}", err=True)
+    try:
+        yield
+    except CryolatentError as e:
+        raise CryolatentError(f"relion-external: step '{what.split()[0]}' failed: {e}") \
+            from None
 
 
 def _refine(embedded: Path, out: Path, iterations: int, threads) -> None:
