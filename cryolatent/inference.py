@@ -47,7 +47,7 @@ from .errors import CryolatentError, InputError
 from .io import load_particles, write_cs, write_star
 from .io.cs import CS_ALIGN2D, cs_with_alignments  # noqa: F401 (re-exported)
 from .io.particles import nth_keys, particle_keys
-from .pose import centre_class_frames, model_pose_to_input
+from .pose import POSE_COLUMNS, centre_class_frames, model_pose_to_input
 from .preprocess import Preprocessing, describe_particles
 from .run import RunDir, run_preprocessing, training_set_path
 from .utils import atomic_path, prefetch, progress, resolve_device
@@ -58,9 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("cryolatent")
-
-#: columns ``embed`` writes (besides ``cryolatentZ*`` and, with clusters, ``rlnClassNumber``)
-POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
 # ============================================================================ output files
@@ -309,10 +306,11 @@ def relion_columns(psi_deg: np.ndarray, origin_angst: np.ndarray, z: np.ndarray,
 
     labels: 0-based class labels or None; written 1-based as ``rlnClassNumber``.
     """
+    psi, x, y = POSE_COLUMNS
     cols: dict[str, np.ndarray] = {
-        "rlnAnglePsi": np.asarray(psi_deg, np.float64),
-        "rlnOriginXAngst": np.asarray(origin_angst[:, 0], np.float64),
-        "rlnOriginYAngst": np.asarray(origin_angst[:, 1], np.float64),
+        psi: np.asarray(psi_deg, np.float64),
+        x: np.asarray(origin_angst[:, 0], np.float64),
+        y: np.asarray(origin_angst[:, 1], np.float64),
     }
     if labels is not None:
         cols["rlnClassNumber"] = np.asarray(labels, np.int64) + 1

@@ -44,8 +44,11 @@ import torch.nn.functional as F
 
 Method = Literal["bilinear", "fourier"]
 
+#: the STAR columns of a particle's in-plane pose: psi (degrees) and the origin (Å)
+POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
 __all__ = [
-    "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
+    "POSE_COLUMNS", "rotation_matrix", "wrap_deg", "wrap_deg_180", "px_to_angstrom", "angstrom_to_px",
     "centre_offsets_px", "transform_to_particle", "align_particles", "fourier_shift",
     "rotate_images", "model_pose_to_input", "shift_ramp",
 ]

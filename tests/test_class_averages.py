@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cryolatent.analysis.class_averages import (aligned_class_averages, class_centres,
-                                                denoised_class_averages, latent_traversal,
-                                                make_class_averages, match_table,
-                                                plot_gallery)
+from cryolatent.analysis.averages import aligned_class_averages
+from cryolatent.analysis.class_averages import (class_centres, denoised_class_averages,
+                                                latent_traversal, make_class_averages,
+                                                match_table, plot_gallery)
 from cryolatent.errors import CryolatentError
 from cryolatent.io import load_particles, write_mrcs, write_star
 from cryolatent.models.base import LatentModel

@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CryolatentError
-from ..io import read_cs, read_star, upgrade_relion30, write_cs, write_star
-from ..io.particles import particle_block
 
 __all__ = ["METHODS", "cluster_latents", "relabel_by_size", "parse_classes", "select_classes",
            "select_auto", "judge_classes", "default_max_resolution", "selection_report_path"]
@@ -172,6 +170,9 @@ def _read_classed(input: Path, kind: str):
     """``(data, optics, number)``: the particle rows of ``input`` (a .cs record array or a
     STAR particle table, RELION 3.0 upgraded to 3.1 as RELION does), its optics table (None
     for .cs) and each row's 1-based class number (N,) int64."""
+    from ..io import read_cs, read_star, upgrade_relion30   # (pandas: not for `embed --help`)
+    from ..io.particles import particle_block
+
     optics = None
     if kind == ".cs":
         arr = read_cs(input)
@@ -200,11 +201,12 @@ def _read_classed(input: Path, kind: str):
 def _write_rows(kind: str, data, optics, keep: np.ndarray, input: Path, out: Path,
                 datadir) -> None:
     """Write the rows ``keep`` (bool (N,)) of ``data`` to ``out`` in the input's format."""
+    from ..io import write_cs, write_star
+    from ..io.particles import image_names_from_cwd
+
     if kind == ".cs":
         write_cs(out, data[keep])
     else:
-        from ..io.particles import image_names_from_cwd
-
         kept = data.iloc[np.flatnonzero(keep)].reset_index(drop=True)
         write_star(out, image_names_from_cwd(kept, input, datadir), optics)
 

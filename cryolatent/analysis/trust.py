@@ -31,8 +31,9 @@ Improvement over the baseline
 Resolution of a class
     Particles of the class are split at random into two halves (seeded); each half is aligned
     by its poses and averaged exactly as ``classes`` averages (Wiener CTF correction when the
-    set has CTF parameters, :func:`cryolatent.analysis.class_averages.aligned_class_averages`).
-    Both half-averages get the same soft circular mask (background level removed), and
+    set has CTF parameters, :func:`cryolatent.analysis.averages.aligned_class_averages`).
+    Both half-averages get the same soft circular mask (background level removed;
+    :func:`cryolatent.masks.circular_mask_np`), and
     ``FRC(k) = Re sum F1 F2* / sqrt(sum |F1|^2 sum |F2|^2)`` over rings of radius ``k``
     Fourier pixels (rounded). The resolution is ``box * apix / k`` at the first crossing of
     ``FRC = 0.143`` (linear interpolation, from k = 1), the half-set criterion RELION uses
@@ -53,10 +54,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pose import align_particles, rotate_images, wrap_deg_180
+from ..masks import circular_mask_np
+from ..models.base import model_device
+from ..pose import POSE_COLUMNS, align_particles, rotate_images, wrap_deg_180
 from ..preprocess import fourier_crop
 from ..utils import atomic_path, summary_path_for  # noqa: F401  (trust's, defined there)
-from .class_averages import _model_device, aligned_class_averages
+from .averages import aligned_class_averages
 
 log = logging.getLogger("cryolatent")
 
@@ -131,21 +134,12 @@ def _warn(warnings: list[str], text: str) -> None:
 
 
 # ============================================================================ FRC
-def soft_mask(n: int, radius: float | None = None, edge: float | None = None) -> np.ndarray:
-    """(n, n) circular mask around (n//2, n//2): 1 inside ``radius`` (default 0.45 n), a
-    cosine fall-off over ``edge`` px (default 0.05 n, at least 1), 0 outside."""
-    radius = 0.45 * n if radius is None else radius
-    edge = max(1.0, 0.05 * n) if edge is None else edge
-    r = np.arange(n) - n // 2
-    rr = np.hypot(*np.meshgrid(r, r, indexing="ij"))
-    m = 0.5 * (1 + np.cos(np.pi * np.clip((rr - radius) / edge, 0, 1)))
-    return m
-
-
 def _masked(img: np.ndarray) -> np.ndarray:
-    """Background level (mean outside the mask) removed, then the soft mask applied."""
+    """Background level (mean outside the mask) removed, then a soft circular mask applied:
+    1 inside 0.45 n, a raised-cosine fall-off over 0.05 n (at least 1 px)
+    (:func:`cryolatent.masks.circular_mask_np`)."""
     n = img.shape[-1]
-    m = soft_mask(n)
+    m = circular_mask_np(n, 0.45 * n, edge=max(1.0, 0.05 * n))
     out = np.asarray(img, dtype=np.float64)
     bg = (out[..., m == 0].mean(-1) if (m == 0).any() else out.mean((-2, -1)))
     return (out - np.asarray(bg)[..., None, None]) * m
@@ -270,7 +264,7 @@ def half_set_averages(particle_set, table, labels: np.ndarray, n_classes: int, s
     (``ctf``, ``wiener_snr``, ``batch_size``, ``device``)."""
     labels = np.asarray(labels, dtype=np.int64)
     half = half_split(labels, seed)
-    t = table[["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]].copy()
+    t = table[list(POSE_COLUMNS)].copy()
     t["rlnClassNumber"] = np.where(labels >= 1, 2 * (labels - 1) + half + 1, 0)
     avg, counts = aligned_class_averages(particle_set, t.reset_index(drop=True),
                                          n_classes=2 * n_classes, show_progress=False, **kw)
@@ -377,7 +371,7 @@ def training_report(model, source, train_idx: np.ndarray, val_batches, rows: lis
     """
     warnings: list[str] = []
     model.eval()
-    dev = _model_device(model)
+    dev = model_device(model)
     rng = np.random.default_rng(seed)
     train_idx = np.asarray(train_idx)
     take = np.sort(rng.choice(train_idx, size=min(len(train_idx), BASELINE_SAMPLE),
@@ -515,7 +509,7 @@ def shift_edge(model, psi_deg: np.ndarray, shift_px: np.ndarray, z: np.ndarray,
     idx = np.sort(rng.choice(len(r), size=min(len(r), EDGE_SAMPLE), replace=False))
     u = -shift_px[idx]
     if getattr(model, "recentre", False) and hasattr(model, "canonical_centre"):
-        dev = _model_device(model)
+        dev = model_device(model)
         cs = []
         with torch.no_grad():
             for s in range(0, len(idx), 256):
@@ -833,7 +827,7 @@ def aligned_noise_null(model, images: torch.Tensor, apix: float, seed: int = 0,
     flat = images.reshape(M, -1).float().cpu()
     perm = torch.argsort(torch.rand(flat.shape, generator=g), dim=1)
     noise = torch.gather(flat, 1, perm).reshape(M, d, d)
-    dev = _model_device(model)
+    dev = model_device(model)
     model.eval()
     al = []
     for s in range(0, M, batch_size):

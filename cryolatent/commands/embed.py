@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..analysis.cluster import METHODS
 from .common import apply_threads, run_search_dirs, threads_option
-
-_METHODS = ("kmeans", "agglomerative", "gmm")
 
 
 @click.command("embed")
@@ -20,7 +19,7 @@ _METHODS = ("kmeans", "agglomerative", "gmm")
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
               help="Cluster the latent means into K classes (rlnClassNumber 1..K) "
                    "[default: no clustering].")
-@click.option("--cluster-method", type=click.Choice(_METHODS), default="kmeans",
+@click.option("--cluster-method", type=click.Choice(METHODS), default="kmeans",
               show_default=True, help="k-means, agglomerative (Ward) or Gaussian mixture.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
               help="Folder where INPUT's relative stack paths are looked up first [default: "
