@@ -71,7 +71,7 @@ from .junk import (JUNK_KINDS, JUNK_STREAM, NOT_JUNK, carbon_edge, cluster_membe
                    junk_generator, junk_rows, junk_variance)
 from .morph import MorphPair, load_morph
 from .render import (FineBlur, ViewCache, ctf_filter, ctf_filter_canvas, ctf_half, group_rows,
-                     render_splat)
+                     one_thread, render_splat)
 
 log = logging.getLogger("cryolatent")
 
@@ -292,6 +292,12 @@ class _Renderer:
         return True
 
     def __call__(self, k, rot, tilt, psi, t, lam) -> torch.Tensor:
+        # one switch to one thread per call, not one per particle (switching costs ~7 ms of
+        # spinning OpenMP threads each time)
+        with one_thread():
+            return self._render(k, rot, tilt, psi, t, lam)
+
+    def _render(self, k, rot, tilt, psi, t, lam) -> torch.Tensor:
         k = np.asarray(k, np.int64)
         m = len(k)
         out = torch.zeros((m, self.box, self.box), dtype=torch.float32, device=self.dev)

@@ -48,6 +48,8 @@ from ..ctf import CTFParams, ctf_params_tensor
 OVERSAMPLE = 4
 #: each atom's Gaussian is evaluated out to TRUNCATE standard deviations (exp(-8) = 3e-4)
 TRUNCATE = 4.0
+#: render_exact sums the atoms in blocks of this many (memory: 2 x block x size floats)
+ATOM_BLOCK = 8192
 
 
 @contextlib.contextmanager
@@ -109,10 +111,13 @@ def render_exact(coords: np.ndarray, weights: np.ndarray, A: np.ndarray, shift_p
     pos = torch.as_tensor(projected_xy(coords, A, shift_px, apix, box), device=device)
     w = torch.as_tensor(np.asarray(weights, np.float64) / (2.0 * math.pi * s * s),
                         dtype=torch.float32, device=device)
+    out = torch.zeros((box, box), dtype=torch.float32, device=device)
     with one_thread():
-        gx = _gaussian_1d(pos[:, 0], box, s, K) * w[:, None]
-        gy = _gaussian_1d(pos[:, 1], box, s, K)
-        return gy.T @ gx
+        for a in range(0, len(w), ATOM_BLOCK):      # bounded memory for large models
+            gx = _gaussian_1d(pos[a:a + ATOM_BLOCK, 0], box, s, K) * w[a:a + ATOM_BLOCK, None]
+            gy = _gaussian_1d(pos[a:a + ATOM_BLOCK, 1], box, s, K)
+            out.addmm_(gy.T, gx)
+    return out
 
 
 class FineBlur:
