@@ -39,8 +39,8 @@ def find_chromium() -> tuple[str, str] | str:
 
 def gl_flags(gl: str | None = None) -> list[str]:
     """Chromium's WebGL backend without a GPU: Mesa's llvmpipe through EGL when Mesa is
-    installed (``libegl-mesa0``, ``libgl1-mesa-dri``; ~100× faster than SwiftShader at
-    drawing 10^5 Bokeh markers), else Chromium's own SwiftShader. ``gl`` (or
+    installed (``libegl-mesa0``, ``libgl1-mesa-dri``; redraws 10^5 Bokeh markers ~3× faster
+    than SwiftShader), else Chromium's own SwiftShader. ``gl`` (or
     ``$CRYOLATENT_CHROMIUM_GL``): ``llvmpipe``, ``swiftshader`` or ``auto``."""
     import glob
 

@@ -49,9 +49,8 @@ selection file for cryolatent select --selection">Save selection</button>
         <button id="cl-clear" type="button">Clear</button>
         <button id="cl-invert" type="button">Invert</button>
       </div>
-      <div id="cl-hint">Drag a box (or pick the lasso in the toolbar) to select particles;
-        Shift+drag adds to the selection. Click a class to select it, Shift/Ctrl+click to add
-        or remove it.</div>
+      <div id="cl-hint">Drag a box (or the lasso: toolbar) to select; Shift+drag adds. Click a
+        class to select it, Shift/Ctrl+click to add or remove it.</div>
       <div id="cl-map-box">{{ embed(roots[0]) }}</div>
       <div id="cl-saved"></div>
     </section>
@@ -78,10 +77,10 @@ body { font: 13px/1.35 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 #cl-main { flex: 1; display: flex; min-height: 0; }
 #cl-left { flex: 1 1 60%; display: flex; flex-direction: column; min-width: 420px;
            padding: 6px 8px; }
-#cl-right { flex: 0 1 40%; overflow-y: auto; padding: 6px 10px; border-left: 1px solid #ddd;
+#cl-right { flex: 0 1 38%; overflow-y: auto; padding: 6px 10px; border-left: 1px solid #ddd;
             background: #fff; min-width: 300px; max-width: 720px; }
 #cl-controls { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; }
-#cl-colour { max-width: 15em; }
+#cl-colour { max-width: 13em; }
 #cl-controls select { font: inherit; }
 #cl-controls button { font: inherit; padding: 2px 8px; cursor: pointer; }
 #cl-save { background: #0072B2; color: #fff; border: 1px solid #005a8c; border-radius: 3px; }
@@ -105,6 +104,7 @@ h2 { font-size: 14px; margin: 8px 0 4px; }
 .cl-imgs img { width: 100%; max-width: 96px; image-rendering: auto; background: #000; }
 .cl-imgs figcaption { font-size: 9px; color: #888; }
 .cl-meta { font-size: 11px; color: #444; }
+.cl-selcount { font-size: 11px; color: #0072B2; font-weight: 600; }
 .cl-warn { font-size: 11px; color: #b34700; margin-top: 2px; }
 .cl-global { color: #b34700; font-size: 12px; margin: 2px 0 6px 0; padding-left: 16px; }
 .cl-trav-row { display: flex; align-items: center; gap: 3px; margin-bottom: 4px; }
@@ -317,7 +317,7 @@ JS = r"""
         (c.class === 0 ? " (unassigned)" : "") + "</div><div class='cl-imgs'>";
       c.images.forEach((u, j) => { if (u) h += "<figure><img alt='class " + c.class + "' src='" + u + "'><figcaption>" + esc(g.image_kinds[j]) + "</figcaption></figure>"; });
       h += "</div><div class='cl-meta'>" + fmt(c.size) + " particles (" + (100 * c.fraction).toFixed(1) + " %)" +
-        (c.resolution ? " · " + esc(c.resolution) : "") + " <span class='cl-selcount'></span></div>";
+        (c.resolution ? " · " + esc(c.resolution) : "") + "</div><div class='cl-selcount'></div>";
       for (const w of c.warnings || []) h += "<div class='cl-warn'>⚠ " + esc(w) + "</div>";
       h += "</div>";
     }
@@ -367,6 +367,14 @@ JS = r"""
     (function idle() {
       if (!doc.is_idle) { setTimeout(idle, 5); return; }
       R.marks.idle = performance.now();
+      // Bokeh has issued the drawing; reading a pixel of the map's canvas waits until the
+      // (WebGL) drawing is done, so that loadMs is the time the points are on the canvas
+      try {
+        const pv = Bokeh.index.get_one(plot), layer = pv.canvas_view.primary;
+        const f = pv.frame.bbox;
+        layer.ctx.getImageData(Math.floor(f.left + f.width / 2), Math.floor(f.top + f.height / 2), 1, 1);
+      } catch (e) { R.marks.noSync = String(e); }
+      R.marks.drawn = performance.now();
       requestAnimationFrame(() => { R.marks.frame1 = performance.now(); requestAnimationFrame(() => {
         R.loadMs = performance.now();
         R.ready = true;
