@@ -17,7 +17,7 @@ import click
               help="Truth column holding the true class (e.g. cryolatentViewNumber).")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
               help="Folder to look for PRED's particle stacks in first (the morph baseline "
-                   "reads the images).")
+                   "reads the images) [default: beside PRED, then the current directory].")
 @click.option("--morph-pca/--no-morph-pca", default=True, show_default=True,
               help="With a cryolatentMorph truth: compute the classical baseline (PCA of "
                    "the particles aligned by PRED's poses), which reads every morph "

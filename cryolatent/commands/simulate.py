@@ -61,7 +61,7 @@ from .common import apply_threads, force_option, threads_option
               help="cryoem: two models of one protein (PDB/mmCIF; atoms matched by chain, "
                    "residue number and atom name, B superposed on A): class 1, each particle "
                    "at its own conformation lambda ~ U(0, 1) between them, written as "
-                   "cryolatentMorph (-1 for --structure classes, numbered 2, 3, ...).")
+                   "cryolatentMorph (-1 for --structure classes, numbered 2, 3, ...) [default: no morph].")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda (rendering and interpolation).")
 @threads_option
