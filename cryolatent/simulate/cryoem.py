@@ -57,18 +57,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import gemmi
 import numpy as np
 import pandas as pd
 import torch
 
 from ..ctf import CTFParams, compute_ctf
-from ..errors import CryolatentError, InputError
+from ..errors import CryolatentError
 from ..pose import wrap_deg_180
 from . import (AMPLITUDE_CONTRAST, CS_MM, VOLTAGE_KV, chunk_slices, resolve_device,
                rng_streams, write_particle_set)
 from .junk import (JUNK_KINDS, JUNK_STREAM, NOT_JUNK, carbon_edge, cluster_members, ice_blob,
                    junk_generator, junk_rows, junk_variance)
+from .atoms import read_atoms
 from .morph import MorphPair, load_morph
 from .render import (FineBlur, ViewCache, ctf_filter, ctf_filter_canvas, ctf_half, group_rows,
                      one_thread, render_splat)
@@ -99,41 +99,6 @@ class Structure:
     def radius(self) -> float:
         """Largest atom distance from the centre of mass, Å."""
         return float(np.sqrt((self.coords ** 2).sum(1)).max())
-
-
-def read_atoms(path: str | os.PathLike) -> dict:
-    """The atoms of a PDB / mmCIF file (gemmi): first model, no waters, no hydrogens.
-
-    Returns {"xyz" (n, 3) Å, "z" (n,) atomic numbers, "mass" (n,), "keys": [(chain, residue
-    number, insertion code, atom name)], "resnames": [residue name]} (keys and resnames in
-    file order, for :mod:`cryolatent.simulate.morph`). A missing or unreadable file, or one
-    without atoms, is a one-line InputError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: structure file not found")
-    try:
-        st = gemmi.read_structure(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable PDB/mmCIF file ({e})") from None
-    if len(st) == 0:
-        raise InputError(f"{path}: no model in the file")
-    st.setup_entities()
-    st.remove_waters()
-    st.remove_hydrogens()
-    xyz, z, mass, keys, resnames = [], [], [], [], []
-    for ch in st[0]:
-        for res in ch:
-            for at in res:
-                xyz.append(at.pos.tolist())
-                z.append(at.element.atomic_number)
-                mass.append(at.element.weight)
-                keys.append((ch.name, res.seqid.num, res.seqid.icode, at.name))
-                resnames.append(res.name)
-    if not xyz:
-        raise InputError(f"{path}: no atoms in the first model")
-    return {"xyz": np.asarray(xyz, dtype=np.float64), "z": np.asarray(z, dtype=np.float64),
-            "mass": np.asarray(mass, dtype=np.float64), "keys": keys, "resnames": resnames}
 
 
 def load_structure(path: str | os.PathLike) -> Structure:

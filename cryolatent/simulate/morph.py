@@ -99,7 +99,7 @@ def match_atoms(keys_a: list, res_a: list, keys_b: list, res_b: list
 
 def load_morph(path_a: str | os.PathLike, path_b: str | os.PathLike) -> MorphPair:
     """Read, match and superpose two models of one protein (module docstring)."""
-    from .cryoem import read_atoms
+    from .atoms import read_atoms
 
     pa, pb = Path(path_a), Path(path_b)
     A = read_atoms(pa)
