@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from cryolatent.train import cpu_name
 
 
 def synthetic_star(path: Path, n: int, seed: int = 0) -> None:
@@ -73,15 +73,6 @@ def fake_umap(z, sample=None, seed=0):
     xy, _ = pca_2d(z)
     return np.stack([np.tanh(xy[:, 0] / 3) * 10 + 0.3 * xy[:, 1],
                      np.sin(xy[:, 1] / 2) * 6 + 0.2 * xy[:, 0]], axis=1)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        return platform.processor()
 
 
 def bench(n: int, repeat: int, work: Path) -> dict:
@@ -169,7 +160,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for n in a.n:
             res = bench(n, a.repeat, work)
-            res.update(cpu=cpu_model(), date=time.strftime("%Y-%m-%d"),
+            res.update(cpu=cpu_name(), date=time.strftime("%Y-%m-%d"),
                        chromium=_chromium_version())
             print(json.dumps(res), flush=True)
 

@@ -19,22 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from cryolatent.train import cpu_name
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -106,7 +96,7 @@ def main() -> int:
 
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "load_average_at_end": os.getloadavg(),
         "box": args.box, "views": None if args.random_views else args.views,
         "junk": args.junk, "morph": args.morph,
