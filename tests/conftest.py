@@ -71,30 +71,39 @@ TEST_ATOMS = [("C", (0, 0, 0)), ("S", (8, 2, 0)), ("O", (-4, 6, 3)), ("N", (2, -
               ("P", (-7, -5, 4))]
 
 
-def write_test_pdb(path, atoms=None) -> Path:
-    """Write ``atoms`` [(element, (x, y, z) Å), ...] (default :data:`TEST_ATOMS`) as a PDB
-    file, one UNK residue per atom in chain A; returns ``path``."""
+def write_pdb_rows(path, rows) -> Path:
+    """Write atoms [(chain, residue number, residue name, atom name, element, (x, y, z) Å)]
+    as a PDB file (chains in order of first appearance); returns ``path``."""
     import gemmi
 
     st = gemmi.Structure()
     model = gemmi.Model("1")
-    ch = gemmi.Chain("A")
-    for i, (el, xyz) in enumerate(atoms or TEST_ATOMS):
+    chains: dict = {}
+    for ch, num, rname, aname, el, xyz in rows:
+        c = chains.setdefault(ch, gemmi.Chain(ch))
         res = gemmi.Residue()
-        res.name = "UNK"
-        res.seqid = gemmi.SeqId(i + 1, " ")
+        res.name = rname
+        res.seqid = gemmi.SeqId(num, " ")
         at = gemmi.Atom()
-        at.name = el
+        at.name = aname
         at.element = gemmi.Element(el)
         at.pos = gemmi.Position(*map(float, xyz))
         at.occ = 1.0
         res.add_atom(at)
-        ch.add_residue(res)
-    model.add_chain(ch)
+        c.add_residue(res)
+    for c in chains.values():
+        model.add_chain(c)
     st.add_model(model)
     st.setup_entities()
     st.write_pdb(str(path))
     return Path(path)
+
+
+def write_test_pdb(path, atoms=None) -> Path:
+    """Write ``atoms`` [(element, (x, y, z) Å), ...] (default :data:`TEST_ATOMS`) as a PDB
+    file, one UNK residue per atom in chain A; returns ``path``."""
+    return write_pdb_rows(path, [("A", i + 1, "UNK", el, el, xyz)
+                                 for i, (el, xyz) in enumerate(atoms or TEST_ATOMS)])
 
 
 @pytest.fixture

@@ -16,33 +16,7 @@ from cryolatent.metrics import heldout_direction_spearman
 from cryolatent.simulate import simulate_cryoem
 from cryolatent.simulate.cryoem import load_structure, render_projections
 from cryolatent.simulate.morph import MorphPair, load_morph, match_atoms
-
-
-def _pdb(path, atoms):
-    """Write [(chain, resnum, resname, atom name, element, (x, y, z))] as a PDB file."""
-    import gemmi
-
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    chains: dict = {}
-    for ch, num, rname, aname, el, xyz in atoms:
-        c = chains.setdefault(ch, gemmi.Chain(ch))
-        res = gemmi.Residue()
-        res.name = rname
-        res.seqid = gemmi.SeqId(num, " ")
-        at = gemmi.Atom()
-        at.name = aname
-        at.element = gemmi.Element(el)
-        at.pos = gemmi.Position(*map(float, xyz))
-        at.occ = 1.0
-        res.add_atom(at)
-        c.add_residue(res)
-    for c in chains.values():
-        model.add_chain(c)
-    st.add_model(model)
-    st.setup_entities()
-    st.write_pdb(str(path))
-    return path
+from conftest import write_pdb_rows
 
 
 #: a small two-domain "protein": chain A residues 1-8, one atom each (CA, C or S)
@@ -76,7 +50,7 @@ def test_load_morph_superposes_b_on_a_and_drops_unmatched(tmp_path, caplog):
     """B = A moved as a rigid body (turned and shifted, as another PDB entry's frame would
     be) with one atom displaced (the motion), one atom of A missing and one extra atom: the
     matched atoms are kept in A's order, B is superposed, the drops are logged."""
-    a = _pdb(tmp_path / "a.pdb", BASE)
+    a = write_pdb_rows(tmp_path / "a.pdb", BASE)
     R = _rot(40, "z") @ _rot(25, "x")
     moved = []
     for ch, num, rn, an, el, xyz in BASE:
@@ -85,7 +59,7 @@ def test_load_morph_superposes_b_on_a_and_drops_unmatched(tmp_path, caplog):
         p = np.asarray(xyz, float) + ([0, 0, 6.0] if num == 7 else 0.0)   # the motion
         moved.append((ch, num, rn, an, el, tuple(R @ p + [30.0, -12.0, 5.0])))
     moved.append(("A", 20, "GLY", "CA", "C", (50.0, 50.0, 50.0)))
-    b = _pdb(tmp_path / "b.pdb", moved)
+    b = write_pdb_rows(tmp_path / "b.pdb", moved)
     with caplog.at_level("INFO", logger="cryolatent"):
         m = load_morph(a, b)
     assert isinstance(m, MorphPair) and m.coords_a.shape == (7, 3)
@@ -109,8 +83,8 @@ def test_load_morph_superposes_b_on_a_and_drops_unmatched(tmp_path, caplog):
 
 
 def test_morph_of_models_that_do_not_match_is_a_one_line_error(tmp_path):
-    a = _pdb(tmp_path / "a.pdb", BASE)
-    b = _pdb(tmp_path / "b.pdb", [(ch, num + 100, rn, an, el, xyz)   # renumbered residues
+    a = write_pdb_rows(tmp_path / "a.pdb", BASE)
+    b = write_pdb_rows(tmp_path / "b.pdb", [(ch, num + 100, rn, an, el, xyz)   # renumbered residues
                                   for ch, num, rn, an, el, xyz in BASE])
     with pytest.raises(InputError) as e:
         load_morph(a, b)
@@ -147,8 +121,8 @@ def test_simulated_morph_particles_and_truth(tmp_path, write_pdb):
     interpolated conformation at its truth pose."""
     import mrcfile
 
-    a = _pdb(tmp_path / "a.pdb", BASE)
-    b = _pdb(tmp_path / "b.pdb", [(ch, num, rn, an, el,
+    a = write_pdb_rows(tmp_path / "a.pdb", BASE)
+    b = write_pdb_rows(tmp_path / "b.pdb", [(ch, num, rn, an, el,
                                    tuple(np.asarray(xyz, float) * (1.6 if num in (4, 6) else 1)))
                                   for ch, num, rn, an, el, xyz in BASE])
     c = write_pdb(tmp_path / "c.pdb")
